@@ -1,0 +1,227 @@
+"""Loading an HF-format checkpoint directory into a Flax port.
+
+``config.json`` → the port's frozen config; weights from a single ``model.safetensors``, a sharded
+set indexed by ``model.safetensors.index.json``, or (``load_format="dummy"``) random weights of the
+right shapes built on the device from the config alone. Tensors stream one at a time from a
+memory map to the device, so host memory never holds a second full copy of the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import json
+import os
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpaged.attention_metadata import AttentionMetadata
+from jaxpaged.safetensors_file import CheckpointError, SafetensorsFile
+from models import get_model_class
+from models.weight_table import map_hf_name
+
+DTYPES: dict[str, Any] = {
+    "float32": jnp.float32,
+    "float": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+    "half": jnp.float16,
+}
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+ParamPath = tuple[str, ...]
+PlaceFn = Callable[[ParamPath, np.ndarray | jax.Array], jax.Array]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A port instance, its parameters on device, and the configs it was built from."""
+
+    model: Any  # flax.linen.Module
+    params: Any  # nested dict of jax.Array
+    config: Any  # the port's frozen config
+    hf_config: dict
+    architecture: str
+    dtype: Any
+    model_path: str
+
+
+def read_hf_config(model_path: str) -> dict:
+    """Reads ``config.json`` from a checkpoint directory (clear errors when absent or malformed)."""
+    if not os.path.isdir(model_path):
+        raise CheckpointError(f"model path {model_path!r} is not a directory")
+    path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no config.json in {model_path!r}: not an HF checkpoint directory")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return cfg
+
+
+def resolve_dtype(dtype: Any, hf_config: dict) -> Any:
+    """``"auto"`` takes the checkpoint's ``dtype``/``torch_dtype`` (float32 when absent)."""
+    if dtype is None or dtype == "auto":
+        name = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+        if name not in DTYPES:
+            raise CheckpointError(f"config dtype {name!r} unsupported; allowed: float32, bfloat16, float16")
+        return DTYPES[name]
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; allowed: auto, float32, bfloat16, float16")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+def architecture_of(hf_config: dict) -> str:
+    archs = hf_config.get("architectures") or []
+    if not archs:
+        raise CheckpointError("config.json has no 'architectures' entry naming the model class")
+    return archs[0]
+
+
+def _init_all(module, input_ids, positions, kv_caches, metadata):
+    hidden, caches = module(input_ids, positions, kv_caches, metadata)
+    return module.compute_logits(hidden), caches
+
+
+def dummy_kv_caches(config: Any, dtype: Any, num_blocks: int = 1, block_size: int = 1) -> list:
+    shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_hidden_layers)]
+
+
+def abstract_params(model: Any, config: Any, dtype: Any) -> Any:
+    """Parameter shapes/dtypes the port expects (no memory allocated)."""
+    md, pos = AttentionMetadata.build(query_lens=[1], context_lens=[0], block_tables=[[0]], block_size=1)
+    shape = (1, 1, config.num_key_value_heads, config.head_dim)
+    caches = [(jax.ShapeDtypeStruct(shape, dtype),) * 2 for _ in range(config.num_hidden_layers)]
+
+    def init(ids, positions, kv, metadata):
+        return model.init(jax.random.PRNGKey(0), ids, positions, kv, metadata, method=_init_all)
+
+    ids = jax.ShapeDtypeStruct((1,), jnp.int32)
+    return jax.eval_shape(init, ids, jnp.asarray(pos), caches, jax.tree.map(jnp.asarray, md))["params"]
+
+
+def _weight_files(model_path: str) -> list[str]:
+    index = os.path.join(model_path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is malformed (needs a 'weight_map' object): {e}") from e
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(model_path, f))]
+        if missing:
+            raise CheckpointError(f"{index} names shard files that are missing: {', '.join(missing)}")
+        return [os.path.join(model_path, f) for f in files]
+    files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
+    if not files:
+        bins = glob.glob(os.path.join(model_path, "*.bin")) + glob.glob(os.path.join(model_path, "*.pt"))
+        hint = " (found PyTorch .bin/.pt files; convert them to safetensors — pickle is never loaded)" if bins else ""
+        raise CheckpointError(f"no *.safetensors weights in {model_path!r}{hint}")
+    return files
+
+
+def _default_place(_path: ParamPath, array: np.ndarray | jax.Array) -> jax.Array:
+    return jax.device_put(array)
+
+
+def load_model(
+    model_path: str,
+    *,
+    dtype: Any = "auto",
+    load_format: str = "auto",
+    attention_backend: str = "reference",
+    seed: int = 0,
+    place: PlaceFn | None = None,
+) -> LoadedModel:
+    """Builds the port named by ``config.json`` and loads (or, for ``"dummy"``, draws) its weights.
+
+    ``place(path, array)`` puts one parameter on the device(s); the tensor-parallel runner passes
+    one that shards. Errors name the tensor and what was expected.
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format={load_format!r} is not supported; allowed: {', '.join(LOAD_FORMATS)}")
+    hf_config = read_hf_config(model_path)
+    arch = architecture_of(hf_config)
+    model_cls = get_model_class(arch)
+    config = model_cls.config_class.from_hf_config(hf_config)
+    jdtype = resolve_dtype(dtype, hf_config)
+    model = model_cls(config=config, dtype=jdtype, attention_backend=attention_backend)
+    expected = flax.traverse_util.flatten_dict(abstract_params(model, config, jdtype))
+    place = place or _default_place
+    if load_format == "dummy":
+        flat = _dummy_params(expected, seed, place)
+    else:
+        flat = _load_safetensors(model_path, model_cls, config, expected, jdtype, place)
+    params = flax.traverse_util.unflatten_dict(flat)
+    return LoadedModel(model, params, config, hf_config, arch, jdtype, model_path)
+
+
+def _load_safetensors(model_path, model_cls, config, expected, jdtype, place) -> dict:
+    flat: dict[ParamPath, jax.Array] = {}
+    np_dtype = np.dtype(jdtype)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for path in _weight_files(model_path):
+        f = SafetensorsFile(path)
+        for name in f.keys():
+            mapped = map_hf_name(model_cls.hf_weight_table, name, f.get(name), config)
+            if mapped is None:
+                raise CheckpointError(
+                    f"unexpected tensor {name!r} in {os.path.basename(path)}: no {model_cls.__name__} "
+                    f"parameter corresponds to it"
+                )
+            for pp, arr in mapped:
+                if pp not in expected:
+                    if tied and pp[0] == "lm_head":
+                        continue  # a tied checkpoint may still store the (identical) head
+                    raise CheckpointError(
+                        f"unexpected tensor {name!r} in {os.path.basename(path)} (maps to "
+                        f"{'/'.join(pp)}, which {model_cls.__name__} does not have)"
+                    )
+                want = expected[pp].shape
+                if tuple(arr.shape) != tuple(want):
+                    raise CheckpointError(
+                        f"shape mismatch for tensor {name!r}: checkpoint has {tuple(arr.shape)}, the "
+                        f"config implies {tuple(want)} for {'/'.join(pp)}"
+                    )
+                flat[pp] = place(pp, np.asarray(arr).astype(np_dtype, copy=False))
+        f.close()
+    missing = [("/".join(p)) for p in expected if p not in flat]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {model_path!r} is missing {len(missing)} tensor(s) the model needs, e.g. "
+            f"{', '.join(missing[:5])}"
+        )
+    return flat
+
+
+def _dummy_params(expected: dict, seed: int, place: PlaceFn) -> dict:
+    flat = {}
+    key = jax.random.PRNGKey(seed)
+    for i, (pp, sds) in enumerate(sorted(expected.items())):
+        leaf = pp[-1]
+        if leaf in ("weight", "scale") and len(sds.shape) == 1:
+            arr = jnp.ones(sds.shape, sds.dtype)
+        elif leaf == "bias":
+            arr = jnp.zeros(sds.shape, sds.dtype)
+        else:
+            arr = _random_normal(jax.random.fold_in(key, i), sds.shape, sds.dtype)
+        flat[pp] = place(pp, arr)
+    return flat
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _random_normal(key, shape, dtype):
+    return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)

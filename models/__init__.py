@@ -1,0 +1,28 @@
+"""Flax ports of HF decoder-only architectures and the explicit registry that maps an HF
+``architectures`` name to its port (module path, class name). Imported lazily on lookup."""
+
+from __future__ import annotations
+
+import importlib
+
+MODEL_REGISTRY: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("models.llama", "LlamaForCausalLM"),
+    "AquilaForCausalLM": ("models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("models.mistral", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("models.qwen2", "Qwen2ForCausalLM"),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(MODEL_REGISTRY)
+
+
+def get_model_class(architecture: str) -> type:
+    """Returns the port for an HF architecture name; unknown names raise with the supported list."""
+    if architecture not in MODEL_REGISTRY:
+        raise ValueError(
+            f"architecture {architecture!r} is not supported; supported architectures: "
+            f"{', '.join(supported_architectures())}"
+        )
+    module, name = MODEL_REGISTRY[architecture]
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,121 @@
+"""Building blocks shared by the model ports: norms, activations, and the paged-attention call."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxpaged.attention_metadata import AttentionMetadata
+from pallas_kernels.kv_cache_write import write_kv
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+KVCache = tuple[jnp.ndarray, jnp.ndarray]  # (k, v), each [num_blocks, block_size, num_kv_heads, head_dim]
+
+
+class RMSNorm(nn.Module):
+    """HF-style RMSNorm: normalise in float32, cast back, then scale by ``weight``."""
+
+    dim: int
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    add_unit_offset: bool = False  # Gemma-style (1 + weight)
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        weight = self.param("weight", nn.initializers.ones, (self.dim,), self.dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        w = (1.0 + weight.astype(jnp.float32)) if self.add_unit_offset else weight
+        return (w * xf.astype(self.dtype)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm semantics (float32 statistics), params named ``weight`` and ``bias``."""
+
+    dim: int
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        weight = self.param("weight", nn.initializers.ones, (self.dim,), self.dtype)
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * weight.astype(jnp.float32)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.dim,), self.dtype)
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def _gelu_new(x: jnp.ndarray) -> jnp.ndarray:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_exact(x: jnp.ndarray) -> jnp.ndarray:
+    return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": _gelu_exact,
+    "gelu_new": _gelu_new,
+    "gelu_fast": _gelu_new,
+    "gelu_pytorch_tanh": _gelu_new,
+    "gelu_python": _gelu_exact,
+    "relu": jax.nn.relu,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def get_activation(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
+    """Looks up an HF ``hidden_act`` name; unknown names raise with the allowed list."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"hidden_act={name!r} is not supported; allowed: {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[name]
+
+
+def paged_attention(
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    kv_cache: KVCache,
+    positions: jnp.ndarray,
+    metadata: AttentionMetadata,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    alibi_slopes: jnp.ndarray | None = None,
+    backend: str = "reference",
+) -> tuple[jnp.ndarray, KVCache]:
+    """Writes this step's k, v [T, Hkv, D] into the cache, then attends q [T, Hq, D] over it.
+
+    Returns the attention output [T, Hq, D] and the updated cache.
+    """
+    k_cache, v_cache = write_kv(kv_cache[0], kv_cache[1], k, v, metadata.slot_mapping)
+    out = ragged_paged_attention(
+        q, k_cache, v_cache, positions, metadata.query_start_loc, metadata.seq_lens,
+        metadata.block_tables, scale=scale, sliding_window=sliding_window,
+        alibi_slopes=alibi_slopes, backend=backend,
+    )
+    return out, (k_cache, v_cache)
+
+
+def alibi_slopes(num_heads: int) -> jnp.ndarray:
+    """ALiBi head slopes as in BLOOM/MPT (geometric, with the non-power-of-two interleave)."""
+    import math
+
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest != num_heads:
+        extra_base = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+        n_extra = min(closest, num_heads - closest)
+        slopes += [extra_base ** (2 * i + 1) for i in range(n_extra)]
+    return jnp.asarray(slopes, dtype=jnp.float32)
