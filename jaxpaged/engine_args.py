@@ -1,0 +1,83 @@
+"""Engine arguments (vLLM's names), shared by ``LLM``, ``LLMEngine`` and the server's CLI."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+PREEMPTION_MODES = ("recompute", "swap")
+ATTENTION_BACKENDS = ("reference", "pallas", "mosaic")
+
+
+@dataclasses.dataclass
+class EngineArgs:
+    """Everything that configures an engine. ``None`` means "derive it" (documented per field)."""
+
+    model: str | None = None  # HF-format checkpoint directory; None = the embedded default model
+    tokenizer: str | None = None  # defaults to ``model``
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    seed: int = 0
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: max(2048, max_model_len) capped at 8192
+    max_model_len: int | None = None  # None: the config's max_position_embeddings
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks
+    preemption_mode: str = "recompute"
+    load_format: str = "auto"  # auto | safetensors | dummy
+    tensor_parallel_size: int = 1
+    attention_backend: str | None = None  # None: the fastest available on the device
+    max_logprobs: int = 20
+    compilation_cache_dir: str | None = None  # JAX persistent compilation cache
+    disable_log_stats: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(field: str, allowed: str, value: Any) -> ValueError:
+            return ValueError(f"{field} must be {allowed}, got {value!r}")
+
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise bad("block_size", "a power of two in [1, 128]", self.block_size)
+        if self.max_num_seqs < 1:
+            raise bad("max_num_seqs", ">= 1", self.max_num_seqs)
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise bad("max_num_batched_tokens", ">= 1", self.max_num_batched_tokens)
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise bad("max_model_len", ">= 1", self.max_model_len)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise bad("gpu_memory_utilization", "in (0, 1]", self.gpu_memory_utilization)
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise bad("num_gpu_blocks_override", ">= 1", self.num_gpu_blocks_override)
+        if self.swap_space < 0:
+            raise bad("swap_space", ">= 0 (GiB)", self.swap_space)
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise bad("preemption_mode", f"one of {PREEMPTION_MODES}", self.preemption_mode)
+        if self.tensor_parallel_size < 1:
+            raise bad("tensor_parallel_size", ">= 1", self.tensor_parallel_size)
+        if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
+            raise bad("attention_backend", f"one of {ATTENTION_BACKENDS}", self.attention_backend)
+        if self.max_logprobs < 0:
+            raise bad("max_logprobs", ">= 0", self.max_logprobs)
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Adds ``--model``, ``--block-size`` ... (one flag per field, vLLM spelling)."""
+        for f in dataclasses.fields(EngineArgs):
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default
+            if f.type in ("bool",) or isinstance(default, bool):
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+                continue
+            if "int" in str(f.type):
+                kind = int
+            elif "float" in str(f.type):
+                kind = float
+            else:
+                kind = str
+            parser.add_argument(flag, type=kind, default=default)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
