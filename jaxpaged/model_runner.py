@@ -226,10 +226,10 @@ class ModelRunner:
         )
         return ids, md, positions
 
-    def execute(self, sched: Any, get_seq: Callable[[int], Any]) -> RunnerOutput:
+    def execute(self, sched: Any, get_row: Callable[[int], SamplingRow]) -> RunnerOutput:
         """Runs the block operations and the forward step of ``sched``, then samples.
 
-        ``get_seq(seq_id)`` returns the sequence object (sampling params, prompt and output ids).
+        ``get_row(seq_id)`` gives a sequence's sampling parameters and token history.
         """
         self.kv.swap_out(sched.blocks_to_swap_out)
         self.kv.swap_in(sched.blocks_to_swap_in)
@@ -249,9 +249,8 @@ class ModelRunner:
         seq_ids: list[int] = []
         for i, sch in enumerate(scheduled):
             for sid in sch.sample_seq_ids:
-                seq = get_seq(sid)
                 row_idx.append(i)
-                rows.append(SamplingRow(seq.sampling_params, seq.prompt_token_ids, seq.output_token_ids, seq.sample_index))
+                rows.append(get_row(sid))
                 seq_ids.append(sid)
         sampled: dict[int, SampledToken] = {}
         # More rows than the largest row bucket only happens when several requests fork at once.
@@ -268,10 +267,10 @@ class ModelRunner:
                     int(out.token_ids[j]), float(out.logprobs[j]), int(out.ranks[j]),
                     out.topk_ids[j].tolist(), out.topk_logprobs[j].tolist(),
                 )
-        prompt_lp = self._prompt_logprobs_for(scheduled, hidden, bucket, get_seq)
+        prompt_lp = self._prompt_logprobs_for(scheduled, hidden, bucket, get_row)
         return RunnerOutput(sampled, prompt_lp, num_tokens, bucket.num_tokens)
 
-    def _prompt_logprobs_for(self, scheduled, hidden, bucket: Bucket, get_seq) -> dict[int, PromptLogprobs]:
+    def _prompt_logprobs_for(self, scheduled, hidden, bucket: Bucket, get_row) -> dict[int, PromptLogprobs]:
         want = [(i, s) for i, s in enumerate(scheduled) if s.want_prompt_logprobs]
         if not want:
             return {}
@@ -286,8 +285,7 @@ class ModelRunner:
             off_all += len(s.token_ids)
         n = 0
         for i, s in want:
-            seq = get_seq(s.seq_id)
-            prompt = seq.prompt_token_ids
+            prompt = get_row(s.seq_id).prompt_token_ids
             start = s.num_computed_tokens
             # Position p predicts prompt token p + 1; the prompt's last position predicts nothing.
             count = min(len(s.token_ids), len(prompt) - 1 - start)
