@@ -79,14 +79,14 @@ class KVCache:
             return
         src = self._pad([s for s, _ in pairs], 0)
         dst = self._pad([d for _, d in pairs], self.num_blocks)  # past the pool: dropped
-        self.caches = _copy_blocks(self.caches, jnp.asarray(src), jnp.asarray(dst))
+        self.caches = _copy_blocks(self.caches, src, dst)
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         """Copies device blocks to host blocks: (device block, host block) pairs."""
         if not pairs:
             return
         idx = self._pad([d for d, _ in pairs], 0)
-        data = np.asarray(_gather_blocks(self.caches, jnp.asarray(idx)))
+        data = np.asarray(_gather_blocks(self.caches, idx))
         self.host[:, :, [h for _, h in pairs]] = data[:, :, : len(pairs)]
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
@@ -97,18 +97,19 @@ class KVCache:
         data = np.zeros(self.host.shape[:2] + (n,) + self.host.shape[3:], self.host.dtype)
         data[:, :, : len(pairs)] = self.host[:, :, [h for h, _ in pairs]]
         idx = self._pad([d for _, d in pairs], self.num_blocks)
-        self.caches = _scatter_blocks(self.caches, jnp.asarray(idx), jnp.asarray(data))
+        self.caches = _scatter_blocks(self.caches, idx, data)
 
     def warm_up(self, max_pairs: int) -> None:
         """Compiles the block programs for every padded size up to ``max_pairs``."""
         n = 1
         while True:
             # Destinations past the pool: the programs compile and run, nothing changes.
-            src = jnp.asarray(self._pad([0] * n, 0))
-            dst = jnp.asarray(self._pad([self.num_blocks] * n, self.num_blocks))
+            # NumPy inputs, as in serving: a jnp.asarray would compile a staging program per shape.
+            src = self._pad([0] * n, 0)
+            dst = self._pad([self.num_blocks] * n, self.num_blocks)
             self.caches = _copy_blocks(self.caches, src, dst)
             if self.host is not None:
-                data = _gather_blocks(self.caches, src)
+                data = np.asarray(_gather_blocks(self.caches, src))
                 self.caches = _scatter_blocks(self.caches, dst, data)
             if n >= max_pairs:
                 break
