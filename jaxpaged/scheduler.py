@@ -340,7 +340,10 @@ class Scheduler:
             ids = [s.seq_id for s in req.get_seqs(SequenceStatus.SWAPPED)]
             if self._num_running_seqs() + len(req.unfinished_seqs()) > self.max_num_seqs:
                 break
-            if not bm.can_swap_in(ids, reserve_blocks=len(ids)):  # room for each one's next token
+            # Keep a block per sequence for its next token, unless nothing else runs: then the
+            # whole pool is this request's (add_request checked it fits) and a reserve could
+            # keep it out forever.
+            if not bm.can_swap_in(ids, reserve_blocks=len(ids) if self._running else 0):
                 break
             step.out.blocks_to_swap_in.extend(bm.swap_in(ids))
             for s in req.active_seqs():
