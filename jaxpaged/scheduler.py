@@ -85,7 +85,7 @@ class _Step:
         self.token_budget = token_budget
         self.out = SchedulerOutput()
         self.touched: set[str] = set()  # requests given a row (never preempted this step)
-        self.preempted = False
+        self.preempted: set[str] = set()
 
 
 class Scheduler:
@@ -224,13 +224,11 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Picks the next step's work (see module docstring for the order)."""
         step = _Step(self.max_num_batched_tokens)
-        decoding = [r for r in self._running if self._is_decoding(r)]
-        for req in decoding:  # (1)
-            if req in self._running and step.token_budget > 0:
-                self._schedule_running(req, step, allow_preempt=True)
-        for req in [r for r in self._running if r.request_id not in step.touched]:  # (2)
-            if req in self._running and step.token_budget > 0 and not self._is_decoding(req):
-                self._schedule_running(req, step, allow_preempt=True)
+        for decode_phase in (True, False):  # (1) then (2)
+            for req in [r for r in self._running if self._is_decoding(r) == decode_phase]:
+                # touched: a fork in (1) turns a request into a non-decoding one; once a step is enough
+                if not (req.request_id in step.preempted or req.request_id in step.touched) and step.token_budget > 0:
+                    self._schedule_running(req, step, allow_preempt=True)
         if not step.preempted:  # (3) a step that had to preempt has no room to bring anyone back
             self._schedule_swapped(step)
         if not step.preempted and not self._swapped:  # (4) swapped requests go first
@@ -316,7 +314,7 @@ class Scheduler:
         bm = self.block_manager
         self._running.remove(req)
         self.num_preemptions += 1
-        step.preempted = True
+        step.preempted.add(req.request_id)
         seqs = [s for s in req.unfinished_seqs() if bm.has_device_blocks(s.seq_id)]
         ids = [s.seq_id for s in seqs]
         step.out.preempted_seq_ids.extend(ids)

@@ -350,3 +350,15 @@ def test_swapped_request_that_needs_the_whole_pool_comes_back():
     assert any(len(o.blocks_to_swap_out) == 5 for o in h.outputs)
     assert a.seqs[0].output_token_ids == expected_output(a.seqs[0], 5)
     assert [s.output_token_ids for s in b.seqs] == [expected_output(s, 5) for s in b.seqs]
+
+
+def test_watermark_holds_back_admissions_but_not_a_lone_request():
+    h = Harness(num_blocks=8, block_size=4, max_num_batched_tokens=32, watermark=0.25)  # 2 blocks
+    a = h.add("a", [1] * 20, max_tokens=4)  # 5 blocks: admitted, leaves 3
+    b = h.add("b", [2] * 8, max_tokens=4)  # 2 blocks would leave 1 < 2: waits
+    out = h.step()
+    assert [r.seq_id for r in out.scheduled] == [a.seqs[0].seq_id]
+    big = h.add("big", [3] * 28, max_tokens=5)  # 8 blocks: only ever admitted alone
+    h.run()
+    assert big.seqs[0].output_token_ids == expected_output(big.seqs[0], 5)
+    assert b.seqs[0].output_token_ids == expected_output(b.seqs[0], 4)
