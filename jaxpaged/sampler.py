@@ -287,7 +287,7 @@ class PromptLogprobsOutput(NamedTuple):
 
 def apply_logit_bias(logits: jax.Array, token_ids: jax.Array, values: jax.Array) -> jax.Array:
     rows = jnp.arange(logits.shape[0])[:, None]
-    return logits.at[rows, token_ids].add(values, mode="drop")
+    return jnp.asarray(logits).at[rows, token_ids].add(values, mode="drop")
 
 
 def apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
