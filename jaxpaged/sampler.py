@@ -188,6 +188,8 @@ class SamplingTensors:
         num_rows_padded: int,
         generator: Optional[np.random.Generator] = None,
         eos_token_id: Optional[int] = None,
+        history_width: Optional[int] = None,
+        bias_width: Optional[int] = None,
     ) -> SamplingTensors:
         """Pack `rows` ((params, prompt_token_ids, output_token_ids[, sample_index]) each).
 
@@ -238,6 +240,10 @@ class SamplingTensors:
             biases.append(bias)
 
         width = _bucket(max((len(b) for b in biases), default=0), 8)
+        if bias_width is not None:  # a runner pins the width so the program never changes shape
+            if width > bias_width:
+                raise ValueError(f"logit_bias (with min_tokens bans) has more than {bias_width} entries")
+            width = bias_width
         bias_ids = np.full((s, width), PAD_TOKEN_ID, np.int32)
         bias_values = np.zeros((s, width), f32)
         for i, b in enumerate(biases):
@@ -247,6 +253,10 @@ class SamplingTensors:
         penalised = [r for r in rows if _needs_penalties(r.params)]
         lp = _bucket(max((len(r.prompt_token_ids) for r in penalised), default=0), 16)
         lo = _bucket(max((len(r.output_token_ids) for r in penalised), default=0), 16)
+        if history_width is not None:
+            if max(lp, lo) > history_width:
+                raise ValueError(f"token history longer than history_width={history_width}")
+            lp = lo = history_width
         prompt_ids = np.full((s, lp), PAD_TOKEN_ID, np.int32)
         output_ids = np.full((s, lo), PAD_TOKEN_ID, np.int32)
         for i, r in enumerate(rows):
