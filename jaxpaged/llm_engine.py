@@ -227,6 +227,8 @@ class LLMEngine:
     # ---- requests --------------------------------------------------------------------------
     def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            if not prompt:  # would still tokenize to [BOS] with many tokenizers
+                raise ValueError("prompt must not be empty")
             if self.tokenizer is None:
                 raise ValueError("prompt must be given as prompt_token_ids: the engine has no tokenizer "
                                  "(skip_tokenizer_init=True)")
