@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from jaxpaged.default_model import DEFAULT_MODEL_NOTE
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -22,8 +20,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from jaxpaged import LLM, SamplingParams
 
-    if args.model is None:
-        print(f"note: {DEFAULT_MODEL_NOTE}.\n")
     prompts = [
         "Hello, my name is",
         "The president of the United States is",
