@@ -10,6 +10,7 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "AquilaForCausalLM": ("models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("models.mistral", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("models.qwen2", "Qwen2ForCausalLM"),
+    "BloomForCausalLM": ("models.bloom", "BloomForCausalLM"),
 }
 
 
