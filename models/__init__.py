@@ -11,6 +11,7 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("models.mistral", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("models.qwen2", "Qwen2ForCausalLM"),
     "BloomForCausalLM": ("models.bloom", "BloomForCausalLM"),
+    "MptForCausalLM": ("models.mpt", "MptForCausalLM"),
 }
 
 
