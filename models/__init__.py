@@ -12,6 +12,8 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("models.qwen2", "Qwen2ForCausalLM"),
     "BloomForCausalLM": ("models.bloom", "BloomForCausalLM"),
     "MptForCausalLM": ("models.mpt", "MptForCausalLM"),
+    "FalconForCausalLM": ("models.falcon", "FalconForCausalLM"),
+    "RWForCausalLM": ("models.falcon", "FalconForCausalLM"),
 }
 
 
