@@ -14,6 +14,11 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "MptForCausalLM": ("models.mpt", "MptForCausalLM"),
     "FalconForCausalLM": ("models.falcon", "FalconForCausalLM"),
     "RWForCausalLM": ("models.falcon", "FalconForCausalLM"),
+    "BaichuanForCausalLM": ("models.baichuan", "BaichuanForCausalLM"),
+    "BaiChuanForCausalLM": ("models.baichuan", "BaichuanForCausalLM"),
+    "InternLMForCausalLM": ("models.internlm", "InternLMForCausalLM"),
+    "QWenLMHeadModel": ("models.qwen", "QWenLMHeadModel"),
+    "YiForCausalLM": ("models.yi", "YiForCausalLM"),
 }
 
 
