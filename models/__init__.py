@@ -19,6 +19,8 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "InternLMForCausalLM": ("models.internlm", "InternLMForCausalLM"),
     "QWenLMHeadModel": ("models.qwen", "QWenLMHeadModel"),
     "YiForCausalLM": ("models.yi", "YiForCausalLM"),
+    "ChatGLMModel": ("models.chatglm", "ChatGLMForConditionalGeneration"),
+    "ChatGLMForConditionalGeneration": ("models.chatglm", "ChatGLMForConditionalGeneration"),
 }
 
 
