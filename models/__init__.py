@@ -10,6 +10,17 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "AquilaForCausalLM": ("models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("models.mistral", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("models.qwen2", "Qwen2ForCausalLM"),
+    "BloomForCausalLM": ("models.bloom", "BloomForCausalLM"),
+    "MptForCausalLM": ("models.mpt", "MptForCausalLM"),
+    "FalconForCausalLM": ("models.falcon", "FalconForCausalLM"),
+    "RWForCausalLM": ("models.falcon", "FalconForCausalLM"),
+    "BaichuanForCausalLM": ("models.baichuan", "BaichuanForCausalLM"),
+    "BaiChuanForCausalLM": ("models.baichuan", "BaichuanForCausalLM"),
+    "InternLMForCausalLM": ("models.internlm", "InternLMForCausalLM"),
+    "QWenLMHeadModel": ("models.qwen", "QWenLMHeadModel"),
+    "YiForCausalLM": ("models.yi", "YiForCausalLM"),
+    "ChatGLMModel": ("models.chatglm", "ChatGLMForConditionalGeneration"),
+    "ChatGLMForConditionalGeneration": ("models.chatglm", "ChatGLMForConditionalGeneration"),
 }
 
 

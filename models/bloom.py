@@ -1,0 +1,185 @@
+"""BLOOM port: ``BloomForCausalLM`` (bigscience/bloom-560m … bloom-176b, bloomz).
+
+ALiBi instead of position embeddings, a LayerNorm right after the word embeddings, a packed
+``query_key_value`` projection laid out per head as ``[head][q|k|v][head_dim]``, GELU (tanh) MLP
+and a head tied to the embeddings. Parameter names follow HF (``transformer/h_N/...``); the packed
+projection is kept packed and split at run time, exactly as HF does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxpaged.attention_metadata import AttentionMetadata
+from models.layers import KVCache, LayerNorm, alibi_slopes, get_activation, paged_attention
+from models.llama import dense
+from models.weight_table import WeightRule, rule, transpose
+
+
+def _eos(hf: Mapping[str, Any]) -> int | tuple[int, ...] | None:
+    eos = hf.get("eos_token_id")
+    return tuple(eos) if isinstance(eos, list) else eos
+
+
+@dataclasses.dataclass(frozen=True)
+class BloomConfig:
+    """The subset of an HF BLOOM ``config.json`` the port uses."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    layer_norm_epsilon: float = 1e-5
+    apply_residual_connection_post_layernorm: bool = False
+    tie_word_embeddings: bool = True
+    # ALiBi has no hard limit; BLOOM was trained on 2048-token sequences.
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    torch_dtype: str | None = None
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any]) -> "BloomConfig":
+        hidden = hf.get("hidden_size", hf.get("n_embed"))
+        n_head = hf.get("n_head", hf.get("num_attention_heads"))
+        n_layer = hf.get("n_layer", hf.get("num_hidden_layers"))
+        if hidden is None or n_head is None or n_layer is None:
+            raise ValueError("BLOOM config needs hidden_size (or n_embed), n_head and n_layer")
+        if hidden % n_head:
+            raise ValueError(f"hidden_size={hidden} must be divisible by n_head={n_head}")
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            num_hidden_layers=n_layer,
+            num_attention_heads=n_head,
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            apply_residual_connection_post_layernorm=bool(hf.get("apply_residual_connection_post_layernorm", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            max_position_embeddings=int(hf.get("seq_length") or hf.get("max_position_embeddings") or 2048),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=_eos(hf),
+            torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
+        )
+
+
+class BloomAttention(nn.Module):
+    config: BloomConfig
+    dtype: Any = jnp.float32
+    attention_backend: str = "reference"
+
+    @nn.compact
+    def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, slopes):
+        c = self.config
+        T = x.shape[0]
+        qkv = dense(3 * c.hidden_size, True, self.dtype, "query_key_value")(x)
+        qkv = qkv.reshape(T, c.num_attention_heads, 3, c.head_dim)  # BLOOM's per-head packing
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        out, kv_cache = paged_attention(
+            q, k, v, kv_cache, positions, metadata, scale=c.head_dim**-0.5,
+            alibi_slopes=slopes, backend=self.attention_backend,
+        )
+        return dense(c.hidden_size, True, self.dtype, "dense")(out.reshape(T, -1)), kv_cache
+
+
+class BloomMLP(nn.Module):
+    config: BloomConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        h = get_activation("gelu_new")(dense(4 * c.hidden_size, True, self.dtype, "dense_h_to_4h")(x))
+        return dense(c.hidden_size, True, self.dtype, "dense_4h_to_h")(h)
+
+
+class BloomBlock(nn.Module):
+    config: BloomConfig
+    dtype: Any = jnp.float32
+    attention_backend: str = "reference"
+
+    @nn.compact
+    def __call__(self, x, positions, kv_cache, metadata, slopes):
+        c = self.config
+        post_ln_residual = c.apply_residual_connection_post_layernorm
+        h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="input_layernorm")(x)
+        attn, kv_cache = BloomAttention(c, self.dtype, self.attention_backend, name="self_attention")(
+            h, positions, kv_cache, metadata, slopes
+        )
+        x = attn + (h if post_ln_residual else x)
+        h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="post_attention_layernorm")(x)
+        return BloomMLP(c, self.dtype, name="mlp")(h) + (h if post_ln_residual else x), kv_cache
+
+
+class BloomModel(nn.Module):
+    config: BloomConfig
+    dtype: Any = jnp.float32
+    attention_backend: str = "reference"
+
+    def setup(self):
+        c = self.config
+        self.word_embeddings = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
+        self.word_embeddings_layernorm = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype)
+        self.h = [BloomBlock(c, self.dtype, self.attention_backend, name=f"h_{i}") for i in range(c.num_hidden_layers)]
+        self.ln_f = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype)
+
+    def __call__(self, input_ids, positions, kv_caches: Sequence[KVCache], metadata: AttentionMetadata):
+        x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
+        slopes = alibi_slopes(self.config.num_attention_heads)
+        new_caches = []
+        for block, cache in zip(self.h, kv_caches):
+            x, cache = block(x, positions, cache, metadata, slopes)
+            new_caches.append(cache)
+        return self.ln_f(x), new_caches
+
+
+class BloomForCausalLM(nn.Module):
+    """HF ``BloomForCausalLM`` with a paged KV cache."""
+
+    config: BloomConfig
+    dtype: Any = jnp.float32
+    attention_backend: str = "reference"
+
+    config_class: ClassVar[type] = BloomConfig
+    hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
+
+    def setup(self):
+        self.transformer = BloomModel(self.config, self.dtype, self.attention_backend)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = dense(self.config.vocab_size, False, self.dtype, "lm_head")
+
+    def __call__(self, input_ids, positions, kv_caches, metadata):
+        return self.transformer(input_ids, positions, kv_caches, metadata)
+
+    def compute_logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
+        if self.config.tie_word_embeddings:
+            return self.transformer.word_embeddings.attend(hidden).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+
+# bigscience's own checkpoints were saved from BloomModel, so their names lack "transformer.".
+_P = r"(?:transformer\.)?"
+_H = _P + r"h\.(\d+)\."
+BLOOM_WEIGHT_TABLE: tuple[WeightRule, ...] = (
+    rule(_P + r"word_embeddings\.weight", "transformer/word_embeddings/embedding"),
+    rule(_P + r"(word_embeddings_layernorm|ln_f)\.(weight|bias)", r"transformer/\1/\2"),
+    rule(_H + r"(input_layernorm|post_attention_layernorm)\.(weight|bias)", r"transformer/h_\1/\2/\3"),
+    rule(_H + r"self_attention\.(query_key_value|dense)\.weight", r"transformer/h_\1/self_attention/\2/kernel",
+         transform=transpose),
+    rule(_H + r"self_attention\.(query_key_value|dense)\.bias", r"transformer/h_\1/self_attention/\2/bias"),
+    rule(_H + r"mlp\.(dense_h_to_4h|dense_4h_to_h)\.weight", r"transformer/h_\1/mlp/\2/kernel", transform=transpose),
+    rule(_H + r"mlp\.(dense_h_to_4h|dense_4h_to_h)\.bias", r"transformer/h_\1/mlp/\2/bias"),
+    rule(r"lm_head\.weight", "lm_head/kernel", transform=transpose),
+)
+BloomForCausalLM.hf_weight_table = BLOOM_WEIGHT_TABLE

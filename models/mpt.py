@@ -1,0 +1,218 @@
+"""MPT port: ``MptForCausalLM`` (mosaicml/mpt-7b, mpt-7b-instruct/chat/storywriter, mpt-30b).
+
+ALiBi with MPT's own slopes (``attn_config.alibi_bias_max``), a packed ``Wqkv`` laid out
+``[q | k | v]``, optional clamping of the packed projection (``attn_config.clip_qkv``), LayerNorms
+and linears without biases unless ``no_bias`` is false, a GELU MLP of ``expansion_ratio * d_model``
+and a head tied to ``wte``. Config keys are read as MosaicML's ``config.json`` writes them (HF's
+``MptConfig`` uses the same ones, with ``attn_config`` as a nested object).
+
+Where HF's port and MosaicML's published code differ, this follows MosaicML's (the checkpoints were
+trained with it): ``no_bias=false`` adds biases, ``alibi_bias_max`` and ``expansion_ratio`` are
+honoured (HF hard-codes 8 and 4), and ``logit_scale`` multiplies the logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Mapping, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxpaged.attention_metadata import AttentionMetadata
+from models.layers import KVCache, LayerNorm, paged_attention
+from models.llama import dense
+from models.weight_table import WeightRule, rule, transpose
+
+
+def mpt_alibi_slopes(num_heads: int, alibi_bias_max: float = 8.0) -> jnp.ndarray:
+    """MPT's ALiBi slopes (``gen_slopes``): 2^-(i * max / n_pow2), odd-then-even interleave."""
+    n_pow2 = 2 ** math.ceil(math.log2(num_heads))
+    slopes = [1.0 / 2 ** ((i + 1) * alibi_bias_max / n_pow2) for i in range(n_pow2)]
+    if n_pow2 != num_heads:
+        slopes = (slopes[1::2] + slopes[::2])[:num_heads]
+    return jnp.asarray(slopes, dtype=jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class MptConfig:
+    """The subset of an MPT ``config.json`` the port uses (``attn_config`` flattened)."""
+
+    vocab_size: int
+    hidden_size: int  # d_model
+    num_hidden_layers: int  # n_layers
+    num_attention_heads: int  # n_heads
+    expansion_ratio: int = 4
+    max_position_embeddings: int = 2048  # max_seq_len
+    layer_norm_epsilon: float = 1e-5
+    no_bias: bool = True
+    clip_qkv: float | None = None
+    softmax_scale: float | None = None
+    alibi_bias_max: float = 8.0
+    logit_scale: float | None = None
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    torch_dtype: str | None = None
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any]) -> "MptConfig":
+        attn = dict(hf.get("attn_config") or {})
+        attn_type = attn.get("attn_type", "multihead_attention")
+        if attn_type != "multihead_attention":
+            raise ValueError(f"attn_config.attn_type={attn_type!r} is not supported; allowed: multihead_attention")
+        for flag in ("qk_ln", "prefix_lm", "attn_uses_sequence_id"):
+            if attn.get(flag):
+                raise ValueError(f"attn_config.{flag}=true is not supported; allowed: false")
+        if not attn.get("alibi", True):
+            raise ValueError("attn_config.alibi=false (learned position embeddings) is not supported; allowed: true")
+        d_model = hf.get("d_model", hf.get("hidden_size"))
+        n_heads = hf.get("n_heads", hf.get("num_attention_heads"))
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        logit_scale = hf.get("logit_scale")
+        if logit_scale == "inv_sqrt_d_model":
+            logit_scale = 1.0 / math.sqrt(d_model)
+        elif isinstance(logit_scale, str):
+            raise ValueError(f"logit_scale={logit_scale!r} is not supported; allowed: a number, null, 'inv_sqrt_d_model'")
+        eos = hf.get("eos_token_id")
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=d_model,
+            num_hidden_layers=hf.get("n_layers", hf.get("num_hidden_layers")),
+            num_attention_heads=n_heads,
+            expansion_ratio=hf.get("expansion_ratio", 4),
+            max_position_embeddings=hf.get("max_seq_len", 2048),
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            no_bias=bool(hf.get("no_bias", True)),
+            clip_qkv=attn.get("clip_qkv"),
+            softmax_scale=attn.get("softmax_scale"),
+            alibi_bias_max=float(attn.get("alibi_bias_max", 8)),
+            logit_scale=None if logit_scale is None else float(logit_scale),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
+        )
+
+
+class MptAttention(nn.Module):
+    config: MptConfig
+    dtype: Any = jnp.float32
+    attention_backend: str = "reference"
+
+    @nn.compact
+    def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, slopes):
+        c = self.config
+        T = x.shape[0]
+        qkv = dense(3 * c.hidden_size, not c.no_bias, self.dtype, "Wqkv")(x)
+        if c.clip_qkv:
+            qkv = jnp.clip(qkv, -c.clip_qkv, c.clip_qkv)
+        q, k, v = (t.reshape(T, c.num_attention_heads, c.head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        scale = c.softmax_scale if c.softmax_scale is not None else c.head_dim**-0.5
+        out, kv_cache = paged_attention(
+            q, k, v, kv_cache, positions, metadata, scale=scale, alibi_slopes=slopes,
+            backend=self.attention_backend,
+        )
+        return dense(c.hidden_size, not c.no_bias, self.dtype, "out_proj")(out.reshape(T, -1)), kv_cache
+
+
+class MptMLP(nn.Module):
+    config: MptConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        h = dense(c.expansion_ratio * c.hidden_size, not c.no_bias, self.dtype, "up_proj")(x)
+        return dense(c.hidden_size, not c.no_bias, self.dtype, "down_proj")(nn.gelu(h, approximate=False))
+
+
+class MptBlock(nn.Module):
+    config: MptConfig
+    dtype: Any = jnp.float32
+    attention_backend: str = "reference"
+
+    @nn.compact
+    def __call__(self, x, positions, kv_cache, metadata, slopes):
+        c = self.config
+        ln = lambda name: LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, use_bias=not c.no_bias, name=name)
+        h, kv_cache = MptAttention(c, self.dtype, self.attention_backend, name="attn")(
+            ln("norm_1")(x), positions, kv_cache, metadata, slopes
+        )
+        x = x + h
+        return x + MptMLP(c, self.dtype, name="ffn")(ln("norm_2")(x)), kv_cache
+
+
+class MptModel(nn.Module):
+    config: MptConfig
+    dtype: Any = jnp.float32
+    attention_backend: str = "reference"
+
+    def setup(self):
+        c = self.config
+        self.wte = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
+        self.blocks = [MptBlock(c, self.dtype, self.attention_backend, name=f"blocks_{i}")
+                       for i in range(c.num_hidden_layers)]
+        self.norm_f = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, use_bias=not c.no_bias)
+
+    def __call__(self, input_ids, positions, kv_caches: Sequence[KVCache], metadata: AttentionMetadata):
+        c = self.config
+        x = self.wte(input_ids)
+        slopes = mpt_alibi_slopes(c.num_attention_heads, c.alibi_bias_max)
+        new_caches = []
+        for block, cache in zip(self.blocks, kv_caches):
+            x, cache = block(x, positions, cache, metadata, slopes)
+            new_caches.append(cache)
+        return self.norm_f(x), new_caches
+
+
+class MptForCausalLM(nn.Module):
+    """HF / MosaicML ``MptForCausalLM`` with a paged KV cache."""
+
+    config: MptConfig
+    dtype: Any = jnp.float32
+    attention_backend: str = "reference"
+
+    config_class: ClassVar[type] = MptConfig
+    hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
+
+    def setup(self):
+        self.transformer = MptModel(self.config, self.dtype, self.attention_backend)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = dense(self.config.vocab_size, False, self.dtype, "lm_head")
+
+    def __call__(self, input_ids, positions, kv_caches, metadata):
+        return self.transformer(input_ids, positions, kv_caches, metadata)
+
+    def compute_logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
+        if self.config.tie_word_embeddings:
+            logits = self.transformer.wte.attend(hidden).astype(jnp.float32)
+        else:
+            logits = self.lm_head(hidden).astype(jnp.float32)
+        if self.config.logit_scale is not None:
+            logits = logits * self.config.logit_scale
+        return logits
+
+
+_B = r"transformer\.blocks\.(\d+)\."
+MPT_WEIGHT_TABLE: tuple[WeightRule, ...] = (
+    rule(r"transformer\.wte\.weight", "transformer/wte/embedding"),
+    rule(r"transformer\.norm_f\.(weight|bias)", r"transformer/norm_f/\1"),
+    rule(_B + r"(norm_1|norm_2)\.(weight|bias)", r"transformer/blocks_\1/\2/\3"),
+    rule(_B + r"attn\.(Wqkv|out_proj)\.weight", r"transformer/blocks_\1/attn/\2/kernel", transform=transpose),
+    rule(_B + r"attn\.(Wqkv|out_proj)\.bias", r"transformer/blocks_\1/attn/\2/bias"),
+    rule(_B + r"ffn\.(up_proj|down_proj)\.weight", r"transformer/blocks_\1/ffn/\2/kernel", transform=transpose),
+    rule(_B + r"ffn\.(up_proj|down_proj)\.bias", r"transformer/blocks_\1/ffn/\2/bias"),
+    rule(r"lm_head\.weight", "lm_head/kernel", transform=transpose),
+)
+MptForCausalLM.hf_weight_table = MPT_WEIGHT_TABLE

@@ -1,0 +1,191 @@
+"""Qwen (v1) port: ``QWenLMHeadModel`` (Qwen/Qwen-1_8B, Qwen-7B, Qwen-14B, Qwen-72B and their
+-Chat models; remote code).
+
+Names and keys as the published ``modeling_qwen.py``/``config.json``: ``transformer.wte``,
+``transformer.h.N.{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.w1, mlp.w2, mlp.c_proj}``,
+``transformer.ln_f``, ``lm_head``; ``kv_channels`` (head size), ``layer_norm_epsilon``,
+``rotary_emb_base``, ``rotary_pct``, ``intermediate_size`` (twice the width of ``w1``/``w2``),
+``seq_length``, ``no_bias`` (``c_attn`` always has a bias). The MLP is ``c_proj(w1(x) * silu(w2(x)))``.
+
+Past ``seq_length`` Qwen's code switches on two length extrapolations, ``use_dynamic_ntk`` and
+``use_logn_attn``. They are not implemented: dynamic NTK fixes its RoPE base from the length of the
+prompt a sequence *started* with, which a paged engine with chunked prefill does not know. With
+either flag on, ``max_position_embeddings`` is capped at ``seq_length``, the range where both are
+identities and this port is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxpaged.attention_metadata import AttentionMetadata
+from models.layers import KVCache, RMSNorm, paged_attention
+from models.llama import dense
+from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
+from models.weight_table import WeightRule, rule, transpose
+
+
+@dataclasses.dataclass(frozen=True)
+class QWenConfig:
+    """The subset of a Qwen (v1) ``config.json`` the port uses."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    head_dim: int  # kv_channels
+    intermediate_size: int  # as in config.json: w1 and w2 are intermediate_size // 2 wide
+    rope: RopeConfig
+    layer_norm_epsilon: float = 1e-6
+    no_bias: bool = True
+    seq_length: int = 2048
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    torch_dtype: str | None = None
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.num_attention_heads
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any]) -> "QWenConfig":
+        n_heads = hf["num_attention_heads"]
+        head_dim = hf.get("kv_channels") or hf["hidden_size"] // n_heads
+        seq_length = int(hf.get("seq_length", 2048))
+        max_pos = int(hf.get("max_position_embeddings", seq_length))
+        if hf.get("use_dynamic_ntk", False) or hf.get("use_logn_attn", False):
+            max_pos = min(max_pos, seq_length)
+        rotary_dim = int(head_dim * float(hf.get("rotary_pct", 1.0)))
+        rope_hf = {"rope_theta": float(hf.get("rotary_emb_base", 10000.0))}
+        eos = hf.get("eos_token_id")
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=n_heads,
+            head_dim=head_dim,
+            intermediate_size=hf["intermediate_size"],
+            rope=RopeConfig.from_hf(rope_hf, rotary_dim, max_position_embeddings=max_pos),
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
+            no_bias=bool(hf.get("no_bias", True)),
+            seq_length=seq_length,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
+        )
+
+
+class QWenAttention(nn.Module):
+    config: QWenConfig
+    dtype: Any = jnp.float32
+    attention_backend: str = "reference"
+
+    @nn.compact
+    def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, cos, sin):
+        c = self.config
+        T, H, D = x.shape[0], c.num_attention_heads, c.head_dim
+        qkv = dense(3 * H * D, True, self.dtype, "c_attn")(x)
+        q, k, v = (t.reshape(T, H, D) for t in jnp.split(qkv, 3, axis=-1))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out, kv_cache = paged_attention(
+            q, k, v, kv_cache, positions, metadata, scale=D**-0.5, backend=self.attention_backend,
+        )
+        return dense(c.hidden_size, not c.no_bias, self.dtype, "c_proj")(out.reshape(T, -1)), kv_cache
+
+
+class QWenMLP(nn.Module):
+    config: QWenConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        width, bias = c.intermediate_size // 2, not c.no_bias
+        a1 = dense(width, bias, self.dtype, "w1")(x)
+        a2 = dense(width, bias, self.dtype, "w2")(x)
+        return dense(c.hidden_size, bias, self.dtype, "c_proj")(a1 * nn.silu(a2))
+
+
+class QWenBlock(nn.Module):
+    config: QWenConfig
+    dtype: Any = jnp.float32
+    attention_backend: str = "reference"
+
+    @nn.compact
+    def __call__(self, x, positions, kv_cache, metadata, cos, sin):
+        c = self.config
+        h, kv_cache = QWenAttention(c, self.dtype, self.attention_backend, name="attn")(
+            RMSNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="ln_1")(x),
+            positions, kv_cache, metadata, cos, sin,
+        )
+        x = x + h
+        return x + QWenMLP(c, self.dtype, name="mlp")(RMSNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype,
+                                                               name="ln_2")(x)), kv_cache
+
+
+class QWenModel(nn.Module):
+    config: QWenConfig
+    dtype: Any = jnp.float32
+    attention_backend: str = "reference"
+
+    def setup(self):
+        c = self.config
+        self.wte = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
+        self.h = [QWenBlock(c, self.dtype, self.attention_backend, name=f"h_{i}") for i in range(c.num_hidden_layers)]
+        self.ln_f = RMSNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype)
+
+    def __call__(self, input_ids, positions, kv_caches: Sequence[KVCache], metadata: AttentionMetadata):
+        x = self.wte(input_ids)
+        cos, sin = rope_cos_sin(self.config.rope, positions)
+        new_caches = []
+        for block, cache in zip(self.h, kv_caches):
+            x, cache = block(x, positions, cache, metadata, cos, sin)
+            new_caches.append(cache)
+        return self.ln_f(x), new_caches
+
+
+class QWenLMHeadModel(nn.Module):
+    """Qwen (v1)'s remote-code ``QWenLMHeadModel`` with a paged KV cache."""
+
+    config: QWenConfig
+    dtype: Any = jnp.float32
+    attention_backend: str = "reference"
+
+    config_class: ClassVar[type] = QWenConfig
+    hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
+
+    def setup(self):
+        self.transformer = QWenModel(self.config, self.dtype, self.attention_backend)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = dense(self.config.vocab_size, False, self.dtype, "lm_head")
+
+    def __call__(self, input_ids, positions, kv_caches, metadata):
+        return self.transformer(input_ids, positions, kv_caches, metadata)
+
+    def compute_logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
+        if self.config.tie_word_embeddings:
+            return self.transformer.wte.attend(hidden).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+
+_H = r"transformer\.h\.(\d+)\."
+QWEN_WEIGHT_TABLE: tuple[WeightRule, ...] = (
+    rule(r"transformer\.wte\.weight", "transformer/wte/embedding"),
+    rule(r"transformer\.ln_f\.weight", "transformer/ln_f/weight"),
+    rule(_H + r"(ln_1|ln_2)\.weight", r"transformer/h_\1/\2/weight"),
+    rule(_H + r"attn\.(c_attn|c_proj)\.weight", r"transformer/h_\1/attn/\2/kernel", transform=transpose),
+    rule(_H + r"attn\.(c_attn|c_proj)\.bias", r"transformer/h_\1/attn/\2/bias"),
+    rule(_H + r"mlp\.(w1|w2|c_proj)\.weight", r"transformer/h_\1/mlp/\2/kernel", transform=transpose),
+    rule(_H + r"mlp\.(w1|w2|c_proj)\.bias", r"transformer/h_\1/mlp/\2/bias"),
+    rule(r"lm_head\.weight", "lm_head/kernel", transform=transpose),
+    rule(r"transformer\.rotary_emb\.inv_freq"),  # buffer, recomputed here
+)
+QWenLMHeadModel.hf_weight_table = QWEN_WEIGHT_TABLE
