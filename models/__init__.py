@@ -10,6 +10,8 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "AquilaForCausalLM": ("models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("models.mistral", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("models.qwen2", "Qwen2ForCausalLM"),
+    # models-a: GPT-2 / BigCode / GPT-J / GPT-NeoX / OPT / Phi
+    "GPT2LMHeadModel": ("models.gpt2", "GPT2LMHeadModel"),
 }
 
 
