@@ -12,6 +12,7 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("models.qwen2", "Qwen2ForCausalLM"),
     # models-a: GPT-2 / BigCode / GPT-J / GPT-NeoX / OPT / Phi
     "GPT2LMHeadModel": ("models.gpt2", "GPT2LMHeadModel"),
+    "GPTBigCodeForCausalLM": ("models.gpt_bigcode", "GPTBigCodeForCausalLM"),
 }
 
 

@@ -31,6 +31,8 @@ CASES = {
     "gpt2_untied_scale_by_layer_upcast": ("GPT2Config", GPT2_BASE, dict(
         tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)),
     "gpt2_relu_no_scale": ("GPT2Config", GPT2_BASE, dict(activation_function="relu", scale_attn_weights=False)),
+    "bigcode_multi_query": ("GPTBigCodeConfig", BIGCODE_BASE, dict(multi_query=True)),
+    "bigcode_multi_head": ("GPTBigCodeConfig", BIGCODE_BASE, dict(multi_query=False)),
 }
 
 
