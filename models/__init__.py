@@ -13,6 +13,7 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     # models-a: GPT-2 / BigCode / GPT-J / GPT-NeoX / OPT / Phi
     "GPT2LMHeadModel": ("models.gpt2", "GPT2LMHeadModel"),
     "GPTBigCodeForCausalLM": ("models.gpt_bigcode", "GPTBigCodeForCausalLM"),
+    "GPTJForCausalLM": ("models.gptj", "GPTJForCausalLM"),
 }
 
 

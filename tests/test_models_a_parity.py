@@ -33,6 +33,9 @@ CASES = {
     "gpt2_relu_no_scale": ("GPT2Config", GPT2_BASE, dict(activation_function="relu", scale_attn_weights=False)),
     "bigcode_multi_query": ("GPTBigCodeConfig", BIGCODE_BASE, dict(multi_query=True)),
     "bigcode_multi_head": ("GPTBigCodeConfig", BIGCODE_BASE, dict(multi_query=False)),
+    "gptj_full_rotary": ("GPTJConfig", GPTJ_BASE, dict(rotary_dim=16)),
+    "gptj_partial_rotary": ("GPTJConfig", GPTJ_BASE, dict(rotary_dim=6)),
+    "gptj_tied_head_bias": ("GPTJConfig", GPTJ_BASE, dict(rotary_dim=8, tie_word_embeddings=True)),
 }
 
 
