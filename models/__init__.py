@@ -14,6 +14,7 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "GPT2LMHeadModel": ("models.gpt2", "GPT2LMHeadModel"),
     "GPTBigCodeForCausalLM": ("models.gpt_bigcode", "GPTBigCodeForCausalLM"),
     "GPTJForCausalLM": ("models.gptj", "GPTJForCausalLM"),
+    "GPTNeoXForCausalLM": ("models.gpt_neox", "GPTNeoXForCausalLM"),
 }
 
 

@@ -36,6 +36,9 @@ CASES = {
     "gptj_full_rotary": ("GPTJConfig", GPTJ_BASE, dict(rotary_dim=16)),
     "gptj_partial_rotary": ("GPTJConfig", GPTJ_BASE, dict(rotary_dim=6)),
     "gptj_tied_head_bias": ("GPTJConfig", GPTJ_BASE, dict(rotary_dim=8, tie_word_embeddings=True)),
+    "neox_parallel_residual": ("GPTNeoXConfig", NEOX_BASE, dict(use_parallel_residual=True)),
+    "neox_sequential_no_bias": ("GPTNeoXConfig", NEOX_BASE, dict(use_parallel_residual=False, attention_bias=False)),
+    "neox_rotary_pct_half_theta": ("GPTNeoXConfig", NEOX_BASE, dict(rotary_pct=0.5, rotary_emb_base=500.0)),
 }
 
 
