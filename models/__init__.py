@@ -15,6 +15,7 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "GPTBigCodeForCausalLM": ("models.gpt_bigcode", "GPTBigCodeForCausalLM"),
     "GPTJForCausalLM": ("models.gptj", "GPTJForCausalLM"),
     "GPTNeoXForCausalLM": ("models.gpt_neox", "GPTNeoXForCausalLM"),
+    "OPTForCausalLM": ("models.opt", "OPTForCausalLM"),
 }
 
 

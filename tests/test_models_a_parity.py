@@ -39,6 +39,11 @@ CASES = {
     "neox_parallel_residual": ("GPTNeoXConfig", NEOX_BASE, dict(use_parallel_residual=True)),
     "neox_sequential_no_bias": ("GPTNeoXConfig", NEOX_BASE, dict(use_parallel_residual=False, attention_bias=False)),
     "neox_rotary_pct_half_theta": ("GPTNeoXConfig", NEOX_BASE, dict(rotary_pct=0.5, rotary_emb_base=500.0)),
+    "opt_pre_ln": ("OPTConfig", OPT_BASE, {}),
+    "opt_post_ln_word_embed_proj": ("OPTConfig", OPT_BASE, dict(do_layer_norm_before=False, word_embed_proj_dim=32)),
+    "opt_pre_ln_word_embed_proj": ("OPTConfig", OPT_BASE, dict(word_embed_proj_dim=32)),
+    "opt_no_bias_no_affine_untied": ("OPTConfig", OPT_BASE, dict(
+        enable_bias=False, layer_norm_elementwise_affine=False, tie_word_embeddings=False)),
 }
 
 
