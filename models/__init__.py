@@ -16,6 +16,7 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "GPTJForCausalLM": ("models.gptj", "GPTJForCausalLM"),
     "GPTNeoXForCausalLM": ("models.gpt_neox", "GPTNeoXForCausalLM"),
     "OPTForCausalLM": ("models.opt", "OPTForCausalLM"),
+    "PhiForCausalLM": ("models.phi", "PhiForCausalLM"),
 }
 
 

@@ -44,6 +44,10 @@ CASES = {
     "opt_pre_ln_word_embed_proj": ("OPTConfig", OPT_BASE, dict(word_embed_proj_dim=32)),
     "opt_no_bias_no_affine_untied": ("OPTConfig", OPT_BASE, dict(
         enable_bias=False, layer_norm_elementwise_affine=False, tie_word_embeddings=False)),
+    "phi_partial_rotary_half": ("PhiConfig", PHI_BASE, dict(partial_rotary_factor=0.5)),
+    "phi_qk_layernorm_gqa": ("PhiConfig", PHI_BASE, dict(qk_layernorm=True, num_key_value_heads=2,
+                                                         partial_rotary_factor=0.25)),
+    "phi_full_rotary_tied_head_bias": ("PhiConfig", PHI_BASE, dict(partial_rotary_factor=1.0, tie_word_embeddings=True)),
 }
 
 
@@ -53,6 +57,12 @@ def make_checkpoint(tmp_path, config_cls: str, base: dict, overrides: dict, seed
     torch.manual_seed(seed)
     cfg = getattr(transformers, config_cls)(**{**base, **overrides})
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    # HF initialises biases to 0 and norm weights to 1; perturb every vector so a bias or norm
+    # parameter loaded into the wrong place (or not at all) changes the logits.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
     path = str(tmp_path / "ckpt")
     model.save_pretrained(path, safe_serialization=True)
     return path
