@@ -21,6 +21,13 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "YiForCausalLM": ("models.yi", "YiForCausalLM"),
     "ChatGLMModel": ("models.chatglm", "ChatGLMForConditionalGeneration"),
     "ChatGLMForConditionalGeneration": ("models.chatglm", "ChatGLMForConditionalGeneration"),
+    # models-a: GPT-2 / BigCode / GPT-J / GPT-NeoX / OPT / Phi
+    "GPT2LMHeadModel": ("models.gpt2", "GPT2LMHeadModel"),
+    "GPTBigCodeForCausalLM": ("models.gpt_bigcode", "GPTBigCodeForCausalLM"),
+    "GPTJForCausalLM": ("models.gptj", "GPTJForCausalLM"),
+    "GPTNeoXForCausalLM": ("models.gpt_neox", "GPTNeoXForCausalLM"),
+    "OPTForCausalLM": ("models.opt", "OPTForCausalLM"),
+    "PhiForCausalLM": ("models.phi", "PhiForCausalLM"),
 }
 
 

@@ -39,18 +39,33 @@ class LayerNorm(nn.Module):
     eps: float = 1e-5
     dtype: Any = jnp.float32
     use_bias: bool = True
+    use_scale: bool = True  # False with use_bias=False is torch's elementwise_affine=False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        weight = self.param("weight", nn.initializers.ones, (self.dim,), self.dtype)
         xf = x.astype(jnp.float32)
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * weight.astype(jnp.float32)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.use_scale:
+            weight = self.param("weight", nn.initializers.ones, (self.dim,), self.dtype)
+            y = y * weight.astype(jnp.float32)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.dim,), self.dtype)
             y = y + bias.astype(jnp.float32)
         return y.astype(self.dtype)
+
+
+class Bias(nn.Module):
+    """A lone bias vector (param ``bias``): the bias of an LM head whose weight is tied to the
+    token embedding, so the loader finds it at ``lm_head/bias``."""
+
+    dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        return x + self.param("bias", nn.initializers.zeros, (self.dim,), self.dtype).astype(x.dtype)
 
 
 def _gelu_new(x: jnp.ndarray) -> jnp.ndarray:

@@ -1,0 +1,192 @@
+"""``GPTBigCodeForCausalLM`` (SantaCoder, StarCoder, WizardCoder, Octocoder) with a paged KV cache.
+
+GPT-2's block structure with ``nn.Linear`` projections (``[out, in]``: transposed on load) and,
+with ``multi_query`` (the default), one shared key/value head. The packed ``c_attn`` output is laid
+out as ``[q (H*D) | k (D) | v (D)]`` under multi-query, and per head as ``[H, (q|k|v), D]``
+otherwise; it stays packed here, as in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxpaged.attention_metadata import AttentionMetadata
+from models.config_utils import eos_token_id, hf_get, torch_dtype
+from models.layers import KVCache, LayerNorm, get_activation, paged_attention
+from models.llama import dense
+from models.weight_table import WeightRule, rule, transpose
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTBigCodeConfig:
+    """The subset of an HF GPT BigCode ``config.json`` the port uses."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    multi_query: bool = True
+    max_position_embeddings: int = 1024
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_pytorch_tanh"
+    scale_attn_weights: bool = True
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    torch_dtype: str | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return 1 if self.multi_query else self.num_attention_heads
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any]) -> "GPTBigCodeConfig":
+        hidden = hf_get(hf, "n_embd", "hidden_size")
+        heads = hf_get(hf, "n_head", "num_attention_heads")
+        if hidden % heads:
+            raise ValueError(f"n_embd={hidden} must be divisible by n_head={heads}")
+        if hf.get("add_cross_attention"):
+            raise ValueError("add_cross_attention=True is not supported; allowed: false")
+        return cls(
+            vocab_size=hf_get(hf, "vocab_size"),
+            hidden_size=hidden,
+            num_hidden_layers=hf_get(hf, "n_layer", "num_hidden_layers"),
+            num_attention_heads=heads,
+            intermediate_size=hf_get(hf, "n_inner", "intermediate_size", default=4 * hidden),
+            multi_query=bool(hf_get(hf, "multi_query", default=True)),
+            max_position_embeddings=hf_get(hf, "n_positions", "max_position_embeddings", default=1024),
+            layer_norm_epsilon=hf_get(hf, "layer_norm_epsilon", default=1e-5),
+            activation_function=hf_get(hf, "activation_function", default="gelu_pytorch_tanh"),
+            scale_attn_weights=bool(hf_get(hf, "scale_attn_weights", default=True)),
+            tie_word_embeddings=bool(hf_get(hf, "tie_word_embeddings", default=True)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=eos_token_id(hf),
+            torch_dtype=torch_dtype(hf),
+        )
+
+
+class GPTBigCodeAttention(nn.Module):
+    config: GPTBigCodeConfig
+    dtype: Any = jnp.float32
+    attention_backend: str = "reference"
+
+    @nn.compact
+    def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata):
+        c = self.config
+        T, H, D = x.shape[0], c.num_attention_heads, c.head_dim
+        kv_dim = c.num_key_value_heads * D
+        qkv = dense(c.hidden_size + 2 * kv_dim, True, self.dtype, "c_attn")(x)
+        if c.multi_query:
+            q = qkv[:, : c.hidden_size].reshape(T, H, D)
+            k = qkv[:, c.hidden_size : c.hidden_size + kv_dim].reshape(T, 1, D)
+            v = qkv[:, c.hidden_size + kv_dim :].reshape(T, 1, D)
+        else:
+            per_head = qkv.reshape(T, H, 3, D)
+            q, k, v = per_head[:, :, 0], per_head[:, :, 1], per_head[:, :, 2]
+        scale = D**-0.5 if c.scale_attn_weights else 1.0
+        out, kv_cache = paged_attention(
+            q, k, v, kv_cache, positions, metadata, scale=scale, backend=self.attention_backend
+        )
+        return dense(c.hidden_size, True, self.dtype, "c_proj")(out.reshape(T, -1)), kv_cache
+
+
+class GPTBigCodeMLP(nn.Module):
+    config: GPTBigCodeConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        h = get_activation(c.activation_function)(dense(c.intermediate_size, True, self.dtype, "c_fc")(x))
+        return dense(c.hidden_size, True, self.dtype, "c_proj")(h)
+
+
+class GPTBigCodeBlock(nn.Module):
+    config: GPTBigCodeConfig
+    dtype: Any = jnp.float32
+    attention_backend: str = "reference"
+
+    @nn.compact
+    def __call__(self, x, positions, kv_cache, metadata):
+        c = self.config
+        h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="ln_1")(x)
+        h, kv_cache = GPTBigCodeAttention(c, self.dtype, self.attention_backend, name="attn")(
+            h, positions, kv_cache, metadata
+        )
+        x = x + h
+        h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="ln_2")(x)
+        return x + GPTBigCodeMLP(c, self.dtype, name="mlp")(h), kv_cache
+
+
+class GPTBigCodeModel(nn.Module):
+    config: GPTBigCodeConfig
+    dtype: Any = jnp.float32
+    attention_backend: str = "reference"
+
+    def setup(self):
+        c = self.config
+        self.wte = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
+        self.wpe = nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
+        self.h = [
+            GPTBigCodeBlock(c, self.dtype, self.attention_backend, name=f"h_{i}") for i in range(c.num_hidden_layers)
+        ]
+        self.ln_f = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype)
+
+    def __call__(self, input_ids, positions, kv_caches: Sequence[KVCache], metadata: AttentionMetadata):
+        x = self.wte(input_ids) + self.wpe(positions)
+        new_caches = []
+        for block, cache in zip(self.h, kv_caches):
+            x, cache = block(x, positions, cache, metadata)
+            new_caches.append(cache)
+        return self.ln_f(x), new_caches
+
+
+class GPTBigCodeForCausalLM(nn.Module):
+    """HF ``GPTBigCodeForCausalLM`` with a paged KV cache."""
+
+    config: GPTBigCodeConfig
+    dtype: Any = jnp.float32
+    attention_backend: str = "reference"
+
+    config_class: ClassVar[type] = GPTBigCodeConfig
+    hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
+
+    def setup(self):
+        self.transformer = GPTBigCodeModel(self.config, self.dtype, self.attention_backend)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = dense(self.config.vocab_size, False, self.dtype, "lm_head")
+
+    def __call__(self, input_ids, positions, kv_caches, metadata):
+        return self.transformer(input_ids, positions, kv_caches, metadata)
+
+    def compute_logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
+        if self.config.tie_word_embeddings:
+            logits = self.transformer.wte.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype(jnp.float32)
+
+
+_H = r"transformer\.h\.(\d+)\."
+GPT_BIGCODE_WEIGHT_TABLE: tuple[WeightRule, ...] = (
+    rule(r"transformer\.wte\.weight", "transformer/wte/embedding"),
+    rule(r"transformer\.wpe\.weight", "transformer/wpe/embedding"),
+    rule(_H + r"(ln_1|ln_2)\.(weight|bias)", r"transformer/h_\1/\2/\3"),
+    rule(_H + r"attn\.(c_attn|c_proj)\.weight", r"transformer/h_\1/attn/\2/kernel", transform=transpose),
+    rule(_H + r"attn\.(c_attn|c_proj)\.bias", r"transformer/h_\1/attn/\2/bias"),
+    rule(_H + r"mlp\.(c_fc|c_proj)\.weight", r"transformer/h_\1/mlp/\2/kernel", transform=transpose),
+    rule(_H + r"mlp\.(c_fc|c_proj)\.bias", r"transformer/h_\1/mlp/\2/bias"),
+    rule(r"transformer\.ln_f\.(weight|bias)", r"transformer/ln_f/\1"),
+    rule(r"lm_head\.weight", "lm_head/kernel", transform=transpose),
+    rule(r"transformer\.bias"),  # causal-mask buffer in old checkpoints
+)
+GPTBigCodeForCausalLM.hf_weight_table = GPT_BIGCODE_WEIGHT_TABLE
