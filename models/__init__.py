@@ -21,7 +21,6 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "YiForCausalLM": ("models.yi", "YiForCausalLM"),
     "ChatGLMModel": ("models.chatglm", "ChatGLMForConditionalGeneration"),
     "ChatGLMForConditionalGeneration": ("models.chatglm", "ChatGLMForConditionalGeneration"),
-    # models-a: GPT-2 / BigCode / GPT-J / GPT-NeoX / OPT / Phi
     "GPT2LMHeadModel": ("models.gpt2", "GPT2LMHeadModel"),
     "GPTBigCodeForCausalLM": ("models.gpt_bigcode", "GPTBigCodeForCausalLM"),
     "GPTJForCausalLM": ("models.gptj", "GPTJForCausalLM"),
