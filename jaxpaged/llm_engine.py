@@ -170,10 +170,14 @@ class LLMEngine:
 
         stats = jax.devices()[0].memory_stats() or {}
         limit, in_use = stats.get("bytes_limit", 0), stats.get("bytes_in_use", 0)
+        # JAX's pool is XLA_PYTHON_CLIENT_MEM_FRACTION of the device (we set it to
+        # gpu_memory_utilization unless the user did): our budget is that fraction of the device.
+        pool_fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+        budget = min(limit, limit / pool_fraction * args.gpu_memory_utilization)
         # Activations of the largest step, measured by compiling it against a one-block cache.
         peak = self._activation_peak_bytes(args)
         margin = 256 << 20
-        free = limit - in_use - peak - margin
+        free = budget - in_use - peak - margin
         num = int(free // block_bytes)
         logger.info("GPU memory: limit %.1f GiB, weights etc. %.1f GiB, activation peak %.2f GiB -> %d KV blocks",
                     limit / 2**30, in_use / 2**30, peak / 2**30, num)
