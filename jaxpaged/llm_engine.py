@@ -85,7 +85,7 @@ class LLMEngine:
 
         block_bytes = KVCache.bytes_per_block(config.num_hidden_layers, args.block_size,
                                               config.num_key_value_heads, config.head_dim, self.lm.dtype)
-        num_blocks = self._num_device_blocks(args, block_bytes, on_gpu, max_num_seqs)
+        num_blocks = self._num_device_blocks(args, block_bytes, on_gpu, max_num_seqs, max_tokens)
         num_host_blocks = int(args.swap_space * (1 << 30) // block_bytes)
         self.kv = KVCache(num_layers=config.num_hidden_layers, num_blocks=num_blocks, num_host_blocks=num_host_blocks,
                           block_size=args.block_size, num_kv_heads=config.num_key_value_heads,
@@ -159,7 +159,8 @@ class LLMEngine:
                              f"got {args.max_model_len}")
         return args.max_model_len
 
-    def _num_device_blocks(self, args: EngineArgs, block_bytes: int, on_gpu: bool, max_num_seqs: int) -> int:
+    def _num_device_blocks(self, args: EngineArgs, block_bytes: int, on_gpu: bool, max_num_seqs: int,
+                           max_tokens: int) -> int:
         if args.num_gpu_blocks_override is not None:
             return args.num_gpu_blocks_override
         blocks_per_seq = -(-self.max_model_len // args.block_size)
@@ -175,7 +176,7 @@ class LLMEngine:
         pool_fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
         budget = min(limit, limit / pool_fraction * args.gpu_memory_utilization)
         # Activations of the largest step, measured by compiling it against a one-block cache.
-        peak = self._activation_peak_bytes(args)
+        peak = self._activation_peak_bytes(args.block_size, max_tokens, min(max_tokens, max_num_seqs))
         margin = 256 << 20
         free = budget - in_use - peak - margin
         num = int(free // block_bytes)
@@ -186,17 +187,15 @@ class LLMEngine:
                              f"{num} blocks available; lower max_model_len or raise gpu_memory_utilization")
         return num
 
-    def _activation_peak_bytes(self, args: EngineArgs) -> int:
+    def _activation_peak_bytes(self, block_size: int, T: int, S: int) -> int:
         import jax
         import jax.numpy as jnp
 
         from jaxpaged.attention_metadata import AttentionMetadata
 
         cfg = self.lm.config
-        T = args.max_num_batched_tokens or 2048
-        S = min(T, args.max_num_seqs or 256)
-        MB = -(-self.max_model_len // args.block_size)
-        shape = (1, args.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        MB = -(-self.max_model_len // block_size)
+        shape = (1, block_size, cfg.num_key_value_heads, cfg.head_dim)
         caches = [(jax.ShapeDtypeStruct(shape, self.lm.dtype),) * 2 for _ in range(cfg.num_hidden_layers)]
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
         md = AttentionMetadata(i32(T), i32(S + 1), i32(S), i32(S, MB), i32(S))
