@@ -103,7 +103,7 @@ def _ragged_kernel(
     bk = bs * bpi
     gp = group_pad
     m_rows = block_q * gp
-    dp = q_ref.shape[-1]
+    dp = next_pow2(head_dim)  # q and out stay unpadded in memory; the tile pads with masks
     pad_d = dp != head_dim
     precision = jax.lax.Precision.HIGHEST if exact_dot else None
 
