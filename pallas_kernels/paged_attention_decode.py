@@ -77,14 +77,15 @@ def _decode_kernel(
     q_ref, k_ref, v_ref, bt_ref, sl_ref, *rest,
     block_size: int, blocks_per_iter: int, blocks_per_split: int, num_splits: int,
     head_dim: int, scale: float, sliding_window: int | None, soft_cap: float | None,
-    has_alibi: bool, exact_dot: bool,
+    has_alibi: bool, exact_dot: bool, heads_fastest: bool,
 ):
     if has_alibi:
         slopes_ref, *out_refs = rest
     else:
         slopes_ref, out_refs = None, list(rest)
-    s = pl.program_id(0)
-    h = pl.program_id(1)
+    s, h = pl.program_id(0), pl.program_id(1)
+    if heads_fastest:
+        s, h = h, s
     split = pl.program_id(2)
     bs, bpi = block_size, blocks_per_iter
     n = bpi * bs
@@ -129,14 +130,18 @@ def _decode_kernel(
             valid2 = valid2 & (tok2 >= start_tok)
         k = load_tile(k_ref, ids, valid2)
         v = load_tile(v_ref, ids, valid2)
-        logits = plgpu.dot(q, k, trans_b=True, precision=precision) * scale  # [gp, n] f32
-        if soft_cap is not None:
-            logits = soft_cap * jnp.tanh(logits / soft_cap)
-        tok = tok2.reshape(n)
-        if has_alibi:
-            rel = (tok - (seq_len - 1)).astype(jnp.float32)
-            logits = logits + slopes[:, None] * rel[None, :]
-        logits = jnp.where(valid2.reshape(n)[None, :], logits * LOG2E, MASK_VALUE)
+        logits = plgpu.dot(q, k, trans_b=True, precision=precision)  # [gp, n] f32
+        if soft_cap is None and not has_alibi:
+            logits = logits * (scale * LOG2E)
+        else:
+            logits = logits * scale
+            if soft_cap is not None:
+                logits = soft_cap * jnp.tanh(logits / soft_cap)
+            if has_alibi:
+                rel = (tok2.reshape(n) - (seq_len - 1)).astype(jnp.float32)
+                logits = logits + slopes[:, None] * rel[None, :]
+            logits = logits * LOG2E
+        logits = jnp.where(valid2.reshape(n)[None, :], logits, MASK_VALUE)
         m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1))
         alpha = jnp.exp2(m_prev - m_new)
         p = jnp.exp2(logits - m_new[:, None])
@@ -174,13 +179,13 @@ def merge_splits(o: jnp.ndarray, m: jnp.ndarray, l: jnp.ndarray) -> jnp.ndarray:
     jax.jit,
     static_argnames=(
         "scale", "sliding_window", "logits_soft_cap", "blocks_per_iter", "num_splits",
-        "num_warps", "num_stages", "interpret",
+        "num_warps", "num_stages", "interpret", "heads_fastest",
     ),
 )
 def _decode_call(
     q, k_cache, v_cache, seq_lens, block_tables, alibi_slopes, *,
     scale, sliding_window, logits_soft_cap, blocks_per_iter, num_splits, num_warps, num_stages,
-    interpret,
+    interpret, heads_fastest,
 ):
     S, Hq, D = q.shape
     _, bs, hkv, _ = k_cache.shape
@@ -199,19 +204,27 @@ def _decode_call(
         _decode_kernel, block_size=bs, blocks_per_iter=bpi, blocks_per_split=blocks_per_split,
         num_splits=num_splits, head_dim=D, scale=scale, sliding_window=sliding_window,
         soft_cap=logits_soft_cap, has_alibi=has_alibi, exact_dot=q.dtype == jnp.float32,
+        heads_fastest=heads_fastest,
     )
+    # Grid axis 0 launches fastest; index maps below take (sequence, kv head, split).
+    if heads_fastest:
+        grid = (hkv, S, num_splits)
+        im = lambda f: (lambda h, s, c: f(s, h, c))  # noqa: E731
+    else:
+        grid = (S, hkv, num_splits)
+        im = lambda f: f  # noqa: E731
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)  # noqa: E731
     in_specs = [
-        pl.BlockSpec((None, None, gp, dp), lambda s, h, c: (s, h, 0, 0)),
+        pl.BlockSpec((None, None, gp, dp), im(lambda s, h, c: (s, h, 0, 0))),
         whole(k_cache), whole(v_cache), whole(bt), whole(seq_lens),
     ]
     args = [qg, k_cache, v_cache, bt, seq_lens.astype(jnp.int32)]
     if has_alibi:
-        in_specs.append(pl.BlockSpec((None, gp), lambda s, h, c: (h, 0)))
+        in_specs.append(pl.BlockSpec((None, gp), im(lambda s, h, c: (h, 0))))
         args.append(group_slopes(alibi_slopes, hkv, gp))
     if num_splits == 1:
         out_shape = [jax.ShapeDtypeStruct((S, hkv, gp, dp), q.dtype)]
-        out_specs = [pl.BlockSpec((None, None, gp, dp), lambda s, h, c: (s, h, 0, 0))]
+        out_specs = [pl.BlockSpec((None, None, gp, dp), im(lambda s, h, c: (s, h, 0, 0)))]
     else:
         out_shape = [
             jax.ShapeDtypeStruct((S, hkv, num_splits, gp, dp), jnp.float32),
@@ -219,13 +232,13 @@ def _decode_call(
             jax.ShapeDtypeStruct((S, hkv, num_splits, gp), jnp.float32),
         ]
         out_specs = [
-            pl.BlockSpec((None, None, None, gp, dp), lambda s, h, c: (s, h, c, 0, 0)),
-            pl.BlockSpec((None, None, None, gp), lambda s, h, c: (s, h, c, 0)),
-            pl.BlockSpec((None, None, None, gp), lambda s, h, c: (s, h, c, 0)),
+            pl.BlockSpec((None, None, None, gp, dp), im(lambda s, h, c: (s, h, c, 0, 0))),
+            pl.BlockSpec((None, None, None, gp), im(lambda s, h, c: (s, h, c, 0))),
+            pl.BlockSpec((None, None, None, gp), im(lambda s, h, c: (s, h, c, 0))),
         ]
     outs = pl.pallas_call(
         kernel,
-        grid=(S, hkv, num_splits),
+        grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -252,12 +265,15 @@ def paged_attention_decode(
     num_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    heads_fastest: bool = True,
     interpret: bool = False,
 ) -> jnp.ndarray:
     """Decode attention: q [S, Hq, D] (one token per sequence) over the paged caches -> [S, Hq, D].
 
-    ``blocks_per_iter`` (KV blocks loaded per loop step; default: 64 keys a step) and
-    ``num_splits`` (context splits; default: :func:`choose_num_splits`) are tuning knobs.
+    Tuning knobs: ``blocks_per_iter`` (KV blocks loaded per loop step; default: 64 keys a step),
+    ``num_splits`` (context splits; default: :func:`choose_num_splits`), ``num_warps``,
+    ``num_stages`` and ``heads_fastest`` (launch the KV heads of one sequence next to each other,
+    so that concurrently running programs read neighbouring bytes of the same blocks).
     """
     if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}: expected [S, Hq, D] and equal 4-D caches")
@@ -287,5 +303,5 @@ def paged_attention_decode(
         q, k_cache, v_cache, seq_lens, block_tables, alibi_slopes,
         scale=float(scale), sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
         blocks_per_iter=bpi, num_splits=splits, num_warps=num_warps, num_stages=num_stages,
-        interpret=interpret,
+        interpret=interpret, heads_fastest=heads_fastest,
     )

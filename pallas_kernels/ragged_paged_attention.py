@@ -91,14 +91,16 @@ def _ragged_kernel(
     *rest,
     num_tiles: int, block_q: int, group: int, group_pad: int, head_dim: int, block_size: int,
     blocks_per_iter: int, scale: float, sliding_window: int | None, soft_cap: float | None,
-    has_alibi: bool, exact_dot: bool,
+    has_alibi: bool, exact_dot: bool, heads_fastest: bool,
 ):
     if has_alibi:
         slopes_ref, o_ref = rest
     else:
         slopes_ref, (o_ref,) = None, rest
-    h = pl.program_id(0)
-    tile = num_tiles - 1 - pl.program_id(1)  # heavy (late) tiles first
+    tile_pid, h = pl.program_id(0), pl.program_id(1)
+    if heads_fastest:
+        tile_pid, h = h, tile_pid
+    tile = num_tiles - 1 - tile_pid  # heavy (late) tiles first
     bs, bpi = block_size, blocks_per_iter
     bk = bs * bpi
     gp = group_pad
@@ -173,12 +175,16 @@ def _ragged_kernel(
         else:
             k = load_kv(k_ref, ids, None)
             v = load_kv(v_ref, ids, None)
-        s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale  # [M, bk] f32
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
-        if has_alibi:
-            s = s + slopes[:, None] * (key[None, :] - pos[:, None]).astype(jnp.float32)
-        s = s * LOG2E
+        s = plgpu.dot(q, k, trans_b=True, precision=precision)  # [M, bk] f32
+        if soft_cap is None and not has_alibi:
+            s = s * (scale * LOG2E)
+        else:
+            s = s * scale
+            if soft_cap is not None:
+                s = soft_cap * jnp.tanh(s / soft_cap)
+            if has_alibi:
+                s = s + slopes[:, None] * (key[None, :] - pos[:, None]).astype(jnp.float32)
+            s = s * LOG2E
         if masked:
             vis = (key[None, :] <= pos[:, None]) & (key[None, :] < seq_len)
             if sliding_window is not None:
@@ -234,13 +240,13 @@ def _tile_schedule(query_start_loc, seq_lens, num_tokens: int, block_q: int, num
     jax.jit,
     static_argnames=(
         "scale", "sliding_window", "logits_soft_cap", "block_q", "blocks_per_iter", "num_warps",
-        "num_stages", "interpret",
+        "num_stages", "interpret", "heads_fastest",
     ),
 )
 def _ragged_call(
     q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, alibi_slopes, *,
     scale, sliding_window, logits_soft_cap, block_q, blocks_per_iter, num_warps, num_stages,
-    interpret,
+    interpret, heads_fastest,
 ):
     T, Hq, D = q.shape
     _, bs, hkv, _ = k_cache.shape
@@ -259,6 +265,7 @@ def _ragged_call(
         _ragged_kernel, num_tiles=num_tiles, block_q=block_q, group=G, group_pad=gp, head_dim=D,
         block_size=bs, blocks_per_iter=bpi, scale=scale, sliding_window=sliding_window,
         soft_cap=logits_soft_cap, has_alibi=has_alibi, exact_dot=q.dtype == jnp.float32,
+        heads_fastest=heads_fastest,
     )
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)  # noqa: E731
     args = [t0, t1, tseq, tlen, qg, positions.astype(jnp.int32), k_cache, v_cache, bt]
@@ -266,7 +273,7 @@ def _ragged_call(
         args.append(alibi_slopes.astype(jnp.float32).reshape(hkv, G))
     out = pl.pallas_call(
         kernel,
-        grid=(hkv, num_tiles),
+        grid=(hkv, num_tiles) if heads_fastest else (num_tiles, hkv),
         in_specs=[whole(a) for a in args],
         out_specs=whole(qg),
         out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
@@ -294,12 +301,15 @@ def ragged_paged_attention_pallas(
     blocks_per_iter: int | None = None,
     num_warps: int = 8,
     num_stages: int = 3,
+    heads_fastest: bool = False,
     interpret: bool = False,
 ) -> jnp.ndarray:
     """The Pallas kernel for a mixed step (shapes as the reference). Expects validated inputs.
 
     ``block_m`` is the number of (token, head) rows in a query tile (``block_q = block_m //
-    group``); ``blocks_per_iter`` KV blocks are loaded per step (default: 64 keys a step).
+    group``); ``blocks_per_iter`` KV blocks are loaded per step (default: 128 keys a step).
+    ``heads_fastest=False`` launches the query tiles of one KV head next to each other, so that
+    their shared K/V stays in L2.
     """
     validate_kernel_inputs(q, k_cache, v_cache)
     G = q.shape[1] // k_cache.shape[2]
@@ -310,14 +320,14 @@ def ragged_paged_attention_pallas(
     block_q = max(1, block_m // gp)
     if block_q * gp < 16:
         raise ValueError(f"block_m {block_m} with group {G}: fewer than 16 rows a tile")
-    bpi = blocks_per_iter or max(1, 64 // bs)
+    bpi = blocks_per_iter or max(1, 128 // bs)
     if bpi & (bpi - 1) or bpi * bs < 16:
         raise ValueError(f"blocks_per_iter {bpi}: expected a power of two with blocks_per_iter * block_size >= 16")
     return _ragged_call(
         q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, alibi_slopes,
         scale=float(scale), sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
         block_q=block_q, blocks_per_iter=bpi, num_warps=num_warps, num_stages=num_stages,
-        interpret=interpret,
+        interpret=interpret, heads_fastest=heads_fastest,
     )
 
 

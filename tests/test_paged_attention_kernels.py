@@ -101,7 +101,8 @@ def test_decode_kernel_matches_reference_interpret(case):
     feats = _features(rng, hq, alibi, cap)
     args = (c["q"], c["k_cache"], c["v_cache"], c["seq_lens"], c["block_tables"])
     out = paged_attention_decode(
-        *args, scale=d**-0.5, sliding_window=window, num_splits=splits, interpret=True, **feats
+        *args, scale=d**-0.5, sliding_window=window, num_splits=splits, interpret=True,
+        heads_fastest=splits is None, **feats,
     )
     ref = paged_attention_decode_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
     assert out.shape == c["q"].shape and out.dtype == c["q"].dtype
@@ -134,7 +135,7 @@ def test_ragged_kernel_matches_reference_interpret(case):
     args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
     out = ragged_paged_attention_pallas(
         *args, scale=d**-0.5, sliding_window=window, block_m=block_m, blocks_per_iter=bpi,
-        interpret=True, **feats,
+        heads_fastest=bpi == 1, interpret=True, **feats,
     )
     ref = ragged_paged_attention_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
     assert out.shape == c["q"].shape and out.dtype == c["q"].dtype
