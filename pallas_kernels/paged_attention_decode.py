@@ -265,15 +265,15 @@ def paged_attention_decode(
     num_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
-    heads_fastest: bool = True,
+    heads_fastest: bool = False,
     interpret: bool = False,
 ) -> jnp.ndarray:
     """Decode attention: q [S, Hq, D] (one token per sequence) over the paged caches -> [S, Hq, D].
 
     Tuning knobs: ``blocks_per_iter`` (KV blocks loaded per loop step; default: 64 keys a step),
     ``num_splits`` (context splits; default: :func:`choose_num_splits`), ``num_warps``,
-    ``num_stages`` and ``heads_fastest`` (launch the KV heads of one sequence next to each other,
-    so that concurrently running programs read neighbouring bytes of the same blocks).
+    ``num_stages`` and ``heads_fastest`` (launch the KV heads of one sequence next to each other;
+    measured slower on the H200 than sequences first, see benchmarks/RESULTS.md).
     """
     if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}: expected [S, Hq, D] and equal 4-D caches")
