@@ -108,16 +108,24 @@ def paged_attention(
     sliding_window: int | None = None,
     alibi_slopes: jnp.ndarray | None = None,
     backend: str = "reference",
+    decode_only: bool = False,
+    logits_soft_cap: float | None = None,
 ) -> tuple[jnp.ndarray, KVCache]:
     """Writes this step's k, v [T, Hkv, D] into the cache, then attends q [T, Hq, D] over it.
 
+    ``backend``: "reference" | "pallas". ``decode_only`` (static, per bucket) says every
+    sequence has exactly one query token (T == S, token s of sequence s); with "pallas" it
+    selects the decode kernel, and the KV write uses the Pallas kernel too (as fast as XLA's
+    scatter or faster, both in place on the donated cache; see benchmarks/RESULTS.md).
     Returns the attention output [T, Hq, D] and the updated cache.
     """
-    k_cache, v_cache = write_kv(kv_cache[0], kv_cache[1], k, v, metadata.slot_mapping)
+    write_backend = "pallas" if backend == "pallas" else "reference"
+    k_cache, v_cache = write_kv(kv_cache[0], kv_cache[1], k, v, metadata.slot_mapping, backend=write_backend)
     out = ragged_paged_attention(
         q, k_cache, v_cache, positions, metadata.query_start_loc, metadata.seq_lens,
         metadata.block_tables, scale=scale, sliding_window=sliding_window,
-        alibi_slopes=alibi_slopes, backend=backend,
+        alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap, backend=backend,
+        decode_only=decode_only,
     )
     return out, (k_cache, v_cache)
 

@@ -6,12 +6,35 @@ Query tokens are flattened on one axis; sequence s owns tokens
 KV positions ``[0, seq_lens[s])`` of its blocks ``block_tables[s]``, causally (key j is visible to
 the token at position p iff j <= p), optionally within a sliding window (p - j < window) and with
 ALiBi biases (slope_h * (j - p)). GQA/MQA: query head h reads KV head h // (Hq // Hkv).
+
+Pallas kernel (Triton lowering), flash-attention style: the query tokens of each sequence are cut
+into tiles of ``block_q`` tokens; one program handles one (tile, KV head) with all query heads of
+the GQA group stacked into the tile's rows (``block_q * group`` rows), loops over KV tiles of
+``blocks_per_iter`` blocks gathered through the block table, and skips KV tiles that the causal
+mask (and sliding window) hides completely. Tiles wholly below the diagonal run without masks.
+Heaviest tiles (last in their sequence) are launched first. Padding tokens get zero output.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.kernel_shapes import (
+    LOG2E,
+    MASK_VALUE,
+    cdiv,
+    group_slopes,
+    next_pow2,
+    pad_block_tables,
+    validate_kernel_inputs,
+)
+
+ATTENTION_BACKENDS = ("reference", "pallas")
 
 _MASK_VALUE = -1e30  # finite, so fully-masked padding rows give garbage, not NaN
 
@@ -63,6 +86,254 @@ def ragged_paged_attention_reference(
     return out.reshape(T, Hq, D).astype(q.dtype)
 
 
+def _ragged_kernel(
+    tile_q0_ref, tile_q1_ref, tile_seq_ref, tile_len_ref, q_ref, pos_ref, k_ref, v_ref, bt_ref,
+    *rest,
+    num_tiles: int, block_q: int, group: int, group_pad: int, head_dim: int, block_size: int,
+    blocks_per_iter: int, scale: float, sliding_window: int | None, soft_cap: float | None,
+    has_alibi: bool, exact_dot: bool, heads_fastest: bool,
+):
+    if has_alibi:
+        slopes_ref, o_ref = rest
+    else:
+        slopes_ref, (o_ref,) = None, rest
+    tile_pid, h = pl.program_id(0), pl.program_id(1)
+    if heads_fastest:
+        tile_pid, h = h, tile_pid
+    tile = num_tiles - 1 - tile_pid  # heavy (late) tiles first
+    bs, bpi = block_size, blocks_per_iter
+    bk = bs * bpi
+    gp = group_pad
+    m_rows = block_q * gp
+    dp = next_pow2(head_dim)  # q and out stay unpadded in memory; the tile pads with masks
+    pad_d = dp != head_dim
+    precision = jax.lax.Precision.HIGHEST if exact_dot else None
+
+    t0 = tile_q0_ref[tile]
+    t1 = tile_q1_ref[tile]
+    seq = tile_seq_ref[tile]
+    seq_len = tile_len_ref[tile]
+
+    r = jax.lax.broadcasted_iota(jnp.int32, (m_rows,), 0)
+    tok = t0 + r // gp
+    g = r % gp
+    row_valid = (tok < t1) & (g < group)
+    r2 = jax.lax.broadcasted_iota(jnp.int32, (m_rows, dp), 0)
+    d2 = jax.lax.broadcasted_iota(jnp.int32, (m_rows, dp), 1)
+    tok2 = t0 + r2 // gp
+    g2 = r2 % gp
+    io_mask = (tok2 < t1) & (g2 < group)
+    if pad_d:
+        io_mask = io_mask & (d2 < head_dim)
+    q = plgpu.load(q_ref.at[tok2, h, g2, d2], mask=io_mask, other=0)  # [M, Dp]
+    pos = plgpu.load(pos_ref.at[tok], mask=row_valid, other=0)
+    big = jnp.int32(2**30)
+    min_pos = jnp.min(jnp.where(row_valid, pos, big))
+    max_pos = jnp.max(jnp.where(row_valid, pos, -1))
+    kv_end = jnp.minimum(max_pos + 1, seq_len)  # exclusive; <= 0 when the tile is padding
+    kv_start = jnp.int32(0)
+    if sliding_window is not None:
+        kv_start = jnp.maximum(min_pos - sliding_window + 1, 0)
+    lo_tok = (kv_start // bs) * bs
+    num_kv_tiles = (jnp.maximum(kv_end - lo_tok, 0) + bk - 1) // bk
+    if sliding_window is None:
+        # Tiles whose every key is visible to every row need no mask.
+        full_end = jnp.minimum(min_pos + 1, seq_len)
+        num_full = jnp.clip((full_end - lo_tok) // bk, 0, num_kv_tiles)
+    else:
+        num_full = jnp.int32(0)
+    if has_alibi:
+        slopes = plgpu.load(slopes_ref.at[h, g], mask=g < group, other=0.0)  # [M]
+
+    kb = jax.lax.broadcasted_iota(jnp.int32, (bpi, bs, dp), 0)
+    kr = jax.lax.broadcasted_iota(jnp.int32, (bpi, bs, dp), 1)
+    kd = jax.lax.broadcasted_iota(jnp.int32, (bpi, bs, dp), 2)
+    key_in_tile = jax.lax.broadcasted_iota(jnp.int32, (bk,), 0)
+
+    def load_kv(ref, ids, mask):
+        idx = (jnp.broadcast_to(ids[:, None, None], (bpi, bs, dp)), kr, h, kd)
+        if mask is None and pad_d:
+            mask = kd < head_dim
+        elif mask is not None and pad_d:
+            mask = mask & (kd < head_dim)
+        if mask is None:
+            return plgpu.load(ref.at[idx]).reshape(bk, dp)
+        return plgpu.load(ref.at[idx], mask=mask, other=0).reshape(bk, dp)
+
+    def step(j, carry, masked):
+        acc, m_prev, l_prev = carry
+        blk0 = lo_tok // bs + j * bpi
+        ids = bt_ref[seq, pl.ds(blk0, bpi)]
+        key = blk0 * bs + key_in_tile  # [bk]
+        if masked:
+            key3 = (blk0 + kb) * bs + kr
+            ld_mask = key3 < kv_end
+            if sliding_window is not None:
+                ld_mask = ld_mask & (key3 >= kv_start)
+            k = load_kv(k_ref, ids, ld_mask)
+            v = load_kv(v_ref, ids, ld_mask)
+        else:
+            k = load_kv(k_ref, ids, None)
+            v = load_kv(v_ref, ids, None)
+        s = plgpu.dot(q, k, trans_b=True, precision=precision)  # [M, bk] f32
+        if soft_cap is None and not has_alibi:
+            s = s * (scale * LOG2E)
+        else:
+            s = s * scale
+            if soft_cap is not None:
+                s = soft_cap * jnp.tanh(s / soft_cap)
+            if has_alibi:
+                s = s + slopes[:, None] * (key[None, :] - pos[:, None]).astype(jnp.float32)
+            s = s * LOG2E
+        if masked:
+            vis = (key[None, :] <= pos[:, None]) & (key[None, :] < seq_len)
+            if sliding_window is not None:
+                vis = vis & (pos[:, None] - key[None, :] < sliding_window)
+            s = jnp.where(vis, s, MASK_VALUE)
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m_prev - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        if masked:
+            # A row may see nothing in this tile yet (sliding window): keep it at zero weight.
+            p = jnp.where(vis, p, 0.0)
+        l_new = alpha * l_prev + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
+        return acc, m_new, l_new
+
+    carry = (
+        jnp.zeros((m_rows, dp), jnp.float32),
+        jnp.full((m_rows,), MASK_VALUE, jnp.float32),
+        jnp.zeros((m_rows,), jnp.float32),
+    )
+    carry = jax.lax.fori_loop(0, num_full, functools.partial(step, masked=False), carry)
+    acc, _, l = jax.lax.fori_loop(num_full, num_kv_tiles, functools.partial(step, masked=True), carry)
+    safe_l = jnp.where(l > 0, l, 1.0)
+    out = jnp.where(l[:, None] > 0, acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
+    # Rows of padding tiles are written too (zeros), so the whole output is defined.
+    plgpu.store(o_ref.at[tok2, h, g2, d2], out, mask=io_mask)
+
+
+def _tile_schedule(query_start_loc, seq_lens, num_tokens: int, block_q: int, num_tiles: int):
+    """Maps each query tile to (first token, sequence end token, sequence, seq_len).
+
+    Real tiles come first (sequence by sequence), then tiles covering the padding tokens after
+    ``query_start_loc[-1]``, which attend to nothing and write zeros.
+    """
+    S = seq_lens.shape[0]
+    qsl = query_start_loc.astype(jnp.int32)
+    q_lens = qsl[1:] - qsl[:-1]
+    n_tiles = (q_lens + block_q - 1) // block_q
+    cum = jnp.cumsum(n_tiles)
+    total = cum[-1]
+    i = jnp.arange(num_tiles, dtype=jnp.int32)
+    seq = jnp.searchsorted(cum, i, side="right").astype(jnp.int32)
+    real = seq < S
+    seq_c = jnp.minimum(seq, S - 1)
+    first = cum[seq_c] - n_tiles[seq_c]
+    t0 = jnp.where(real, qsl[seq_c] + (i - first) * block_q, qsl[S] + (i - total) * block_q)
+    t1 = jnp.where(real, qsl[seq_c + 1], num_tokens)
+    seq_len = jnp.where(real, seq_lens.astype(jnp.int32)[seq_c], 0)
+    return t0.astype(jnp.int32), t1.astype(jnp.int32), seq_c, seq_len
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "scale", "sliding_window", "logits_soft_cap", "block_q", "blocks_per_iter", "num_warps",
+        "num_stages", "interpret", "heads_fastest",
+    ),
+)
+def _ragged_call(
+    q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, alibi_slopes, *,
+    scale, sliding_window, logits_soft_cap, block_q, blocks_per_iter, num_warps, num_stages,
+    interpret, heads_fastest,
+):
+    T, Hq, D = q.shape
+    _, bs, hkv, _ = k_cache.shape
+    G = Hq // hkv
+    gp = next_pow2(G)
+    dp = next_pow2(D)
+    S, mb = block_tables.shape
+    bpi = blocks_per_iter
+    num_tiles = cdiv(T, block_q) + S + 1
+    t0, t1, tseq, tlen = _tile_schedule(query_start_loc, seq_lens, T, block_q, num_tiles)
+    # + bpi: KV tiles start at a block, not at a tile boundary, so the last one may overhang.
+    bt = pad_block_tables(block_tables, cdiv(mb, bpi) * bpi + bpi)
+    has_alibi = alibi_slopes is not None
+    qg = q.reshape(T, hkv, G, D)
+    kernel = functools.partial(
+        _ragged_kernel, num_tiles=num_tiles, block_q=block_q, group=G, group_pad=gp, head_dim=D,
+        block_size=bs, blocks_per_iter=bpi, scale=scale, sliding_window=sliding_window,
+        soft_cap=logits_soft_cap, has_alibi=has_alibi, exact_dot=q.dtype == jnp.float32,
+        heads_fastest=heads_fastest,
+    )
+    whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)  # noqa: E731
+    args = [t0, t1, tseq, tlen, qg, positions.astype(jnp.int32), k_cache, v_cache, bt]
+    if has_alibi:
+        args.append(alibi_slopes.astype(jnp.float32).reshape(hkv, G))
+    out = pl.pallas_call(
+        kernel,
+        grid=(hkv, num_tiles) if heads_fastest else (num_tiles, hkv),
+        in_specs=[whole(a) for a in args],
+        out_specs=whole(qg),
+        out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="ragged_paged_attention",
+    )(*args)
+    return out.reshape(T, Hq, D)
+
+
+def ragged_paged_attention_pallas(
+    q: jnp.ndarray,
+    k_cache: jnp.ndarray,
+    v_cache: jnp.ndarray,
+    positions: jnp.ndarray,
+    query_start_loc: jnp.ndarray,
+    seq_lens: jnp.ndarray,
+    block_tables: jnp.ndarray,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    alibi_slopes: jnp.ndarray | None = None,
+    logits_soft_cap: float | None = None,
+    block_m: int = 128,
+    blocks_per_iter: int | None = None,
+    num_warps: int = 8,
+    num_stages: int | None = None,
+    heads_fastest: bool = True,
+    interpret: bool = False,
+) -> jnp.ndarray:
+    """The Pallas kernel for a mixed step (shapes as the reference). Expects validated inputs.
+
+    ``block_m`` is the number of (token, head) rows in a query tile (``block_q = block_m //
+    group``); ``blocks_per_iter`` KV blocks are loaded per step (default: 128 keys a step, 64
+    when head_dim > 128, where ``num_stages`` also drops to 2 to fit shared memory).
+    ``heads_fastest`` launches the KV heads of one query tile next to each other (measured
+    faster on the H200 than tiles first, see benchmarks/RESULTS.md).
+    """
+    validate_kernel_inputs(q, k_cache, v_cache)
+    G = q.shape[1] // k_cache.shape[2]
+    bs = k_cache.shape[1]
+    gp = next_pow2(G)
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m {block_m}: expected a power of two >= 16")
+    block_q = max(1, block_m // gp)
+    if block_q * gp < 16:
+        raise ValueError(f"block_m {block_m} with group {G}: fewer than 16 rows a tile")
+    wide = next_pow2(q.shape[-1]) > 128
+    bpi = blocks_per_iter or max(1, (64 if wide else 128) // bs)
+    num_stages = num_stages or (2 if wide else 3)
+    if bpi & (bpi - 1) or bpi * bs < 16:
+        raise ValueError(f"blocks_per_iter {bpi}: expected a power of two with blocks_per_iter * block_size >= 16")
+    return _ragged_call(
+        q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, alibi_slopes,
+        scale=float(scale), sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+        block_q=block_q, blocks_per_iter=bpi, num_warps=num_warps, num_stages=num_stages,
+        interpret=interpret, heads_fastest=heads_fastest,
+    )
+
+
 def ragged_paged_attention(
     q: jnp.ndarray,
     k_cache: jnp.ndarray,
@@ -77,8 +348,17 @@ def ragged_paged_attention(
     alibi_slopes: jnp.ndarray | None = None,
     logits_soft_cap: float | None = None,
     backend: str = "reference",
+    decode_only: bool = False,
+    interpret: bool = False,
 ) -> jnp.ndarray:
-    """Validated public entry point; ``backend`` picks the implementation."""
+    """Validated public entry point; ``backend`` picks the implementation.
+
+    ``backend``: "reference" (plain jnp) or "pallas" (Triton-lowered kernels; ``interpret=True``
+    runs them in the Pallas interpreter, e.g. on CPU). ``decode_only`` (static) promises that
+    every sequence has exactly one query token, token s belonging to sequence s at position
+    ``seq_lens[s] - 1`` (T == S; padding sequences have ``seq_lens == 0``); the pallas backend
+    then uses the decode kernel.
+    """
     if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}: bad ranks")
     if q.shape[-1] != k_cache.shape[-1]:
@@ -92,10 +372,30 @@ def ragged_paged_attention(
             f"query_start_loc {query_start_loc.shape}, seq_lens {seq_lens.shape}, block_tables "
             f"{block_tables.shape}: expected [S+1], [S], [S, max_blocks]"
         )
-    if backend != "reference":
-        raise ValueError(f"attention backend {backend!r} is not available; allowed: 'reference'")
-    return ragged_paged_attention_reference(
-        q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables,
+    if alibi_slopes is not None and alibi_slopes.shape != (q.shape[1],):
+        raise ValueError(f"alibi_slopes {alibi_slopes.shape}: expected ({q.shape[1]},)")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window {sliding_window}: expected >= 1 or None")
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not available; allowed: {', '.join(map(repr, ATTENTION_BACKENDS))}")
+    if decode_only and q.shape[0] != block_tables.shape[0]:
+        raise ValueError(
+            f"decode_only needs one token per sequence: num_tokens {q.shape[0]} != num_seqs {block_tables.shape[0]}"
+        )
+    kwargs = dict(
         scale=scale, sliding_window=sliding_window, alibi_slopes=alibi_slopes,
         logits_soft_cap=logits_soft_cap,
+    )
+    if backend == "reference":
+        return ragged_paged_attention_reference(
+            q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, **kwargs
+        )
+    if decode_only:
+        # Imported here: the decode module imports this module's reference as its oracle.
+        from pallas_kernels.paged_attention_decode import paged_attention_decode
+
+        return paged_attention_decode(q, k_cache, v_cache, seq_lens, block_tables, interpret=interpret, **kwargs)
+    return ragged_paged_attention_pallas(
+        q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables,
+        interpret=interpret, **kwargs,
     )

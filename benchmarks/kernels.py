@@ -1,0 +1,287 @@
+"""Kernel benchmarks on the GPU: paged decode attention, ragged (prefill) attention, KV write.
+
+Run on the GPU machine from the repository root::
+
+    PYTHONPATH=. python3 benchmarks/kernels.py --out $OUT [--sweep] [--quick]
+
+Ceilings are measured in the same run: device-to-device copy bandwidth (bytes read + written) and
+the bf16 matmul rate. Decode is reported as achieved bandwidth (KV bytes read + q + out) next to
+JAX's own ``jax.experimental.pallas.ops.gpu.paged_attention`` on the same data (its layout is
+``[num_kv_heads, num_blocks, block_size, head_dim]``: the cache is transposed once for it, outside
+the timing). Prefill is reported as TFLOP/s of causal attention (4 * D * Hq * sum of visible keys).
+Timing: warm-up, then the median over ``reps`` of a loop of ``n`` calls with one sync per loop;
+inputs rotate over disjoint block sets so that small cases do not run from L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.kv_cache_write import write_kv
+from pallas_kernels.paged_attention_decode import choose_num_splits, paged_attention_decode
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention_pallas
+
+L2_BYTES = 50 * 2**20
+CEILINGS: dict = {}
+
+
+def bench(fn, arg_sets, *, target_s=0.02, reps=15, warmup=2):
+    """Median seconds per call of fn(*args) rotating over arg_sets."""
+    for i in range(warmup):
+        jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*arg_sets[0]))
+    one = max(time.perf_counter() - t0, 1e-6)
+    n = int(min(200, max(1, target_s / one)))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = None
+        for i in range(n):
+            out = fn(*arg_sets[i % len(arg_sets)])
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times), (min(times), max(times))
+
+
+def measure_ceilings():
+    x = [jax.random.normal(jax.random.key(i), (2 * 2**30 // 2,), jnp.bfloat16) for i in range(2)]
+    bws = {}
+    # Device-to-device copy, counted as bytes read + bytes written; two ways, the faster counts.
+    for name, f in (("copy_add1", lambda a: a + jnp.bfloat16(1)), ("copy_op", lambda a: jnp.copy(a))):
+        t, _ = bench(jax.jit(f), [(a,) for a in x], reps=10)
+        bws[name] = 2 * x[0].nbytes / t
+    t, _ = bench(jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), [(a,) for a in x], reps=10)
+    bws["read_sum"] = x[0].nbytes / t
+    print({k: f"{v / 1e12:.3f} TB/s" for k, v in bws.items()}, flush=True)
+    copy_bw = max(bws["copy_add1"], bws["copy_op"])
+    CEILINGS.update(bws)
+    del x
+    n = 8192
+    a = [jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in range(4)]
+    mm = jax.jit(lambda p, q: p @ q)
+    t, _ = bench(mm, [(a[0], a[1]), (a[2], a[3])], reps=10)
+    mm_rate = 2 * n**3 / t
+    return copy_bw, mm_rate
+
+
+def make_decode_inputs(key, S, ctx, hq, hkv, d, bs, dtype=jnp.bfloat16):
+    mb = ctx // bs
+    kv_bytes = 2 * S * ctx * hkv * d * jnp.dtype(dtype).itemsize
+    n_rot = int(min(8, max(1, math.ceil(4 * L2_BYTES / kv_bytes))))
+    nb = S * mb * n_rot
+    k1, k2, k3 = jax.random.split(key, 3)
+    kc = jax.random.normal(k1, (nb, bs, hkv, d), dtype)
+    vc = jax.random.normal(k2, (nb, bs, hkv, d), dtype)
+    q = jax.random.normal(k3, (S, hq, d), dtype)
+    perm = np.random.default_rng(0).permutation(nb).astype(np.int32).reshape(n_rot, S, mb)
+    tables = [jnp.asarray(p) for p in perm]
+    seq_lens = jnp.full((S,), ctx, jnp.int32)
+    return q, kc, vc, seq_lens, tables, kv_bytes
+
+
+def run_decode(copy_bw, args, results, sweep):
+    from jax.experimental.pallas.ops.gpu import paged_attention as jax_pa  # noqa: PLC0415
+
+    batches = [1, 8, 64, 256]
+    ctxs = [512, 2048, 8192]
+    heads = [(32, 32), (32, 8)]
+    if args.quick:
+        batches, ctxs = [1, 64], [2048]
+    d, bs = 128, 16
+    variants = [dict()]
+    if sweep:
+        variants = [dict(), dict(blocks_per_iter=8, num_stages=2), dict(num_stages=4)]
+    for hq, hkv in heads:
+        for S in batches:
+            for ctx in ctxs:
+                if S * ctx * hkv * d * 4 > 40 * 2**30:
+                    results.append(dict(kind="decode_skipped", batch=S, ctx=ctx, hq=hq, hkv=hkv, why="KV > 40 GiB"))
+                    continue
+                q, kc, vc, sl, tables, kv_bytes = make_decode_inputs(jax.random.key(S + ctx), S, ctx, hq, hkv, d, bs)
+                moved = kv_bytes + 2 * q.nbytes
+                row = dict(kind="decode", batch=S, ctx=ctx, hq=hq, hkv=hkv, d=d, block_size=bs, bytes=moved)
+                ref = None
+                for v in (variants if (sweep and S == 64 and ctx == 2048) else [dict()]):
+                    # One jit runs the kernel once per rotated table: no host dispatch per call.
+                    fn = jax.jit(lambda q, kc, vc, sl, bts, v=v: [
+                        paged_attention_decode(q, kc, vc, sl, bt, scale=d**-0.5, **v) for bt in bts])
+                    if ref is None:
+                        ref = fn(q, kc, vc, sl, tables)[0]
+                    t, spread = bench(fn, [(q, kc, vc, sl, tables)])
+                    t /= len(tables)
+                    name = "pallas" + ("" if not v else "[" + ",".join(f"{k}={x}" for k, x in v.items()) + "]")
+                    row[name + "_ms"] = t * 1e3
+                    row[name + "_TBps"] = moved / t / 1e12
+                    row[name + "_frac_copy"] = moved / t / copy_bw
+                row["splits"] = choose_num_splits(S, hkv, ctx // bs, bs, 4)
+                # JAX's own kernel: [Hkv, NB, bs, D] layout, same data.
+                try:
+                    kt = jnp.transpose(kc, (2, 0, 1, 3))
+                    vt = jnp.transpose(vc, (2, 0, 1, 3))
+                    # JAX's kernel applies no softmax scale: fold it into q.
+                    qs = (q.astype(jnp.float32) * d**-0.5).astype(q.dtype)
+                    jfn = jax.jit(lambda q, kt, vt, sl, bts: [jax_pa.paged_attention(q, kt, vt, bt, sl) for bt in bts])
+                    jout = jfn(qs, kt, vt, sl, tables)[0]
+                    err = float(jnp.linalg.norm((jout - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32)))
+                    t, _ = bench(jfn, [(qs, kt, vt, sl, tables)])
+                    t /= len(tables)
+                    row["jax_ms"] = t * 1e3
+                    row["jax_TBps"] = moved / t / 1e12
+                    row["speedup_vs_jax"] = row["jax_ms"] / row["pallas_ms"]
+                    row["rel_diff_vs_jax"] = err
+                    del kt, vt
+                except Exception as e:  # noqa: BLE001
+                    row["jax_skipped"] = f"{type(e).__name__}: {str(e)[:200]}"
+                results.append(row)
+                print(json.dumps(row), flush=True)
+                del q, kc, vc, tables
+
+
+def run_prefill(mm_rate, args, results, sweep):
+    d, bs = 128, 16
+    variants = [dict()]
+    if sweep:
+        variants = [dict(), dict(heads_fastest=False)]
+    for hq, hkv in [(32, 32), (32, 8)]:
+        for T in ([4096] if args.quick else [1024, 4096, 8192]):
+            mb = T // bs
+            key = jax.random.key(T)
+            k1, k2, k3 = jax.random.split(key, 3)
+            nb = mb * 2
+            kc = jax.random.normal(k1, (nb, bs, hkv, d), jnp.bfloat16)
+            vc = jax.random.normal(k2, (nb, bs, hkv, d), jnp.bfloat16)
+            q = jax.random.normal(k3, (T, hq, d), jnp.bfloat16)
+            perm = np.random.default_rng(1).permutation(nb).astype(np.int32).reshape(2, 1, mb)
+            tables = [jnp.asarray(p) for p in perm]
+            pos = jnp.arange(T, dtype=jnp.int32)
+            qsl = jnp.asarray([0, T], jnp.int32)
+            sl = jnp.asarray([T], jnp.int32)
+            flops = 4 * d * hq * T * (T + 1) / 2
+            row = dict(kind="prefill", tokens=T, hq=hq, hkv=hkv, d=d, block_size=bs, flops=flops)
+            for v in (variants if (sweep and T == 4096) else [dict()]):
+                fn = jax.jit(lambda q, kc, vc, pos, qsl, sl, bt, v=v: ragged_paged_attention_pallas(
+                    q, kc, vc, pos, qsl, sl, bt, scale=d**-0.5, **v))
+                t, _ = bench(fn, [(q, kc, vc, pos, qsl, sl, bt) for bt in tables])
+                name = "pallas" + ("" if not v else "[" + ",".join(f"{k}={x}" for k, x in v.items()) + "]")
+                row[name + "_ms"] = t * 1e3
+                row[name + "_TFLOPs"] = flops / t / 1e12
+                row[name + "_frac_mm"] = flops / t / mm_rate
+            # Reference point: cuDNN flash attention on contiguous (unpaged) K/V, same data volume.
+            try:
+                kk = jax.random.normal(k1, (1, T, hkv, d), jnp.bfloat16)
+                vv = jax.random.normal(k2, (1, T, hkv, d), jnp.bfloat16)
+                cfn = jax.jit(lambda q, kk, vv: jax.nn.dot_product_attention(
+                    q[None], kk, vv, is_causal=True, implementation="cudnn"))
+                t, _ = bench(cfn, [(q, kk, vv)])
+                row["cudnn_contiguous_ms"] = t * 1e3
+                row["cudnn_contiguous_TFLOPs"] = flops / t / 1e12
+            except Exception as e:  # noqa: BLE001
+                row["cudnn_skipped"] = f"{type(e).__name__}: {str(e)[:200]}"
+            results.append(row)
+            print(json.dumps(row), flush=True)
+
+
+def run_kv_write(copy_bw, results):
+    nb, bs, hkv, d = 16384, 16, 8, 128
+    for T in (256, 4096):
+        kc = jax.random.normal(jax.random.key(0), (nb, bs, hkv, d), jnp.bfloat16)
+        vc = jax.random.normal(jax.random.key(1), (nb, bs, hkv, d), jnp.bfloat16)
+        k = jax.random.normal(jax.random.key(2), (T, hkv, d), jnp.bfloat16)
+        slots = jnp.asarray(np.random.default_rng(0).permutation(nb * bs)[:T].astype(np.int32))
+        row = dict(kind="kv_write", tokens=T, hkv=hkv, d=d, block_size=bs, bytes=4 * k.nbytes)
+        for backend in ("reference", "pallas"):
+            fn = jax.jit(lambda kc, vc, k, s, b=backend: write_kv(kc, vc, k, k, s, backend=b), donate_argnums=(0, 1))
+            mem = fn.lower(kc, vc, k, slots).compile().memory_analysis()
+            state = [kc, vc]
+
+            def call(state=state, fn=fn):
+                state[0], state[1] = fn(state[0], state[1], k, slots)
+                return state[0]
+
+            t, _ = bench(call, [()])
+            row[backend + "_us"] = t * 1e6
+            row[backend + "_temp_MiB"] = mem.temp_size_in_bytes / 2**20 if mem else None
+            row[backend + "_alias_MiB"] = mem.alias_size_in_bytes / 2**20 if mem else None
+            kc, vc = state
+        row["cache_MiB"] = kc.nbytes / 2**20
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def table(results, copy_bw, mm_rate):
+    lines = [f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write), read-only {CEILINGS.get('read_sum', 0) / 1e12:.2f} TB/s, "
+             f"bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s",
+             "decode (bf16, D=128, bs=16): batch ctx heads | ours ms TB/s %copy | jax ms TB/s | speedup"]
+    for r in results:
+        if r["kind"] == "decode":
+            lines.append(
+                f"  {r['batch']:>4} {r['ctx']:>5} {r['hq']}:{r['hkv']:<3}| {r['pallas_ms']:8.3f} {r['pallas_TBps']:5.2f} "
+                f"{100 * r['pallas_frac_copy']:5.1f}% | " + (
+                    f"{r['jax_ms']:8.3f} {r['jax_TBps']:5.2f} | {r['speedup_vs_jax']:5.2f}x" if "jax_ms" in r else "jax skipped")
+            )
+    lines.append("prefill (one causal sequence, bf16, D=128, bs=16): tokens heads | ours ms TFLOP/s %mm | cudnn contiguous")
+    for r in results:
+        if r["kind"] == "prefill":
+            lines.append(
+                f"  {r['tokens']:>5} {r['hq']}:{r['hkv']:<3}| {r['pallas_ms']:8.3f} {r['pallas_TFLOPs']:6.1f} "
+                f"{100 * r['pallas_frac_mm']:5.1f}% | " + (
+                    f"{r['cudnn_contiguous_TFLOPs']:6.1f}" if "cudnn_contiguous_TFLOPs" in r else "skipped")
+            )
+    for r in results:
+        if r["kind"] == "kv_write":
+            lines.append(f"kv write T={r['tokens']}: xla scatter {r['reference_us']:.1f} us, pallas {r['pallas_us']:.1f} us, "
+                         f"temp MiB {r['reference_temp_MiB']} / {r['pallas_temp_MiB']} (cache {r['cache_MiB']:.0f} MiB each)")
+    sweeps = [(r, k) for r in results for k in r if k.startswith("pallas[") and k.endswith("_ms")]
+    if sweeps:
+        lines.append("sweep (ms):")
+        for r, k in sweeps:
+            tag = f"decode b{r['batch']} {r['hq']}:{r['hkv']}" if r["kind"] == "decode" else f"prefill {r['tokens']} {r['hq']}:{r['hkv']}"
+            lines.append(f"  {tag} {k[:-3]} {r[k]:.3f} (default {r['pallas_ms']:.3f})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--sweep", action="store_true", help="also time tuning variants at key shapes")
+    p.add_argument("--quick", action="store_true", help="fewer shapes")
+    p.add_argument("--only", default="decode,prefill,kv_write")
+    args = p.parse_args()
+    warnings.simplefilter("ignore")
+    print(jax.devices(), jax.__version__, flush=True)
+    copy_bw, mm_rate = measure_ceilings()
+    print(f"copy {copy_bw / 1e12:.3f} TB/s, matmul {mm_rate / 1e12:.1f} TFLOP/s", flush=True)
+    results = []
+    only = args.only.split(",")
+    t0 = time.time()
+    if "kv_write" in only:
+        run_kv_write(copy_bw, results)
+    if "prefill" in only:
+        run_prefill(mm_rate, args, results, args.sweep)
+    if "decode" in only:
+        run_decode(copy_bw, args, results, args.sweep)
+    txt = table(results, copy_bw, mm_rate)
+    meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, argv=sys.argv,
+                copy_TBps=copy_bw / 1e12, matmul_TFLOPs=mm_rate / 1e12, seconds=time.time() - t0,
+                bandwidths_TBps={k: v / 1e12 for k, v in CEILINGS.items()})
+    with open(os.path.join(args.out, "kernels.json"), "w") as f:
+        json.dump(dict(meta=meta, results=results), f, indent=1)
+    with open(os.path.join(args.out, "kernels.md"), "w") as f:
+        f.write("```\n" + txt + "\n```\n")
+    print(txt)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Shape rules shared by the Pallas (Triton lowering) attention kernels.
+
+Triton tiles must have power-of-two extents and a matrix product needs every dimension >= 16, so
+the kernels pad the head dimension and the GQA group to powers of two and mask the padding.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634
+MASK_VALUE = -1e30  # finite: an all-masked row stays finite and is zeroed at the end
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def validate_kernel_inputs(q: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.ndarray) -> None:
+    """Checks what the Pallas kernels need beyond the common rank/shape checks."""
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"{name} dtype {x.dtype} is not supported by the pallas kernels; allowed: "
+                "bfloat16, float16, float32"
+            )
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype != q.dtype:
+        raise ValueError(f"dtype mismatch: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
+    head_dim = q.shape[-1]
+    if not 16 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} is out of range for the pallas kernels; allowed: 16..{MAX_HEAD_DIM}")
+    block_size = k_cache.shape[1]
+    if not is_pow2(block_size) or block_size > 256:
+        raise ValueError(f"block_size {block_size} must be a power of two <= 256 for the pallas kernels")
+
+
+def pad_group_queries(q: jnp.ndarray, num_kv_heads: int, group_pad: int, head_dim_pad: int) -> jnp.ndarray:
+    """[T, Hq, D] -> [T, Hkv, Gp, Dp], zero padded (no copy when nothing needs padding)."""
+    T, Hq, D = q.shape
+    G = Hq // num_kv_heads
+    qg = q.reshape(T, num_kv_heads, G, D)
+    if group_pad != G or head_dim_pad != D:
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, group_pad - G), (0, head_dim_pad - D)))
+    return qg
+
+
+def group_slopes(alibi_slopes: jnp.ndarray, num_kv_heads: int, group_pad: int) -> jnp.ndarray:
+    """[Hq] ALiBi slopes -> [Hkv, Gp] float32, zero padded."""
+    G = alibi_slopes.shape[0] // num_kv_heads
+    s = alibi_slopes.astype(jnp.float32).reshape(num_kv_heads, G)
+    if group_pad != G:
+        s = jnp.pad(s, ((0, 0), (0, group_pad - G)))
+    return s
+
+
+def pad_block_tables(block_tables: jnp.ndarray, num_cols: int) -> jnp.ndarray:
+    """Pads the table's columns to ``num_cols`` so a tile of block ids never reads past the row;
+    padded entries point at block 0 but every load from them is masked off."""
+    S, MB = block_tables.shape
+    bt = block_tables.astype(jnp.int32)
+    if num_cols != MB:
+        bt = jnp.pad(bt, ((0, 0), (0, num_cols - MB)))
+    return bt

@@ -1,0 +1,307 @@
+"""Decode paged attention: one query token per sequence, KV read through block tables.
+
+Cache layout (per layer, fixed by the engine): ``k_cache``/``v_cache`` ``[num_blocks, block_size,
+num_kv_heads, head_dim]``. Sequence s has one query token at position ``seq_lens[s] - 1`` and
+attends to keys ``[0, seq_lens[s])`` (``[seq_lens[s] - sliding_window, seq_lens[s])`` with a
+window) of its blocks ``block_tables[s]``. ``seq_lens[s] == 0`` marks a padding sequence; its
+output is zero.
+
+Kernel design (Pallas, Triton lowering): one program per (sequence, KV head, split). The program
+holds all query heads of its GQA group as the rows of one tile (padded to >= 16 for the matrix
+unit), so each KV block is read from memory once per step. Each loop iteration gathers
+``blocks_per_iter`` block ids from the table and loads ``[blocks_per_iter * block_size, head_dim]``
+K and V tiles with masked loads (nothing outside the sequence's valid keys is read), accumulating
+in float32 with an online (base-2) softmax. Small batches split the context across programs
+(``num_splits``); a second, tiny jnp pass merges the partial results.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.kernel_shapes import (
+    LOG2E,
+    MASK_VALUE,
+    cdiv,
+    group_slopes,
+    next_pow2,
+    pad_block_tables,
+    pad_group_queries,
+    validate_kernel_inputs,
+)
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+
+DEFAULT_NUM_SMS = 132  # H100/H200 SXM; only steers the split heuristic
+
+
+def paged_attention_decode_reference(
+    q: jnp.ndarray,
+    k_cache: jnp.ndarray,
+    v_cache: jnp.ndarray,
+    seq_lens: jnp.ndarray,
+    block_tables: jnp.ndarray,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    alibi_slopes: jnp.ndarray | None = None,
+    logits_soft_cap: float | None = None,
+) -> jnp.ndarray:
+    """Plain-jnp oracle: the ragged reference with one token per sequence at seq_len - 1."""
+    S = q.shape[0]
+    positions = seq_lens.astype(jnp.int32) - 1
+    query_start_loc = jnp.arange(S + 1, dtype=jnp.int32)
+    return ragged_paged_attention_reference(
+        q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables,
+        scale=scale, sliding_window=sliding_window, alibi_slopes=alibi_slopes,
+        logits_soft_cap=logits_soft_cap,
+    )
+
+
+def choose_num_splits(
+    num_seqs: int, num_kv_heads: int, max_blocks: int, block_size: int, blocks_per_iter: int,
+    num_sms: int = DEFAULT_NUM_SMS,
+) -> int:
+    """Splits the context so that small batches still fill the GPU, keeping >= 512 keys a split."""
+    base = num_seqs * num_kv_heads
+    want = cdiv(2 * num_sms, base)
+    min_blocks = max(blocks_per_iter, 512 // block_size)
+    return max(1, min(want, cdiv(max_blocks, min_blocks)))
+
+
+def _decode_kernel(
+    q_ref, k_ref, v_ref, bt_ref, sl_ref, *rest,
+    block_size: int, blocks_per_iter: int, blocks_per_split: int, num_splits: int,
+    head_dim: int, scale: float, sliding_window: int | None, soft_cap: float | None,
+    has_alibi: bool, exact_dot: bool, heads_fastest: bool,
+):
+    if has_alibi:
+        slopes_ref, *out_refs = rest
+    else:
+        slopes_ref, out_refs = None, list(rest)
+    s, h = pl.program_id(0), pl.program_id(1)
+    if heads_fastest:
+        s, h = h, s
+    split = pl.program_id(2)
+    bs, bpi = block_size, blocks_per_iter
+    n = bpi * bs
+    gp, dp = q_ref.shape
+    pad_d = dp != head_dim
+
+    seq_len = sl_ref[s]
+    num_blocks = (seq_len + bs - 1) // bs
+    lo = split * blocks_per_split
+    hi = jnp.minimum(lo + blocks_per_split, num_blocks)
+    start_tok = jnp.int32(0)
+    if sliding_window is not None:
+        start_tok = jnp.maximum(seq_len - sliding_window, 0)
+        lo = jnp.maximum(lo, start_tok // bs)
+    end_tok = jnp.minimum(seq_len, hi * bs)
+    num_iters = (jnp.maximum(hi - lo, 0) + bpi - 1) // bpi
+
+    q = q_ref[...]
+    precision = jax.lax.Precision.HIGHEST if exact_dot else None
+    if has_alibi:
+        slopes = slopes_ref[...]  # [gp] float32
+    row = jax.lax.broadcasted_iota(jnp.int32, (bpi, bs), 1)
+    blk = jax.lax.broadcasted_iota(jnp.int32, (bpi, bs), 0)
+    row3 = jax.lax.broadcasted_iota(jnp.int32, (bpi, bs, dp), 1)
+    dcol = jax.lax.broadcasted_iota(jnp.int32, (bpi, bs, dp), 2)
+
+    def load_tile(ref, ids, valid):
+        # Every index is a full-shape array: the same gather lowers on Triton and in interpret mode.
+        idx = (jnp.broadcast_to(ids[:, None, None], (bpi, bs, dp)), row3, h, dcol)
+        mask = jnp.broadcast_to(valid[:, :, None], (bpi, bs, dp))
+        if pad_d:
+            mask = mask & (dcol < head_dim)
+        return plgpu.load(ref.at[idx], mask=mask, other=0).reshape(n, dp)
+
+    def body(i, carry):
+        acc, m_prev, l_prev = carry
+        blk0 = lo + i * bpi
+        ids = bt_ref[s, pl.ds(blk0, bpi)]
+        tok2 = (blk0 + blk) * bs + row  # [bpi, bs]
+        valid2 = tok2 < end_tok
+        if sliding_window is not None:
+            valid2 = valid2 & (tok2 >= start_tok)
+        k = load_tile(k_ref, ids, valid2)
+        v = load_tile(v_ref, ids, valid2)
+        logits = plgpu.dot(q, k, trans_b=True, precision=precision)  # [gp, n] f32
+        if soft_cap is None and not has_alibi:
+            logits = logits * (scale * LOG2E)
+        else:
+            logits = logits * scale
+            if soft_cap is not None:
+                logits = soft_cap * jnp.tanh(logits / soft_cap)
+            if has_alibi:
+                rel = (tok2.reshape(n) - (seq_len - 1)).astype(jnp.float32)
+                logits = logits + slopes[:, None] * rel[None, :]
+            logits = logits * LOG2E
+        logits = jnp.where(valid2.reshape(n)[None, :], logits, MASK_VALUE)
+        m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1))
+        alpha = jnp.exp2(m_prev - m_new)
+        p = jnp.exp2(logits - m_new[:, None])
+        l_new = alpha * l_prev + jnp.sum(p, axis=1)
+        pv = plgpu.dot(p.astype(v.dtype), v, precision=precision)
+        return acc * alpha[:, None] + pv, m_new, l_new
+
+    acc = jnp.zeros((gp, dp), jnp.float32)
+    m = jnp.full((gp,), MASK_VALUE, jnp.float32)
+    l = jnp.zeros((gp,), jnp.float32)
+    acc, m, l = jax.lax.fori_loop(0, num_iters, body, (acc, m, l))
+
+    if num_splits == 1:
+        (o_ref,) = out_refs
+        safe_l = jnp.where(l > 0, l, 1.0)
+        o_ref[...] = jnp.where(l[:, None] > 0, acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
+    else:
+        o_ref, m_ref, l_ref = out_refs
+        o_ref[...] = acc
+        m_ref[...] = m
+        l_ref[...] = l
+
+
+def merge_splits(o: jnp.ndarray, m: jnp.ndarray, l: jnp.ndarray) -> jnp.ndarray:
+    """Merges split partials o [..., splits, G, D], m/l [..., splits, G] (log2 domain) -> [..., G, D]."""
+    m_all = jnp.max(m, axis=-2, keepdims=True)
+    w = jnp.exp2(m - m_all)
+    l_all = jnp.sum(l * w, axis=-2)
+    o_all = jnp.sum(o * w[..., None], axis=-3)
+    safe = jnp.where(l_all > 0, l_all, 1.0)
+    return jnp.where(l_all[..., None] > 0, o_all / safe[..., None], 0.0)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "scale", "sliding_window", "logits_soft_cap", "blocks_per_iter", "num_splits",
+        "num_warps", "num_stages", "interpret", "heads_fastest",
+    ),
+)
+def _decode_call(
+    q, k_cache, v_cache, seq_lens, block_tables, alibi_slopes, *,
+    scale, sliding_window, logits_soft_cap, blocks_per_iter, num_splits, num_warps, num_stages,
+    interpret, heads_fastest,
+):
+    S, Hq, D = q.shape
+    _, bs, hkv, _ = k_cache.shape
+    G = Hq // hkv
+    gp = max(16, next_pow2(G))
+    dp = next_pow2(D)
+    mb = block_tables.shape[1]
+    bpi = blocks_per_iter
+    blocks_per_split = cdiv(cdiv(mb, num_splits), bpi) * bpi
+    # + bpi: a sliding window starts the loop off the tile grid, so the last tile may overhang.
+    bt = pad_block_tables(block_tables, blocks_per_split * num_splits + (bpi if sliding_window else 0))
+    qg = pad_group_queries(q, hkv, gp, dp)
+    has_alibi = alibi_slopes is not None
+
+    kernel = functools.partial(
+        _decode_kernel, block_size=bs, blocks_per_iter=bpi, blocks_per_split=blocks_per_split,
+        num_splits=num_splits, head_dim=D, scale=scale, sliding_window=sliding_window,
+        soft_cap=logits_soft_cap, has_alibi=has_alibi, exact_dot=q.dtype == jnp.float32,
+        heads_fastest=heads_fastest,
+    )
+    # Grid axis 0 launches fastest; index maps below take (sequence, kv head, split).
+    if heads_fastest:
+        grid = (hkv, S, num_splits)
+        im = lambda f: (lambda h, s, c: f(s, h, c))  # noqa: E731
+    else:
+        grid = (S, hkv, num_splits)
+        im = lambda f: f  # noqa: E731
+    whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)  # noqa: E731
+    in_specs = [
+        pl.BlockSpec((None, None, gp, dp), im(lambda s, h, c: (s, h, 0, 0))),
+        whole(k_cache), whole(v_cache), whole(bt), whole(seq_lens),
+    ]
+    args = [qg, k_cache, v_cache, bt, seq_lens.astype(jnp.int32)]
+    if has_alibi:
+        in_specs.append(pl.BlockSpec((None, gp), im(lambda s, h, c: (h, 0))))
+        args.append(group_slopes(alibi_slopes, hkv, gp))
+    if num_splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((S, hkv, gp, dp), q.dtype)]
+        out_specs = [pl.BlockSpec((None, None, gp, dp), im(lambda s, h, c: (s, h, 0, 0)))]
+    else:
+        out_shape = [
+            jax.ShapeDtypeStruct((S, hkv, num_splits, gp, dp), jnp.float32),
+            jax.ShapeDtypeStruct((S, hkv, num_splits, gp), jnp.float32),
+            jax.ShapeDtypeStruct((S, hkv, num_splits, gp), jnp.float32),
+        ]
+        out_specs = [
+            pl.BlockSpec((None, None, None, gp, dp), im(lambda s, h, c: (s, h, c, 0, 0))),
+            pl.BlockSpec((None, None, None, gp), im(lambda s, h, c: (s, h, c, 0))),
+            pl.BlockSpec((None, None, None, gp), im(lambda s, h, c: (s, h, c, 0))),
+        ]
+    outs = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="paged_attention_decode",
+    )(*args)
+    o = outs[0] if num_splits == 1 else merge_splits(*outs)
+    return o[:, :, :G, :D].reshape(S, Hq, D).astype(q.dtype)
+
+
+def paged_attention_decode(
+    q: jnp.ndarray,
+    k_cache: jnp.ndarray,
+    v_cache: jnp.ndarray,
+    seq_lens: jnp.ndarray,
+    block_tables: jnp.ndarray,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    alibi_slopes: jnp.ndarray | None = None,
+    logits_soft_cap: float | None = None,
+    blocks_per_iter: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    heads_fastest: bool = False,
+    interpret: bool = False,
+) -> jnp.ndarray:
+    """Decode attention: q [S, Hq, D] (one token per sequence) over the paged caches -> [S, Hq, D].
+
+    Tuning knobs: ``blocks_per_iter`` (KV blocks loaded per loop step; default: 64 keys a step),
+    ``num_splits`` (context splits; default: :func:`choose_num_splits`), ``num_warps``,
+    ``num_stages`` and ``heads_fastest`` (launch the KV heads of one sequence next to each other;
+    measured slower on the H200 than sequences first, see benchmarks/RESULTS.md).
+    """
+    if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}: expected [S, Hq, D] and equal 4-D caches")
+    S, Hq, D = q.shape
+    _, bs, hkv, dk = k_cache.shape
+    if dk != D:
+        raise ValueError(f"head_dim mismatch: q {D} vs cache {dk}")
+    if Hq % hkv:
+        raise ValueError(f"num_q_heads {Hq} is not a multiple of num_kv_heads {hkv}")
+    if block_tables.ndim != 2 or block_tables.shape[0] != S or seq_lens.shape != (S,):
+        raise ValueError(
+            f"block_tables {block_tables.shape}, seq_lens {seq_lens.shape}: expected [{S}, max_blocks] and [{S}]"
+        )
+    if alibi_slopes is not None and alibi_slopes.shape != (Hq,):
+        raise ValueError(f"alibi_slopes {alibi_slopes.shape}: expected ({Hq},)")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window {sliding_window}: expected >= 1 or None")
+    validate_kernel_inputs(q, k_cache, v_cache)
+    bpi = blocks_per_iter or max(1, 64 // bs)
+    if bpi < 1 or bpi & (bpi - 1) or bpi * bs < 16:
+        raise ValueError(f"blocks_per_iter {bpi}: expected a power of two with blocks_per_iter * block_size >= 16")
+    mb = block_tables.shape[1]
+    splits = num_splits or choose_num_splits(S, hkv, mb, bs, bpi)
+    if splits < 1:
+        raise ValueError(f"num_splits {splits}: expected >= 1")
+    return _decode_call(
+        q, k_cache, v_cache, seq_lens, block_tables, alibi_slopes,
+        scale=float(scale), sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+        blocks_per_iter=bpi, num_splits=splits, num_warps=num_warps, num_stages=num_stages,
+        interpret=interpret, heads_fastest=heads_fastest,
+    )

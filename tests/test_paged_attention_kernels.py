@@ -1,0 +1,312 @@
+"""Pallas paged-attention kernels against the jnp reference.
+
+On CPU the kernels run in the Pallas interpreter (``interpret=True``); tests marked ``gpu`` compile
+them with the Triton lowering. Every cache starts as NaN and only the slots a sequence owns are
+written, and block tables are shuffled, so a read outside a sequence's keys shows up as NaN.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpaged.attention_metadata import AttentionMetadata
+from models.layers import paged_attention
+from pallas_kernels import default_attention_backend
+from pallas_kernels.kv_cache_write import write_kv, write_kv_reference
+from pallas_kernels.paged_attention_decode import (
+    paged_attention_decode,
+    paged_attention_decode_reference,
+)
+from pallas_kernels.ragged_paged_attention import (
+    ragged_paged_attention,
+    ragged_paged_attention_pallas,
+    ragged_paged_attention_reference,
+)
+
+F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
+TOL = {F32: 1e-5, BF16: 1.5e-2, F16: 4e-3}
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _rel_err(out, ref) -> float:
+    out = np.asarray(out, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert not np.isnan(out).any(), "kernel output holds NaN (read outside the sequence's keys?)"
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def _paged_case(rng, q_lens, ctx_lens, *, hq, hkv, d, bs, dtype, num_tokens=None, extra_blocks=3):
+    """A NaN-poisoned paged cache holding ``ctx + q`` keys per sequence in shuffled blocks."""
+    S = len(q_lens)
+    seq_lens = np.asarray(q_lens) + np.asarray(ctx_lens)
+    nblocks = [-(-int(n) // bs) for n in seq_lens]
+    max_blocks = max(1, max(nblocks)) + 1  # a spare column: padding entries (0) must stay unread
+    num_blocks = sum(nblocks) + extra_blocks
+    perm = rng.permutation(num_blocks)
+    kc = np.full((num_blocks, bs, hkv, d), np.nan, np.float32)
+    vc = kc.copy()
+    tables, c = [], 0
+    for n, L in zip(nblocks, seq_lens):
+        bt = [int(b) for b in perm[c : c + n]]
+        c += n
+        for j, b in enumerate(bt):
+            rows = min(bs, int(L) - j * bs)
+            kc[b, :rows] = rng.standard_normal((rows, hkv, d))
+            vc[b, :rows] = rng.standard_normal((rows, hkv, d))
+        tables.append(bt)
+    md, positions = AttentionMetadata.build(
+        query_lens=list(q_lens), context_lens=list(ctx_lens), block_tables=tables, block_size=bs,
+        num_tokens=num_tokens, max_blocks_per_seq=max_blocks,
+    )
+    T = md.num_tokens
+    q = rng.standard_normal((T, hq, d))
+    return dict(
+        q=jnp.asarray(q, dtype), k_cache=jnp.asarray(kc, dtype), v_cache=jnp.asarray(vc, dtype),
+        positions=jnp.asarray(positions), query_start_loc=jnp.asarray(md.query_start_loc),
+        seq_lens=jnp.asarray(md.seq_lens), block_tables=jnp.asarray(md.block_tables),
+    )
+
+
+def _features(rng, hq, alibi, soft_cap):
+    return dict(
+        alibi_slopes=jnp.asarray(rng.uniform(0.05, 1.0, hq), F32) if alibi else None,
+        logits_soft_cap=soft_cap,
+    )
+
+
+# (hq, hkv, head_dim, block_size, dtype, sliding_window, alibi, soft_cap, num_splits)
+DECODE_CASES = [
+    (4, 4, 64, 16, F32, None, False, None, None),  # MHA
+    (8, 2, 32, 8, F32, None, False, None, 3),  # GQA, split-K
+    (4, 1, 80, 8, F32, None, False, None, None),  # MQA, head_dim padded to 128
+    (4, 2, 96, 32, F32, 21, False, None, 2),  # sliding window across splits
+    (4, 2, 64, 16, F32, None, True, None, 2),  # ALiBi
+    (4, 2, 64, 8, BF16, None, False, 30.0, None),  # soft cap, bf16
+    (2, 2, 128, 16, F16, None, False, None, None),  # fp16
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-bs{c[3]}-{jnp.dtype(c[4]).name}")
+def test_decode_kernel_matches_reference_interpret(case):
+    hq, hkv, d, bs, dtype, window, alibi, cap, splits = case
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
+    ctx = [int(x) for x in rng.integers(0, 70, 4)] + [0]
+    q_lens = [1, 1, 1, 1, 0]  # last: a padding sequence (seq_len 0) must come out as zeros
+    c = _paged_case(rng, q_lens, ctx, hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=5)
+    feats = _features(rng, hq, alibi, cap)
+    args = (c["q"], c["k_cache"], c["v_cache"], c["seq_lens"], c["block_tables"])
+    out = paged_attention_decode(
+        *args, scale=d**-0.5, sliding_window=window, num_splits=splits, interpret=True,
+        heads_fastest=splits is None, **feats,
+    )
+    ref = paged_attention_decode_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
+    assert out.shape == c["q"].shape and out.dtype == c["q"].dtype
+    assert _rel_err(out, ref) < TOL[dtype]
+    np.testing.assert_array_equal(np.asarray(out[4], np.float32), 0.0)
+
+
+# (hq, hkv, head_dim, block_size, dtype, sliding_window, alibi, soft_cap, block_m, blocks_per_iter)
+RAGGED_CASES = [
+    (4, 2, 32, 8, F32, None, False, None, 16, 2),  # many q tiles, unmasked + masked KV tiles
+    (4, 4, 64, 16, F32, None, False, None, 32, 2),
+    (8, 1, 80, 8, F32, 9, False, None, 16, 2),  # MQA, window, padded head_dim
+    (4, 2, 96, 32, F32, None, True, None, 16, 1),  # ALiBi, one block a KV tile
+    (6, 2, 64, 8, F32, None, False, 20.0, 16, 2),  # group of 3 padded to 4, soft cap
+    (4, 2, 64, 16, BF16, None, False, None, 32, 1),
+    (4, 2, 64, 8, F16, 13, False, None, 16, 2),
+]
+
+
+@pytest.mark.parametrize("case", RAGGED_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-bs{c[3]}-{jnp.dtype(c[4]).name}")
+def test_ragged_kernel_matches_reference_interpret(case):
+    hq, hkv, d, bs, dtype, window, alibi, cap, block_m, bpi = case
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
+    # prefill from scratch, chunked prefill on a context, decode tokens, an empty sequence
+    q_lens = [int(rng.integers(9, 40)), int(rng.integers(2, 20)), 1, 1, 0]
+    ctx = [0, int(rng.integers(5, 50)), int(rng.integers(0, 60)), 0, 0]
+    T = sum(q_lens) + 3  # padding tokens at the end must come out as zeros
+    c = _paged_case(rng, q_lens, ctx, hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=T)
+    feats = _features(rng, hq, alibi, cap)
+    args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
+    out = ragged_paged_attention_pallas(
+        *args, scale=d**-0.5, sliding_window=window, block_m=block_m, blocks_per_iter=bpi,
+        heads_fastest=bpi == 1, interpret=True, **feats,
+    )
+    ref = ragged_paged_attention_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
+    assert out.shape == c["q"].shape and out.dtype == c["q"].dtype
+    assert _rel_err(out, ref) < TOL[dtype]
+    np.testing.assert_array_equal(np.asarray(out[-3:], np.float32), 0.0)
+
+
+def test_dispatch_decode_only_uses_decode_kernel_and_matches():
+    rng = np.random.default_rng(7)
+    c = _paged_case(rng, [1, 1, 1], [5, 40, 17], hq=4, hkv=2, d=32, bs=8, dtype=F32)
+    args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
+    ref = ragged_paged_attention(*args, scale=0.2)
+    for decode_only in (False, True):
+        out = ragged_paged_attention(*args, scale=0.2, backend="pallas", decode_only=decode_only, interpret=True)
+        assert _rel_err(out, ref) < 1e-5
+    jaxpr = str(jax.make_jaxpr(
+        lambda *a: ragged_paged_attention(*a, scale=0.2, backend="pallas", decode_only=True, interpret=True)
+    )(*args))
+    assert "paged_attention_decode" in jaxpr and "ragged_paged_attention" not in jaxpr.replace("pjit", "")
+
+
+def test_validation_errors_name_the_field():
+    rng = np.random.default_rng(3)
+    c = _paged_case(rng, [3, 1], [4, 9], hq=4, hkv=2, d=32, bs=8, dtype=F32)
+    args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
+    with pytest.raises(ValueError, match="backend 'mosaic'"):
+        ragged_paged_attention(*args, scale=1.0, backend="mosaic")
+    with pytest.raises(ValueError, match="decode_only"):
+        ragged_paged_attention(*args, scale=1.0, backend="pallas", decode_only=True)
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        ragged_paged_attention(*args, scale=1.0, alibi_slopes=jnp.ones(3))
+    bad = [a.astype(jnp.int8) if i in (0, 1, 2) else a for i, a in enumerate(args)]
+    with pytest.raises(ValueError, match="dtype"):
+        ragged_paged_attention(*bad, scale=1.0, backend="pallas")
+    with pytest.raises(ValueError, match="block_size 12"):
+        kc = jnp.zeros((4, 12, 2, 32), F32)
+        paged_attention_decode(c["q"][:2], kc, kc, c["seq_lens"], c["block_tables"], scale=1.0)
+    with pytest.raises(ValueError, match="blocks_per_iter"):
+        paged_attention_decode(c["q"][:2], c["k_cache"], c["v_cache"], c["seq_lens"], c["block_tables"],
+                               scale=1.0, blocks_per_iter=3)
+
+
+def test_default_backend():
+    assert default_attention_backend("cpu") == "reference"
+    assert default_attention_backend("gpu") == "pallas"
+    assert default_attention_backend() == ("pallas" if ON_GPU else "reference")
+
+
+def _kv_write_case(rng, dtype=F32, hkv=3, d=24):
+    kc = jnp.asarray(rng.standard_normal((10, 4, hkv, d)), dtype)
+    vc = jnp.asarray(rng.standard_normal((10, 4, hkv, d)), dtype)
+    k = jnp.asarray(rng.standard_normal((7, hkv, d)), dtype)
+    v = jnp.asarray(rng.standard_normal((7, hkv, d)), dtype)
+    slots = jnp.asarray(rng.permutation(40)[:7].astype(np.int32)).at[jnp.array([1, 5])].set(-1)
+    return kc, vc, k, v, slots
+
+
+def test_kv_write_pallas_matches_scatter_interpret():
+    rng = np.random.default_rng(11)
+    kc, vc, k, v, slots = _kv_write_case(rng)
+    ref = write_kv_reference(kc, vc, k, v, slots)
+    out = write_kv(kc, vc, k, v, slots, backend="pallas", interpret=True)
+    for o, r in zip(out, ref):
+        np.testing.assert_array_equal(np.asarray(o), np.asarray(r))
+    flat = np.asarray(ref[0]).reshape(40, 3, 24)
+    for t, s in enumerate(np.asarray(slots)):
+        if s >= 0:
+            np.testing.assert_array_equal(flat[s], np.asarray(k[t]))
+
+
+def _step_temp_bytes(backend: str, decode_only: bool, interpret: bool = False):
+    """Compiles a donated write+attention step; returns (temp bytes, one cache's bytes)."""
+    nb, bs, hkv, d, hq, S = 512, 16, 2, 64, 4, 4
+    cache = jax.ShapeDtypeStruct((nb, bs, hkv, d), F32)
+    md, pos = AttentionMetadata.build(
+        query_lens=[1] * S, context_lens=[10, 20, 30, 40], block_tables=[[i * 4, i * 4 + 1, i * 4 + 2, i * 4 + 3] for i in range(S)],
+        block_size=bs,
+    )
+
+    def step(kc, vc, q, k, v):
+        out, (kc, vc) = paged_attention(
+            q, k, v, (kc, vc), jnp.asarray(pos), jax.tree.map(jnp.asarray, md), scale=0.1,
+            backend=backend, decode_only=decode_only,
+        )
+        return out, kc, vc
+
+    qs = jax.ShapeDtypeStruct((S, hq, d), F32)
+    kvs = jax.ShapeDtypeStruct((S, hkv, d), F32)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(cache, cache, qs, kvs, kvs).compile()
+    mem = compiled.memory_analysis()
+    return mem, nb * bs * hkv * d * 4
+
+
+def test_jitted_step_updates_donated_cache_in_place():
+    mem, cache_bytes = _step_temp_bytes("reference", decode_only=False)
+    if mem is None:
+        pytest.skip("this backend reports no memory analysis")
+    # In place: the outputs alias the donated caches and no temporary holds a cache copy.
+    assert mem.alias_size_in_bytes >= 2 * cache_bytes
+    assert mem.temp_size_in_bytes < cache_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the compiled Triton kernels.
+
+GPU_DECODE = [
+    (32, 8, 128, 16, BF16, None, False, None),
+    (32, 32, 128, 16, BF16, None, False, None),
+    (16, 2, 80, 8, BF16, 100, False, None),
+    (8, 8, 96, 32, F16, None, True, None),
+    (8, 1, 256, 16, BF16, None, False, 30.0),
+    (8, 2, 64, 16, F32, None, False, None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_DECODE, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-bs{c[3]}-{jnp.dtype(c[4]).name}")
+def test_decode_kernel_gpu(case):
+    hq, hkv, d, bs, dtype, window, alibi, cap = case
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
+    ctx = [int(x) for x in rng.integers(0, 3000, 11)] + [0, 2047, 1]
+    c = _paged_case(rng, [1] * 14 + [0], ctx + [0], hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=15)
+    feats = _features(rng, hq, alibi, cap)
+    args = (c["q"], c["k_cache"], c["v_cache"], c["seq_lens"], c["block_tables"])
+    ref = paged_attention_decode_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
+    for splits in (None, 1, 5):
+        out = paged_attention_decode(*args, scale=d**-0.5, sliding_window=window, num_splits=splits, **feats)
+        assert _rel_err(out, ref) < TOL[dtype], splits
+        np.testing.assert_array_equal(np.asarray(out[14], np.float32), 0.0)
+
+
+GPU_RAGGED = [
+    (32, 8, 128, 16, BF16, None, False),
+    (32, 32, 128, 16, BF16, None, False),
+    (16, 2, 80, 8, BF16, 200, False),
+    (8, 8, 96, 32, F16, None, True),
+    (8, 1, 256, 16, BF16, None, False),
+    (8, 2, 64, 16, F32, None, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_RAGGED, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-bs{c[3]}-{jnp.dtype(c[4]).name}")
+def test_ragged_kernel_gpu(case):
+    hq, hkv, d, bs, dtype, window, alibi = case
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
+    q_lens = [700, 129, 1, 1, 64, 1, 0]
+    ctx = [0, 900, 1500, 3, 0, 0, 0]
+    c = _paged_case(rng, q_lens, ctx, hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=sum(q_lens) + 5)
+    feats = _features(rng, hq, alibi, None)
+    args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
+    ref = ragged_paged_attention_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
+    out = ragged_paged_attention(*args, scale=d**-0.5, sliding_window=window, backend="pallas", **feats)
+    assert _rel_err(out, ref) < TOL[dtype]
+    np.testing.assert_array_equal(np.asarray(out[-5:], np.float32), 0.0)
+
+
+@pytest.mark.gpu
+def test_kv_write_pallas_gpu():
+    rng = np.random.default_rng(5)
+    for dtype, hkv, d in ((BF16, 8, 128), (F16, 3, 80)):
+        kc, vc, k, v, slots = _kv_write_case(rng, dtype, hkv, d)
+        ref = write_kv_reference(kc, vc, k, v, slots)
+        out = write_kv(kc, vc, k, v, slots, backend="pallas")
+        for o, r in zip(out, ref):
+            np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(r, np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decode_only", [False, True])
+def test_jitted_step_in_place_gpu(decode_only):
+    mem, cache_bytes = _step_temp_bytes("pallas", decode_only=decode_only)
+    assert mem.alias_size_in_bytes >= 2 * cache_bytes
+    assert mem.temp_size_in_bytes < cache_bytes
