@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 PREEMPTION_MODES = ("recompute", "swap")
-ATTENTION_BACKENDS = ("reference", "pallas", "mosaic")
+ATTENTION_BACKENDS = ("reference", "pallas")
 
 
 @dataclasses.dataclass

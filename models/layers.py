@@ -108,7 +108,7 @@ def paged_attention(
     sliding_window: int | None = None,
     alibi_slopes: jnp.ndarray | None = None,
     backend: str = "reference",
-    decode_only: bool = False,
+    decode_only: bool | None = None,
     logits_soft_cap: float | None = None,
 ) -> tuple[jnp.ndarray, KVCache]:
     """Writes this step's k, v [T, Hkv, D] into the cache, then attends q [T, Hq, D] over it.
@@ -119,6 +119,8 @@ def paged_attention(
     scatter or faster, both in place on the donated cache; see benchmarks/RESULTS.md).
     Returns the attention output [T, Hq, D] and the updated cache.
     """
+    if decode_only is None:  # the runner marks decode-only buckets in the (static) metadata
+        decode_only = metadata.decode_only
     write_backend = "pallas" if backend == "pallas" else "reference"
     k_cache, v_cache = write_kv(kv_cache[0], kv_cache[1], k, v, metadata.slot_mapping, backend=write_backend)
     out = ragged_paged_attention(
