@@ -136,15 +136,17 @@ def main() -> None:
     ap.add_argument("--attention-backend", default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--hf-static-num-requests", type=int, default=64, help="prefix for the static-batch HF backend")
+    ap.add_argument("--smoke", action="store_true", help="small ceiling measurement (CPU smoke test of the script)")
     args = ap.parse_args()
 
-    reqs = sharegpt_like(args.num_requests, seed=args.seed, max_total=args.max_model_len)
     shape = LlamaShape.from_config(os.path.join(args.model, "config.json"))
+    reqs = sharegpt_like(args.num_requests, seed=args.seed, max_total=args.max_model_len, vocab_size=shape.vocab)
     results: dict = {"args": vars(args), "mean_prompt": sum(len(r.prompt_token_ids) for r in reqs) / len(reqs),
                      "mean_output": sum(r.output_len for r in reqs) / len(reqs)}
     backends = ["jaxpaged", "hf-cb", "hf"] if args.backend == "all" else [args.backend]
     for b in backends:
-        subset = reqs if b == "jaxpaged" else reqs[: args.hf_num_requests]
+        subset = {"jaxpaged": reqs, "hf-cb": reqs[: args.hf_num_requests], "hf": reqs[: args.hf_static_num_requests]}[b]
         fn = {"jaxpaged": run_jaxpaged, "hf": run_hf_static, "hf-cb": run_hf_cb}[b]
         r = fn(args, subset)
         n_tok = sum(len(x.prompt_token_ids) + x.output_len for x in subset)
@@ -152,7 +154,7 @@ def main() -> None:
                  output_tokens_per_s=r["output_tokens"] / r["elapsed_s"], total_tokens_per_s=n_tok / r["elapsed_s"])
         results[b] = r
         print(f"[{b}] {json.dumps(r)}", flush=True)
-    ceilings = measure_ceilings_jax()
+    ceilings = measure_ceilings_jax(64 << 20, 512) if args.smoke else measure_ceilings_jax()
     results["ceilings"] = ceilings
     sim = simulate_ceiling(reqs, shape, ceilings["copy_bytes_per_s"], ceilings["bf16_matmul_flops_per_s"],
                            args.max_num_seqs, args.max_num_batched_tokens)

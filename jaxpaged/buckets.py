@@ -21,24 +21,34 @@ class Bucket:
     decode_only: bool = False
 
 
-def _pow2_range(lo: int, hi: int) -> list[int]:
+def _geometric_range(lo: int, hi: int, growth: int = 2) -> list[int]:
     out, n = [], lo
     while n < hi:
         out.append(n)
-        n *= 2
+        n *= growth
     out.append(hi)
     return out
 
 
 def make_buckets(
-    max_num_batched_tokens: int, max_num_seqs: int, with_decode_buckets: bool, min_tokens: int = 16
+    max_num_batched_tokens: int,
+    max_num_seqs: int,
+    with_decode_buckets: bool,
+    min_tokens: int = 16,
+    min_mixed_tokens: int | None = None,
+    decode_growth: int = 2,
 ) -> list[Bucket]:
-    """All buckets, smallest first."""
-    lo = min(min_tokens, max_num_batched_tokens)
-    buckets = [Bucket(t, min(t, max_num_seqs)) for t in _pow2_range(lo, max_num_batched_tokens)]
+    """All buckets, smallest first.
+
+    On a GPU a step is bound by reading the weights until a few hundred tokens, so a small mixed
+    step costs about what a 256-token one does: ``min_mixed_tokens`` and ``decode_growth`` trade
+    that padding for fewer programs to compile.
+    """
+    lo = min(min_mixed_tokens or min_tokens, max_num_batched_tokens)
+    buckets = [Bucket(t, min(t, max_num_seqs)) for t in _geometric_range(lo, max_num_batched_tokens)]
     if with_decode_buckets:
         top = min(max_num_seqs, max_num_batched_tokens)
-        buckets += [Bucket(s, s, True) for s in _pow2_range(min(8, top), top)]
+        buckets += [Bucket(s, s, True) for s in _geometric_range(min(min_tokens, top), top, decode_growth)]
     return sorted(set(buckets))
 
 

@@ -97,7 +97,11 @@ class ModelRunner:
         self.max_logprobs = max_logprobs
         self.eos_token_id = eos_token_id
         self.vocab_size = lm.config.vocab_size
-        self.buckets = make_buckets(max_num_batched_tokens, max_num_seqs, with_decode_buckets)
+        # Kernel backends (GPU) get decode buckets and coarser mixed ones: see make_buckets.
+        self.buckets = make_buckets(
+            max_num_batched_tokens, max_num_seqs, with_decode_buckets,
+            min_mixed_tokens=256 if with_decode_buckets else None, decode_growth=4 if with_decode_buckets else 2,
+        )
         self.max_rows = _pow2(max(b.num_seqs for b in self.buckets), 8)
         self.generator = np.random.default_rng(seed)
         self.history_width = _pow2(max_model_len, 16)
