@@ -94,6 +94,7 @@ def run_hf_cb(args, reqs) -> dict:
     from transformers import GenerationConfig
 
     model = _hf_model(args, "paged|sdpa")
+    print(f"[hf-cb] model ready; adding {len(reqs)} requests", flush=True)
     gc = GenerationConfig(max_new_tokens=max(r.output_len for r in reqs), do_sample=False, eos_token_id=-1,
                           pad_token_id=0)
     manager = model.init_continuous_batching(generation_config=gc)
@@ -114,6 +115,8 @@ def run_hf_cb(args, reqs) -> dict:
             continue
         done += 1
         n_out += len(res.generated_tokens)
+        if done % 50 == 0:
+            print(f"[hf-cb] {done}/{len(reqs)} done after {time.perf_counter() - t0:.1f} s", flush=True)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     manager.stop(block=True)
@@ -121,6 +124,10 @@ def run_hf_cb(args, reqs) -> dict:
 
 
 def main() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("jax").setLevel(logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=["jaxpaged", "hf", "hf-cb", "all"], default="jaxpaged")
     ap.add_argument("--model", default=os.path.join(HERE, "configs", "llama-2-7b"))

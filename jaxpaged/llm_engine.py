@@ -177,7 +177,9 @@ class LLMEngine:
         budget = min(limit, limit / pool_fraction * args.gpu_memory_utilization)
         # Activations of the largest step, measured by compiling it against a one-block cache.
         peak = self._activation_peak_bytes(args.block_size, max_tokens, min(max_tokens, max_num_seqs))
-        margin = 256 << 20
+        # Headroom for what the step's own analysis does not show: the sampler and prompt-logprobs
+        # programs, XLA's autotuning scratch at compile time, cuBLAS workspaces.
+        margin = max(2 << 30, int(0.03 * budget))
         free = budget - in_use - peak - margin
         num = int(free // block_bytes)
         logger.info("GPU memory: limit %.1f GiB, weights etc. %.1f GiB, activation peak %.2f GiB -> %d KV blocks",
