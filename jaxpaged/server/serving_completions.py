@@ -1,0 +1,186 @@
+"""``POST /v1/completions``: OpenAI's legacy completions, with vLLM's extra sampling fields.
+
+``prompt`` may be a string, a list of token ids, or a batch (list of strings / list of token
+lists); each prompt is one engine request and its ``n`` choices have indices
+``prompt_index * n + i``, as OpenAI numbers them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from jaxpaged.server.errors import APIError, bad_request
+from jaxpaged.server.protocol import CompletionRequest
+from jaxpaged.server.serving_base import (
+    SSE_DONE,
+    ChoiceState,
+    ClientDisconnected,
+    ServingBase,
+    clamp_logprob,
+    sse,
+    usage,
+)
+
+
+class CompletionLogprobs:
+    """Builds OpenAI's completions ``logprobs`` object (tokens / token_logprobs / top_logprobs /
+    text_offset), continuing offsets across streamed chunks."""
+
+    def __init__(self, serving: ServingBase, num: int, offset: int) -> None:
+        self.serving = serving
+        self.num = num
+        self.offset = offset
+
+    def build(self, token_ids: list[int], logprobs: list[dict[int, Any]]) -> dict[str, Any]:
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for token_id, entries in zip(token_ids, logprobs):
+            text = self._text(token_id, entries.get(token_id))
+            sampled = entries.get(token_id)
+            tokens.append(text)
+            token_logprobs.append(clamp_logprob(sampled.logprob) if sampled is not None else None)
+            ranked = sorted(entries.items(), key=lambda kv: kv[1].logprob, reverse=True)[: self.num]
+            if sampled is not None and token_id not in dict(ranked):
+                ranked.append((token_id, sampled))
+            entry: dict[str, float] = {}
+            for t, lp in ranked:  # tokens with the same text (e.g. partial UTF-8) keep the best
+                entry.setdefault(self._text(t, lp), clamp_logprob(lp.logprob))
+            top.append(entry)
+            offsets.append(self.offset)
+            self.offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def _text(self, token_id: int, entry: Any) -> str:
+        decoded = getattr(entry, "decoded_token", None) if entry is not None else None
+        return decoded if decoded is not None else self.serving.tokenizer.token_text(token_id)
+
+
+class ServingCompletions(ServingBase):
+    request_fields = set(CompletionRequest.model_fields)
+
+    async def create(self, req: CompletionRequest, raw: Request) -> Response:
+        model = self.check_model(req.model)
+        self.check_sampling_caps(req)
+        self.check_logprobs(req.logprobs, "logprobs")
+        if req.suffix:
+            raise bad_request("suffix is not supported", "suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise bad_request(f"best_of must equal n when given (beam-free sampling), got best_of={req.best_of}, n={req.n}", "best_of")
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo together with logprobs is not supported (needs prompt logprobs)", "echo")
+
+        prompts = await self._prompts(req)
+        max_tokens = [self.resolve_max_tokens(req.max_tokens, len(p["prompt_token_ids"]), "max_tokens", "prompt")
+                      for p in prompts]
+        if len(set(max_tokens)) > 1:  # None max_tokens with prompts of different lengths
+            raise bad_request("max_tokens must be given when a batch holds prompts of different lengths", "max_tokens")
+        kwargs = req.sampling_kwargs()
+        kwargs.update(max_tokens=max_tokens[0], logprobs=req.logprobs, logit_bias=self.logit_bias(req))
+        params = self.make_params(kwargs)
+
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        rids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+        streams = await self.submit(rids, prompts, params)
+        echo = [await self._prompt_text(p) if req.echo else "" for p in prompts]
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            gen = self._stream(streams, req, request_id, model, created, echo, include_usage)
+            return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            choices, num_prompt = await self.collect(streams, req.n, raw)
+        except ClientDisconnected:
+            return Response(status_code=499)
+        return JSONResponse(self._response(choices, num_prompt, req, request_id, model, created, echo))
+
+    async def _prompts(self, req: CompletionRequest) -> list[dict[str, Any]]:
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            batch: list[str | list[int]] = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            batch = [prompt]  # type: ignore[list-item]
+        else:
+            batch = list(prompt)  # type: ignore[arg-type]
+        if not batch:
+            raise bad_request("prompt must not be empty", "prompt")
+        if len(batch) > self.config.max_prompts_per_request:
+            raise bad_request(f"prompt may hold at most {self.config.max_prompts_per_request} prompts, got {len(batch)}", "prompt")
+        out = []
+        for item in batch:
+            if isinstance(item, str):
+                if not item:
+                    raise bad_request("prompt must not be empty", "prompt")
+                ids = await self.tokenizer.encode(item, add_special_tokens=True)
+                out.append({"prompt_token_ids": ids, "prompt": item})
+            else:
+                if not item:
+                    raise bad_request("prompt must not be empty", "prompt")
+                bad = [t for t in item if not 0 <= t < self.tokenizer.vocab_size]
+                if bad:
+                    raise bad_request(f"prompt token ids must be in [0, {self.tokenizer.vocab_size}), got {bad[0]}", "prompt")
+                out.append({"prompt_token_ids": list(item)})
+        return out
+
+    async def _prompt_text(self, prompt: dict[str, Any]) -> str:
+        if "prompt" in prompt:
+            return prompt["prompt"]
+        return await self.tokenizer.decode(prompt["prompt_token_ids"])
+
+    def _response(self, choices: list[ChoiceState], num_prompt: list[int], req: CompletionRequest,
+                  request_id: str, model: str, created: int, echo: list[str]) -> dict[str, Any]:
+        out = []
+        for idx, choice in enumerate(choices):
+            prefix = echo[idx // req.n]
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = CompletionLogprobs(self, req.logprobs, len(prefix)).build(choice.token_ids, choice.logprobs)
+            out.append({"index": idx, "text": prefix + "".join(choice.text), "logprobs": logprobs,
+                        "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
+        completion = sum(len(c.token_ids) for c in choices)
+        return {"id": request_id, "object": "text_completion", "created": created, "model": model,
+                "choices": out, "usage": usage(sum(num_prompt), completion)}
+
+    async def _stream(self, streams: list, req: CompletionRequest, request_id: str, model: str,
+                      created: int, echo: list[str], include_usage: bool) -> AsyncIterator[str]:
+        n = req.n
+        builders = [CompletionLogprobs(self, req.logprobs or 0, len(echo[i // n])) for i in range(len(streams) * n)]
+        echoed = [False] * (len(streams) * n)
+        num_prompt = [0] * len(streams)
+        num_completion = 0
+        base = {"id": request_id, "object": "text_completion", "created": created, "model": model}
+        try:
+            async for i, update in self.merged(streams):
+                num_prompt[i] = update.num_prompt_tokens
+                choices = []
+                for delta in update.outputs:
+                    idx = i * n + delta.index
+                    text = delta.text
+                    if not echoed[idx]:
+                        text, echoed[idx] = echo[i] + text, True
+                    num_completion += len(delta.token_ids)
+                    logprobs = None
+                    if req.logprobs is not None:
+                        logprobs = builders[idx].build(delta.token_ids, delta.logprobs or [])
+                    choices.append({"index": idx, "text": text, "logprobs": logprobs,
+                                    "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason})
+                if choices:
+                    chunk = dict(base, choices=choices)
+                    if include_usage:
+                        chunk["usage"] = None
+                    yield sse(chunk)
+            if include_usage:
+                yield sse(dict(base, choices=[], usage=usage(sum(num_prompt), num_completion)))
+        except APIError as exc:
+            yield sse(exc.body())
+        except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
+            mapped = self._map_engine_error(exc)
+            body = mapped.body() if isinstance(mapped, APIError) else APIError(500, f"internal error: {exc}").body()
+            yield sse(body)
+        finally:
+            for stream in streams:
+                stream.close()
+        yield SSE_DONE
