@@ -26,6 +26,9 @@ class AttentionMetadata:
     seq_lens: jnp.ndarray  # [S] keys each sequence attends to after this step's writes
     block_tables: jnp.ndarray  # [S, max_blocks_per_seq] physical block ids (padding entries: 0)
     logits_indices: jnp.ndarray  # [S] index into the token axis of each sequence's last token
+    # Static (part of the compiled program, not traced): every sequence has exactly one query
+    # token, so kernels may take the decode path.
+    decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def num_tokens(self) -> int:

@@ -16,11 +16,12 @@ class EngineArgs:
 
     model: str | None = None  # HF-format checkpoint directory; None = the embedded default model
     tokenizer: str | None = None  # defaults to ``model``
+    skip_tokenizer_init: bool = False  # token-id prompts only, no text (benchmarks on dummy weights)
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     seed: int = 0
     block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: max(2048, max_model_len) capped at 8192
+    max_num_seqs: int | None = None  # None: 256 on GPU, 16 on CPU
+    max_num_batched_tokens: int | None = None  # None: 2048 on GPU, 512 on CPU (at least max_num_seqs)
     max_model_len: int | None = None  # None: the config's max_position_embeddings
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
@@ -39,7 +40,7 @@ class EngineArgs:
 
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise bad("block_size", "a power of two in [1, 128]", self.block_size)
-        if self.max_num_seqs < 1:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise bad("max_num_seqs", ">= 1", self.max_num_seqs)
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise bad("max_num_batched_tokens", ">= 1", self.max_num_batched_tokens)

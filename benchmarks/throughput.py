@@ -1,0 +1,183 @@
+"""Offline throughput on ShareGPT-like synthetic requests (vLLM's benchmark_throughput shape).
+
+    PYTHONPATH=. python3 benchmarks/throughput.py --backend jaxpaged --num-requests 1000
+    PYTHONPATH=. python3 benchmarks/throughput.py --backend hf-cb --num-requests 200
+    PYTHONPATH=. python3 benchmarks/throughput.py --backend all   # jaxpaged, then HF on a prefix
+
+Weights are random (``load_format="dummy"`` / ``from_config``) with a Llama-2-7B config; every
+request ignores EOS and generates exactly its output length. Prints requests/s, output tokens/s,
+total tokens/s, the roofline (copy bandwidth and bf16 matmul rate measured in the same run) and
+the ratio to HF in the same run; ``--json`` writes everything to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import LlamaShape, measure_ceilings_jax, sharegpt_like, simulate_ceiling  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_jaxpaged(args, reqs) -> dict:
+    from jaxpaged import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(model=args.model, load_format="dummy", dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+              block_size=args.block_size, skip_tokenizer_init=True, attention_backend=args.attention_backend,
+              gpu_memory_utilization=args.gpu_memory_utilization)
+    startup = time.perf_counter() - t0
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True, detokenize=False) for r in reqs]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert n_out == sum(r.output_len for r in reqs), "engine produced a wrong number of tokens"
+    stats = llm.get_stats()
+    # Batch-1 decode: one request alone, decode rate after its first token.
+    one = [{"prompt_token_ids": reqs[0].prompt_token_ids[:128]}]
+    p1 = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True, detokenize=False)
+    o1 = llm.generate(one, p1, use_tqdm=False)[0]
+    m = o1.metrics
+    b1 = (len(o1.outputs[0].token_ids) - 1) / (m.last_token_time - m.first_token_time)
+    return {"elapsed_s": elapsed, "output_tokens": n_out, "startup_s": startup, "batch1_decode_tok_s": b1,
+            "num_compilations_after_warmup": stats.get("num_compilations_after_warmup"),
+            "num_preemptions": stats.get("num_preemptions_total"), "padding_waste": stats.get("padding_waste"),
+            "num_gpu_blocks": stats.get("num_gpu_blocks")}
+
+
+def _hf_model(args, attn_implementation: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(args.model)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def run_hf_static(args, reqs) -> dict:
+    """HF generate in static padded batches of ``--hf-batch-size`` (vLLM's "hf" backend)."""
+    import torch
+
+    model = _hf_model(args, "sdpa")
+    pad = 0
+    n_out = 0
+    t0 = time.perf_counter()
+    for a in range(0, len(reqs), args.hf_batch_size):
+        batch = reqs[a : a + args.hf_batch_size]
+        width = max(len(r.prompt_token_ids) for r in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(batch):  # left padding
+            ids[i, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
+            mask[i, width - len(r.prompt_token_ids):] = 1
+        max_new = max(r.output_len for r in batch)
+        with torch.no_grad():
+            model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=max_new, min_new_tokens=max_new,
+                           do_sample=False, pad_token_id=pad, eos_token_id=None)
+        n_out += sum(r.output_len for r in batch)  # tokens the requests asked for; the rest is padding waste
+    torch.cuda.synchronize()
+    return {"elapsed_s": time.perf_counter() - t0, "output_tokens": n_out}
+
+
+def run_hf_cb(args, reqs) -> dict:
+    """HF transformers' continuous batching (``paged|sdpa``), each request with its own max_new_tokens."""
+    import torch
+    from transformers import GenerationConfig
+
+    model = _hf_model(args, "paged|sdpa")
+    gc = GenerationConfig(max_new_tokens=max(r.output_len for r in reqs), do_sample=False, eos_token_id=-1,
+                          pad_token_id=0)
+    manager = model.init_continuous_batching(generation_config=gc)
+    manager.start()
+    n_out = 0
+    t0 = time.perf_counter()
+    for i, r in enumerate(reqs):
+        try:
+            manager.add_request(r.prompt_token_ids, request_id=f"r{i}", max_new_tokens=r.output_len, eos_token_id=-1)
+        except TypeError:  # older transformers: no per-request eos argument
+            manager.add_request(r.prompt_token_ids, request_id=f"r{i}", max_new_tokens=r.output_len)
+    done = 0
+    while done < len(reqs):
+        res = manager.get_result(timeout=60)
+        if res is None:
+            raise RuntimeError(f"HF continuous batching stalled after {done} of {len(reqs)} requests")
+        if getattr(res, "status", None) is not None and "FINISHED" not in str(res.status):
+            continue
+        done += 1
+        n_out += len(res.generated_tokens)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    manager.stop(block=True)
+    return {"elapsed_s": elapsed, "output_tokens": n_out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=["jaxpaged", "hf", "hf-cb", "all"], default="jaxpaged")
+    ap.add_argument("--model", default=os.path.join(HERE, "configs", "llama-2-7b"))
+    ap.add_argument("--num-requests", type=int, default=1000)
+    ap.add_argument("--hf-num-requests", type=int, default=200, help="prefix of the same requests for HF backends")
+    ap.add_argument("--hf-batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--attention-backend", default=None)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    reqs = sharegpt_like(args.num_requests, seed=args.seed, max_total=args.max_model_len)
+    shape = LlamaShape.from_config(os.path.join(args.model, "config.json"))
+    results: dict = {"args": vars(args), "mean_prompt": sum(len(r.prompt_token_ids) for r in reqs) / len(reqs),
+                     "mean_output": sum(r.output_len for r in reqs) / len(reqs)}
+    backends = ["jaxpaged", "hf-cb", "hf"] if args.backend == "all" else [args.backend]
+    for b in backends:
+        subset = reqs if b == "jaxpaged" else reqs[: args.hf_num_requests]
+        fn = {"jaxpaged": run_jaxpaged, "hf": run_hf_static, "hf-cb": run_hf_cb}[b]
+        r = fn(args, subset)
+        n_tok = sum(len(x.prompt_token_ids) + x.output_len for x in subset)
+        r.update(num_requests=len(subset), requests_per_s=len(subset) / r["elapsed_s"],
+                 output_tokens_per_s=r["output_tokens"] / r["elapsed_s"], total_tokens_per_s=n_tok / r["elapsed_s"])
+        results[b] = r
+        print(f"[{b}] {json.dumps(r)}", flush=True)
+    ceilings = measure_ceilings_jax()
+    results["ceilings"] = ceilings
+    sim = simulate_ceiling(reqs, shape, ceilings["copy_bytes_per_s"], ceilings["bf16_matmul_flops_per_s"],
+                           args.max_num_seqs, args.max_num_batched_tokens)
+    results["roofline_output_tokens_per_s"] = sim
+    results["batch1_roofline_tok_s"] = ceilings["copy_bytes_per_s"] / shape.weight_bytes
+    print(f"\nweights {shape.weight_bytes / 1e9:.2f} GB, KV {shape.kv_bytes_per_token / 1e6:.3f} MB/token; "
+          f"copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {ceilings['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
+    print(f"roofline (simulated, same max_num_seqs/budget): {sim:.0f} output tok/s; batch-1 decode roofline "
+          f"{results['batch1_roofline_tok_s']:.0f} tok/s")
+    print(f"{'backend':10s} {'reqs':>5s} {'req/s':>8s} {'out tok/s':>10s} {'total tok/s':>11s} {'vs roofline':>11s}")
+    for b in backends:
+        r = results[b]
+        print(f"{b:10s} {r['num_requests']:5d} {r['requests_per_s']:8.2f} {r['output_tokens_per_s']:10.0f} "
+              f"{r['total_tokens_per_s']:11.0f} {r['output_tokens_per_s'] / sim:10.1%}")
+    if "jaxpaged" in results:
+        j = results["jaxpaged"]
+        print(f"jaxpaged batch-1 decode {j['batch1_decode_tok_s']:.1f} tok/s = "
+              f"{j['batch1_decode_tok_s'] / results['batch1_roofline_tok_s']:.1%} of roofline")
+        for b in ("hf-cb", "hf"):
+            if b in results:
+                print(f"jaxpaged / {b}: {j['output_tokens_per_s'] / results[b]['output_tokens_per_s']:.1f}x output tok/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

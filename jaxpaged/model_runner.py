@@ -1,0 +1,306 @@
+"""Runs one scheduled step on the device.
+
+The runner packs a :class:`~jaxpaged.scheduler.SchedulerOutput` into NumPy arrays padded to a
+bucket (tokens, positions, slot mapping, block tables, sequence lengths), runs the bucket's
+jit-compiled step with the KV cache donated (updated in place), and samples on the device. Every
+program it can run is compiled in :meth:`ModelRunner.warm_up`; the engine's compilation counter
+shows that nothing compiles afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpaged.attention_metadata import AttentionMetadata
+from jaxpaged.buckets import Bucket, make_buckets, pick_bucket
+from jaxpaged.kv_cache import KVCache
+from jaxpaged.model_loader import LoadedModel
+from jaxpaged.sampler import (
+    SamplerFlags,
+    SamplingRow,
+    SamplingTensors,
+    compute_prompt_logprobs,
+    sample,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SampledToken:
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclasses.dataclass
+class PromptLogprobs:
+    """Logprobs of prompt tokens ``start + 1 .. start + len`` (each from the previous position)."""
+
+    start: int
+    token_logprobs: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclasses.dataclass
+class RunnerOutput:
+    sampled: dict[int, SampledToken]
+    prompt_logprobs: dict[int, PromptLogprobs]
+    num_tokens: int  # real tokens computed
+    num_padded_tokens: int  # tokens of the bucket actually run
+
+
+def _pow2(n: int, minimum: int) -> int:
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+class ModelRunner:
+    """Owns the KV pool and the compiled step/sampler programs for one loaded model."""
+
+    # Sampler variants compiled at start-up: a superset of what a batch needs is always correct,
+    # so three profiles cover every request mix with a handful of programs.
+    GREEDY = "greedy"
+    RANDOM = "random"
+    FULL = "full"
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        kv: KVCache,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        max_logprobs: int,
+        eos_token_id: int | None,
+        seed: int,
+        with_decode_buckets: bool,
+    ):
+        self.lm = lm
+        self.kv = kv
+        self.block_size = kv.block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // kv.block_size)
+        self.max_num_seqs = max_num_seqs
+        self.max_logprobs = max_logprobs
+        self.eos_token_id = eos_token_id
+        self.vocab_size = lm.config.vocab_size
+        self.buckets = make_buckets(max_num_batched_tokens, max_num_seqs, with_decode_buckets)
+        self.max_rows = _pow2(max(b.num_seqs for b in self.buckets), 8)
+        self.generator = np.random.default_rng(seed)
+        self.history_width = _pow2(max_model_len, 16)
+        self.bias_width = 64
+        self._step = jax.jit(self._step_impl, donate_argnums=(1,))
+        self._sample = jax.jit(self._sample_impl, static_argnums=(3,))
+        self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnums=(4,))
+
+    # ---- device programs ------------------------------------------------------------------
+    def _step_impl(self, params, caches, input_ids, positions, md: AttentionMetadata):
+        hidden, caches = self.lm.model.apply({"params": params}, input_ids, positions, caches, md)
+        last = self.lm.model.apply({"params": params}, hidden[md.logits_indices], method="compute_logits")
+        # Pad to a fixed row count so the sampler compiles per row bucket only, not per step bucket.
+        last = jnp.pad(last, ((0, self.max_rows - last.shape[0]), (0, 0)))
+        return last, hidden, caches
+
+    def _sample_impl(self, logits, rows, tensors, flags):
+        return sample(logits[rows], tensors, flags)
+
+    def _prompt_logprobs_impl(self, params, hidden, idx, next_ids, k):
+        logits = self.lm.model.apply({"params": params}, hidden[idx], method="compute_logits")
+        return compute_prompt_logprobs(logits, next_ids, k)
+
+    def _flags(self, profile: str) -> SamplerFlags:
+        if profile == self.GREEDY:
+            return SamplerFlags()
+        if profile == self.RANDOM:
+            return SamplerFlags(all_greedy=False)
+        return SamplerFlags(
+            all_greedy=False, do_min_p=True, do_top_k_top_p=True, do_penalties=True, do_logit_bias=True,
+            return_logprobs=True, num_top_logprobs=self.max_logprobs,
+        )
+
+    def _profile_for(self, rows: Sequence[SamplingRow]) -> str:
+        need = SamplerFlags.from_rows(rows, num_top_logprobs=self.max_logprobs, eos_token_id=self.eos_token_id)
+        if need == SamplerFlags():
+            return self.GREEDY
+        if need == SamplerFlags(all_greedy=False):
+            return self.RANDOM
+        return self.FULL
+
+    def _tensors(self, rows: Sequence[SamplingRow], num_rows: int, profile: str) -> SamplingTensors:
+        full = profile == self.FULL
+        return SamplingTensors.from_rows(
+            rows, self.vocab_size, num_rows, generator=self.generator, eos_token_id=self.eos_token_id,
+            history_width=self.history_width if full else None, bias_width=self.bias_width if full else None,
+        )
+
+    # ---- warm-up ------------------------------------------------------------------------------
+    def warm_up(self, progress: Callable[[str, int, int], None] | None = None) -> float:
+        """Compiles every bucket's step, every sampler variant and the block programs."""
+        t0 = time.perf_counter()
+        self._warm_hidden: dict[int, jax.Array] = {}
+        jobs: list[tuple[str, Callable[[], None]]] = []
+        for b in self.buckets:
+            jobs.append((f"step {b}", functools.partial(self._warm_step, b)))
+        rows = self.max_rows
+        row_sizes = []
+        n = 8
+        while True:
+            row_sizes.append(min(n, rows))
+            if n >= rows:
+                break
+            n *= 2
+        for r in row_sizes:
+            for profile in (self.GREEDY, self.RANDOM, self.FULL):
+                jobs.append((f"sampler {profile} rows={r}", functools.partial(self._warm_sampler, r, profile)))
+        if self.max_logprobs >= 0:
+            for b in self.buckets:
+                if not b.decode_only:
+                    jobs.append((f"prompt logprobs {b.num_tokens}", functools.partial(self._warm_prompt_lp, b.num_tokens)))
+        jobs.append(("kv block programs", lambda: self.kv.warm_up(_pow2(self.max_blocks_per_seq, 1))))
+        for i, (name, job) in enumerate(jobs):
+            if progress:
+                progress(name, i, len(jobs))
+            job()
+        jax.block_until_ready(self.kv.caches)
+        self._warm_hidden = {}
+        return time.perf_counter() - t0
+
+    def _warm_step(self, b: Bucket) -> None:
+        ids, md, positions = self._pack_arrays([], b)
+        last, hidden, self.kv.caches = self._step(self.lm.params, self.kv.caches, ids, positions, md)
+        self._warm_hidden[b.num_tokens] = hidden
+        jax.block_until_ready(last)
+
+    def _warm_sampler(self, num_rows: int, profile: str) -> None:
+        logits = jnp.zeros((self.max_rows, self.vocab_size), jnp.float32)
+        tensors = self._tensors([], num_rows, profile)
+        out = self._sample(logits, jnp.zeros(num_rows, jnp.int32), tensors, self._flags(profile))
+        jax.block_until_ready(out)
+
+    def _warm_prompt_lp(self, num_tokens: int) -> None:
+        h = self._warm_hidden[num_tokens]  # the step's own output: same shape, dtype and placement
+        z = jnp.zeros(num_tokens, jnp.int32)
+        jax.block_until_ready(self._prompt_logprobs(self.lm.params, h, z, z, self.max_logprobs))
+
+    # ---- one step -----------------------------------------------------------------------------
+    def _pack_arrays(self, scheduled: Sequence[Any], bucket: Bucket):
+        T, S, MB, BS = bucket.num_tokens, bucket.num_seqs, self.max_blocks_per_seq, self.block_size
+        ids = np.zeros(T, np.int32)
+        positions = np.zeros(T, np.int32)
+        slots = np.full(T, -1, np.int32)
+        qsl = np.zeros(S + 1, np.int32)
+        seq_lens = np.zeros(S, np.int32)
+        tables = np.zeros((S, MB), np.int32)
+        logits_idx = np.zeros(S, np.int32)
+        off = 0
+        for s, sch in enumerate(scheduled):
+            q = len(sch.token_ids)
+            c = sch.num_computed_tokens
+            ids[off : off + q] = sch.token_ids
+            pos = np.arange(c, c + q, dtype=np.int32)
+            positions[off : off + q] = pos
+            bt = np.asarray(sch.block_table, np.int32)
+            slots[off : off + q] = bt[pos // BS] * BS + pos % BS
+            tables[s, : len(bt)] = bt
+            seq_lens[s] = c + q
+            logits_idx[s] = off + q - 1
+            off += q
+            qsl[s + 1] = off
+        qsl[len(scheduled) + 1 :] = off
+        md = AttentionMetadata(
+            slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
+            logits_indices=logits_idx, decode_only=bucket.decode_only,
+        )
+        return ids, md, positions
+
+    def execute(self, sched: Any, get_row: Callable[[int], SamplingRow]) -> RunnerOutput:
+        """Runs the block operations and the forward step of ``sched``, then samples.
+
+        ``get_row(seq_id)`` gives a sequence's sampling parameters and token history.
+        """
+        self.kv.swap_out(sched.blocks_to_swap_out)
+        self.kv.swap_in(sched.blocks_to_swap_in)
+        self.kv.copy(sched.blocks_to_copy)
+        scheduled = sched.scheduled
+        if not scheduled:
+            return RunnerOutput({}, {}, 0, 0)
+        num_tokens = sum(len(s.token_ids) for s in scheduled)
+        decode_only = all(len(s.token_ids) == 1 for s in scheduled)
+        bucket = pick_bucket(self.buckets, num_tokens, len(scheduled), decode_only)
+        ids, md, positions = self._pack_arrays(scheduled, bucket)
+        last, hidden, self.kv.caches = self._step(self.lm.params, self.kv.caches, ids, positions, md)
+
+        # Rows to sample: one per (scheduled row, sequence drawing from it).
+        row_idx: list[int] = []
+        rows: list[SamplingRow] = []
+        seq_ids: list[int] = []
+        for i, sch in enumerate(scheduled):
+            for sid in sch.sample_seq_ids:
+                row_idx.append(i)
+                rows.append(get_row(sid))
+                seq_ids.append(sid)
+        sampled: dict[int, SampledToken] = {}
+        # More rows than the largest row bucket only happens when several requests fork at once.
+        for a in range(0, len(rows), self.max_rows):
+            chunk = rows[a : a + self.max_rows]
+            num_rows = _pow2(len(chunk), 8)
+            profile = self._profile_for(chunk)
+            tensors = self._tensors(chunk, num_rows, profile)
+            ridx = np.zeros(num_rows, np.int32)
+            ridx[: len(chunk)] = row_idx[a : a + self.max_rows]
+            out = jax.device_get(self._sample(last, ridx, tensors, self._flags(profile)))
+            for j, sid in enumerate(seq_ids[a : a + self.max_rows]):
+                sampled[sid] = SampledToken(
+                    int(out.token_ids[j]), float(out.logprobs[j]), int(out.ranks[j]),
+                    out.topk_ids[j].tolist(), out.topk_logprobs[j].tolist(),
+                )
+        prompt_lp = self._prompt_logprobs_for(scheduled, hidden, bucket, get_row)
+        return RunnerOutput(sampled, prompt_lp, num_tokens, bucket.num_tokens)
+
+    def _prompt_logprobs_for(self, scheduled, hidden, bucket: Bucket, get_row) -> dict[int, PromptLogprobs]:
+        want = [(i, s) for i, s in enumerate(scheduled) if s.want_prompt_logprobs]
+        if not want:
+            return {}
+        T = bucket.num_tokens
+        idx = np.zeros(T, np.int32)
+        next_ids = np.zeros(T, np.int32)
+        spans = []
+        off_all = 0
+        offs = []
+        for s in scheduled:
+            offs.append(off_all)
+            off_all += len(s.token_ids)
+        n = 0
+        for i, s in want:
+            prompt = get_row(s.seq_id).prompt_token_ids
+            start = s.num_computed_tokens
+            # Position p predicts prompt token p + 1; the prompt's last position predicts nothing.
+            count = min(len(s.token_ids), len(prompt) - 1 - start)
+            if count <= 0:
+                spans.append((s.seq_id, start, n, 0))
+                continue
+            idx[n : n + count] = np.arange(offs[i], offs[i] + count)
+            next_ids[n : n + count] = prompt[start + 1 : start + 1 + count]
+            spans.append((s.seq_id, start, n, count))
+            n += count
+        out = jax.device_get(self._prompt_logprobs(self.lm.params, hidden, idx, next_ids, self.max_logprobs))
+        result = {}
+        for sid, start, a, count in spans:
+            result[sid] = PromptLogprobs(
+                start, out.token_logprobs[a : a + count].tolist(), out.ranks[a : a + count].tolist(),
+                out.topk_ids[a : a + count].tolist(), out.topk_logprobs[a : a + count].tolist(),
+            )
+        return result

@@ -1,0 +1,227 @@
+"""Per-request sampling parameters, with vLLM's names, defaults and validation."""
+
+from __future__ import annotations
+
+import copy
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Below this temperature a request is greedy (vLLM's _SAMPLING_EPS).
+SAMPLING_EPS = 1e-5
+
+
+class SamplingType(enum.IntEnum):
+    """How a request draws its tokens."""
+
+    GREEDY = 0
+    RANDOM = 1
+    RANDOM_SEED = 2
+
+
+def _check_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    # bool is an int subclass, but `n=True` is a bug at the call site, not a count.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def _check_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    return float(value)
+
+
+@dataclass
+class SamplingParams:
+    """Sampling parameters for one request (vLLM's `SamplingParams`).
+
+    Args:
+        n: number of sequences generated for the prompt.
+        presence_penalty: in [-2, 2]; subtracted once from the logit of every token already generated.
+        frequency_penalty: in [-2, 2]; subtracted from a token's logit once per time it was generated.
+        repetition_penalty: > 0; logits of tokens seen in prompt or output are divided by it when
+            positive and multiplied by it when negative (1 = off).
+        temperature: >= 0; below 1e-5 the request is greedy.
+        top_p: in (0, 1]; smallest set of tokens whose probability mass reaches top_p.
+        top_k: -1 (off) or >= 1; the k most likely tokens.
+        min_p: in [0, 1]; drop tokens whose probability is below min_p times the top token's.
+        seed: makes the request's tokens reproducible, independent of the rest of the batch.
+        stop: strings that end generation (normalised to a list).
+        stop_token_ids: token ids that end generation.
+        ignore_eos: keep generating after the EOS token.
+        max_tokens: most tokens to generate (None: up to the model's context length).
+        min_tokens: stop tokens / EOS are suppressed until this many tokens are generated.
+        logprobs: number of top log-probabilities returned per generated token (plus the sampled one).
+        prompt_logprobs: number of top log-probabilities returned per prompt token.
+        include_stop_str_in_output: keep the matched stop string in the output text.
+        skip_special_tokens: leave special tokens out of the output text.
+        spaces_between_special_tokens: join special tokens with spaces (slow tokenizers only, as vLLM).
+        logit_bias: token id -> value added to that token's logit before sampling.
+        detokenize: produce output text (stop strings need it).
+    """
+
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    detokenize: bool = True
+    # Stop ids plus EOS ids, kept even when ignore_eos (min_tokens suppresses them all).
+    _all_stop_token_ids: set[int] = field(default_factory=set, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        if self.logit_bias is not None:
+            # JSON clients send string keys; normalise so the sampler sees ints.
+            try:
+                self.logit_bias = {int(k): v for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError, AttributeError):
+                raise ValueError(
+                    f"logit_bias must map integer token ids to numbers, got {self.logit_bias!r}"
+                ) from None
+        self._verify_args()
+        if self.temperature < SAMPLING_EPS:
+            # Greedy: the truncation knobs are meaningless, reset them so the sampler can skip them.
+            self.top_p = 1.0
+            self.top_k = -1
+            self.min_p = 0.0
+        self._all_stop_token_ids = set(self.stop_token_ids)
+
+    def _verify_args(self) -> None:
+        _check_int("n", self.n)
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+        self.presence_penalty = _check_number("presence_penalty", self.presence_penalty)
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        self.frequency_penalty = _check_number("frequency_penalty", self.frequency_penalty)
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        self.repetition_penalty = _check_number("repetition_penalty", self.repetition_penalty)
+        if not 0.0 < self.repetition_penalty < math.inf:
+            raise ValueError(
+                f"repetition_penalty must be in (0, inf), got {self.repetition_penalty}"
+            )
+        self.temperature = _check_number("temperature", self.temperature)
+        if not 0.0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be in [0, inf), got {self.temperature}")
+        self.top_p = _check_number("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        _check_int("top_k", self.top_k)
+        if self.top_k < -1 or self.top_k == 0:
+            raise ValueError(f"top_k must be -1 (disable) or at least 1, got {self.top_k}")
+        self.min_p = _check_number("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        _check_int("seed", self.seed, allow_none=True)
+        _check_int("max_tokens", self.max_tokens, allow_none=True)
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        _check_int("min_tokens", self.min_tokens)
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be greater than or equal to 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
+                f"got {self.min_tokens}"
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check_int(name, value, allow_none=True)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be non-negative, got {value}")
+        for s in self.stop:
+            if not isinstance(s, str):
+                raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+            if not s:
+                raise ValueError("stop cannot contain an empty string")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings are only supported when detokenize is True")
+        for t in self.stop_token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise ValueError(
+                    f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}"
+                )
+        if self.logit_bias is not None:
+            for token_id, bias in self.logit_bias.items():
+                if token_id < 0:
+                    raise ValueError(f"logit_bias token ids must be non-negative, got {token_id}")
+                value = _check_number(f"logit_bias[{token_id}]", bias)
+                if not math.isfinite(value):
+                    raise ValueError(f"logit_bias[{token_id}] must be finite, got {value}")
+                self.logit_bias[token_id] = value
+
+    def verify_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError if a token id given in these params is outside [0, vocab_size)."""
+        for name, ids in (("logit_bias", self.logit_bias or {}), ("stop_token_ids", self.stop_token_ids)):
+            for token_id in ids:
+                if token_id >= vocab_size:
+                    raise ValueError(
+                        f"{name} token id must be in [0, {vocab_size}), got {token_id}"
+                    )
+
+    def update_from_generation_config(
+        self, generation_config: dict[str, Any], model_eos_token_id: int | None = None
+    ) -> None:
+        """Fold the model's EOS id(s) into the stop ids, as vLLM does.
+
+        `model_eos_token_id` (the tokenizer's EOS) is only recorded in `all_stop_token_ids` (the
+        scheduler checks it itself unless ignore_eos); extra EOS ids from generation_config become
+        stop_token_ids unless ignore_eos.
+        """
+        if model_eos_token_id is not None:
+            self._all_stop_token_ids.add(model_eos_token_id)
+        eos_ids = generation_config.get("eos_token_id")
+        if eos_ids is None:
+            return
+        eos_ids = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids)
+        eos_ids.discard(model_eos_token_id)
+        if eos_ids:
+            self._all_stop_token_ids.update(eos_ids)
+            if not self.ignore_eos:
+                eos_ids.update(self.stop_token_ids)
+                self.stop_token_ids = sorted(eos_ids)
+
+    @property
+    def all_stop_token_ids(self) -> set[int]:
+        """stop_token_ids plus the model's EOS ids (filled by update_from_generation_config)."""
+        return self._all_stop_token_ids
+
+    @property
+    def sampling_type(self) -> SamplingType:
+        if self.temperature < SAMPLING_EPS:
+            return SamplingType.GREEDY
+        if self.seed is not None:
+            return SamplingType.RANDOM_SEED
+        return SamplingType.RANDOM
+
+    def clone(self) -> SamplingParams:
+        """A deep copy (requests must not share mutable params)."""
+        return copy.deepcopy(self)

@@ -1,0 +1,438 @@
+"""Iteration-level scheduling: which sequences advance by how many tokens in the next step.
+
+Every step the scheduler hands the model runner one ragged batch (:class:`SchedulerOutput`) in
+which prefill chunks and decode tokens sit side by side; a sequence's ``num_computed_tokens``
+catches up with its ``num_tokens`` a chunk at a time, and once it has caught up the row's last
+logits are sampled. Requests join and leave between any two steps (continuous batching), so a
+finished request's slot is refilled at once instead of idling until the whole batch drains.
+
+Order within a step, against a budget of ``max_num_batched_tokens`` tokens and ``max_num_seqs``
+sequences: (1) running requests that only decode, oldest first - their latency is what users see,
+and each needs one token; (2) running requests still in their prompt, oldest first, with whatever
+budget is left (chunked prefill: a long prompt advances in chunks instead of stalling decodes);
+(3) swapped requests, brought back before (4) waiting requests are admitted in FCFS order.
+
+When the device pool runs out, the most recently admitted running request is preempted (the one
+that has made the least progress and whose loss costs least): ``"recompute"`` frees its blocks and
+sends it to the front of the waiting queue, where prompt + generated tokens are recomputed as one
+prefill; ``"swap"`` copies its blocks to the host pool and brings them back before any new
+admission (falling back to recompute when the host pool is full). A request already given work in
+this step is never preempted in the same step (its row would have to be unwound), so a prefill that
+finds no blocks shrinks its chunk to what fits or waits a step instead.
+
+Pure Python; no JAX.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from jaxpaged.block_manager import BlockManager
+from jaxpaged.request import Request, Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    """One row of the step's ragged batch."""
+
+    seq_id: int
+    token_ids: list[int]  # the tokens computed this step (a prompt chunk, or the last token)
+    num_computed_tokens: int  # tokens of this sequence already in the KV cache (= position of token_ids[0])
+    block_table: list[int]  # physical block ids covering num_computed_tokens + len(token_ids)
+    sample_seq_ids: list[int]  # sequences that draw a token from this row's last-token logits:
+    #   [] for a non-final prefill chunk; [seq_id] normally; all n sequences of a request when its
+    #   prompt finishes and it forks
+    want_prompt_logprobs: bool  # this chunk's tokens need prompt logprobs
+
+
+@dataclass
+class SchedulerOutput:
+    """One step. The runner applies swap-outs, then swap-ins, then copies, then runs the step:
+    a block freed by a swap-out may be handed out again (as a copy target or a new block) in the
+    same step, so it must be read before anything writes it."""
+
+    scheduled: list[ScheduledSequence] = field(default_factory=list)  # prefill chunks and decodes together
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src device block, dst device block)
+    preempted_seq_ids: list[int] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.scheduled or self.blocks_to_swap_out or self.blocks_to_swap_in or self.blocks_to_copy)
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    num_running_reqs: int
+    num_waiting_reqs: int
+    num_swapped_reqs: int
+    num_running_seqs: int
+    num_preemptions: int  # total since construction (requests preempted, either mode)
+    kv_cache_usage: float  # fraction of device blocks in use
+    num_free_blocks: int
+
+
+class _Step:
+    """Scratch state of one ``schedule()`` call."""
+
+    def __init__(self, token_budget: int) -> None:
+        self.token_budget = token_budget
+        self.out = SchedulerOutput()
+        self.touched: set[str] = set()  # requests given a row (never preempted this step)
+        self.preempted: set[str] = set()
+
+
+class Scheduler:
+    """Continuous-batching scheduler over a :class:`BlockManager` (see module docstring).
+
+    Args:
+        block_manager: the KV block pools.
+        max_num_seqs: most unfinished sequences in running requests (a request with n samples
+            counts n from admission, so its fork never overflows the batch).
+        max_num_batched_tokens: most tokens computed in one step.
+        max_model_len: longest sequence (prompt + output); reaching it finishes with "length".
+        preemption_mode: "recompute" or "swap" (needs host blocks).
+        enable_chunked_prefill: split prompts across steps; without it a prompt runs whole, so
+            ``max_num_batched_tokens`` must be at least ``max_model_len``.
+        eos_token_id: the model's EOS id(s) (int or list, as HF configs give it), or None.
+    """
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        preemption_mode: str = "recompute",
+        enable_chunked_prefill: bool = True,
+        eos_token_id: int | Iterable[int] | None = None,
+    ) -> None:
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("max_model_len", max_model_len)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs ({max_num_seqs})")
+        if not enable_chunked_prefill and max_num_batched_tokens < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_model_len ({max_model_len}) "
+                "when enable_chunked_prefill is False")
+        if preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {preemption_mode!r}")
+        if preemption_mode == "swap" and block_manager.num_host_blocks == 0:
+            raise ValueError("preemption_mode='swap' needs swap space (num_host_blocks > 0)")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.preemption_mode = preemption_mode
+        self.enable_chunked_prefill = enable_chunked_prefill
+        if eos_token_id is None:
+            self.eos_token_ids: frozenset[int] = frozenset()
+        elif isinstance(eos_token_id, int):
+            self.eos_token_ids = frozenset([eos_token_id])
+        else:
+            self.eos_token_ids = frozenset(int(t) for t in eos_token_id)
+        self.num_preemptions = 0
+        self._requests: dict[str, Request] = {}  # every unfinished request
+        self._seqs: dict[int, Sequence] = {}
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # admission order: the tail is the next preemption victim
+        self._swapped: list[Request] = []  # FCFS by add order
+        self._order: dict[str, int] = {}  # add order, to keep the swapped queue FCFS
+        self._next_order = 0
+
+    # ------------------------------------------------------------------ requests in and out
+    def add_request(self, request: Request) -> None:
+        """Queues a request; ValueError (naming the field) if it could never be served."""
+        rid, p = request.request_id, request.num_prompt_tokens
+        if rid in self._requests:
+            raise ValueError(f"request_id {rid!r} is already in use")
+        if p == 0:
+            raise ValueError("prompt_token_ids must not be empty")
+        if p > self.max_model_len:
+            raise ValueError(f"prompt_token_ids has {p} tokens, more than max_model_len ({self.max_model_len})")
+        if request.n > self.max_num_seqs:
+            raise ValueError(f"n ({request.n}) must be <= max_num_seqs ({self.max_num_seqs})")
+        for s in request.seqs:
+            if s.seq_id in self._seqs:
+                raise ValueError(f"seq_id {s.seq_id} is already in use")
+        # A request must fit the pool on its own, with no sharing (a recompute after the fork
+        # recomputes each sequence separately); otherwise it would preempt itself forever.
+        max_tokens = getattr(request.sampling_params, "max_tokens", None)
+        final_len = max(self.max_model_len, p + 1) if max_tokens is None else min(p + max_tokens, max(self.max_model_len, p + 1))
+        # The last token of a finished sequence is never written to the cache.
+        need = request.n * self.block_manager.num_blocks_for(final_len - 1)
+        if need > self.block_manager.num_device_blocks:
+            raise ValueError(
+                f"request {rid!r} needs up to {need} KV blocks (n={request.n}, prompt_token_ids {p} tokens, "
+                f"max_tokens {max_tokens}) but the pool has {self.block_manager.num_device_blocks}; "
+                "lower max_tokens or n, or give the KV cache more memory")
+        self._requests[rid] = request
+        self._order[rid] = self._next_order
+        self._next_order += 1
+        for s in request.seqs:
+            self._seqs[s.seq_id] = s
+        self._waiting.append(request)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Finishes every unfinished sequence of the request with "abort" and frees its blocks, in
+        any state. Returns the request, or None if it is unknown or already finished."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        for s in req.unfinished_seqs():
+            self._finish(s, SequenceStatus.FINISHED_ABORTED, None)
+        return req
+
+    def finish_sequence(self, seq_id: int, reason: str, stop_reason: int | str | None = None) -> None:
+        """Finishes one sequence from outside (the engine's stop-string check): reason is "stop",
+        "length" or "abort". A no-op for an unknown or already finished sequence."""
+        status = SequenceStatus.from_finish_reason(reason)
+        seq = self._seqs.get(seq_id)
+        if seq is not None and not seq.is_finished:
+            self._finish(seq, status, stop_reason)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    def get_stats(self) -> SchedulerStats:
+        bm = self.block_manager
+        return SchedulerStats(
+            num_running_reqs=len(self._running),
+            num_waiting_reqs=len(self._waiting),
+            num_swapped_reqs=len(self._swapped),
+            num_running_seqs=self._num_running_seqs(),
+            num_preemptions=self.num_preemptions,
+            kv_cache_usage=bm.get_usage(),
+            num_free_blocks=bm.get_num_free_blocks(),
+        )
+
+    # ------------------------------------------------------------------ one step
+    def schedule(self) -> SchedulerOutput:
+        """Picks the next step's work (see module docstring for the order)."""
+        step = _Step(self.max_num_batched_tokens)
+        for decode_phase in (True, False):  # (1) then (2)
+            for req in [r for r in self._running if self._is_decoding(r) == decode_phase]:
+                # touched: a fork in (1) turns a request into a non-decoding one; once a step is enough
+                if not (req.request_id in step.preempted or req.request_id in step.touched) and step.token_budget > 0:
+                    self._schedule_running(req, step, allow_preempt=True)
+        if not step.preempted:  # (3) a step that had to preempt has no room to bring anyone back
+            self._schedule_swapped(step)
+        if not step.preempted and not self._swapped:  # (4) swapped requests go first
+            self._schedule_waiting(step)
+        step.out.num_batched_tokens = self.max_num_batched_tokens - step.token_budget
+        return step.out
+
+    def _is_decoding(self, req: Request) -> bool:
+        return all(s.num_tokens - s.num_computed_tokens == 1 for s in req.active_seqs())
+
+    def _num_running_seqs(self) -> int:
+        return sum(len(r.unfinished_seqs()) for r in self._running)
+
+    def _plan(self, req: Request, budget: int) -> list[tuple[Sequence, int]]:
+        """Tokens each active sequence would compute within ``budget``, before checking blocks."""
+        plan = []
+        for s in req.active_seqs():
+            remaining = s.num_tokens - s.num_computed_tokens
+            k = min(remaining, budget) if self.enable_chunked_prefill else (remaining if remaining <= budget else 0)
+            if k > 0:
+                plan.append((s, k))
+                budget -= k
+        return plan
+
+    def _schedule_running(self, req: Request, step: _Step, allow_preempt: bool) -> None:
+        bm = self.block_manager
+        plan = self._plan(req, step.token_budget)
+        if not plan:
+            return
+        need = bm.get_num_blocks_to_append_many([(s.seq_id, s.num_computed_tokens, k) for s, k in plan])
+        while allow_preempt and need > bm.get_num_free_blocks():
+            victim = self._running[-1]
+            if victim is req:
+                if self._is_decoding(req):  # a decode cannot shrink: give way entirely
+                    self._preempt(req, step)
+                    return
+                break  # a prefill shrinks or waits; older requests will preempt it if they must
+            if victim.request_id in step.touched:
+                break
+            self._preempt(victim, step)
+        for s, k in plan:
+            if not bm.can_append_slots(s.seq_id, s.num_computed_tokens, k):
+                if k == 1 or not self.enable_chunked_prefill:
+                    continue
+                k = bm.get_num_appendable_tokens(s.seq_id, s.num_computed_tokens, k)
+                if k == 0:
+                    continue
+            self._schedule_seq(req, s, k, step)
+
+    def _schedule_seq(self, req: Request, seq: Sequence, k: int, step: _Step) -> None:
+        bm = self.block_manager
+        start = seq.num_computed_tokens
+        if bm.has_device_blocks(seq.seq_id):
+            step.out.blocks_to_copy.extend(bm.append_slots(seq.seq_id, start, k))
+        else:
+            bm.allocate(seq.seq_id, start + k)
+        sample: list[int] = []
+        if start + k == seq.num_tokens:
+            sample = [seq.seq_id]
+            if not req.forked:  # the prompt completes this step: share it with the siblings
+                for sib in req.seqs[1:]:
+                    if not sib.is_finished:
+                        bm.fork(seq.seq_id, sib.seq_id)
+                        sib.status = SequenceStatus.RUNNING
+                        sample.append(sib.seq_id)
+                req.forked = True
+        want_pl = (getattr(req.sampling_params, "prompt_logprobs", None) is not None and seq.index == 0
+                   and not req.prompt_logprobs_done and start < req.num_prompt_tokens)
+        step.out.scheduled.append(ScheduledSequence(
+            seq_id=seq.seq_id,
+            token_ids=seq.get_token_ids_range(start, start + k),
+            num_computed_tokens=start,
+            block_table=bm.get_block_table(seq.seq_id),
+            sample_seq_ids=sample,
+            want_prompt_logprobs=want_pl,
+        ))
+        step.token_budget -= k
+        step.touched.add(req.request_id)
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = time.time()
+
+    def _preempt(self, req: Request, step: _Step) -> None:
+        bm = self.block_manager
+        self._running.remove(req)
+        self.num_preemptions += 1
+        step.preempted.add(req.request_id)
+        seqs = [s for s in req.unfinished_seqs() if bm.has_device_blocks(s.seq_id)]
+        ids = [s.seq_id for s in seqs]
+        step.out.preempted_seq_ids.extend(ids)
+        if self.preemption_mode == "swap" and ids and bm.can_swap_out(ids):
+            step.out.blocks_to_swap_out.extend(bm.swap_out(ids))
+            for s in req.active_seqs():  # those not yet given blocks simply wait with the rest
+                s.status = SequenceStatus.SWAPPED if s.seq_id in ids else SequenceStatus.WAITING
+            self._swapped.append(req)
+            self._swapped.sort(key=lambda r: self._order[r.request_id])
+            return
+        for s in req.unfinished_seqs():
+            bm.free(s.seq_id)
+            s.num_computed_tokens = 0
+            s.status = SequenceStatus.WAITING
+        self._waiting.appendleft(req)  # preempted requests resume before new ones
+
+    def _schedule_swapped(self, step: _Step) -> None:
+        bm = self.block_manager
+        while self._swapped and step.token_budget > 0:
+            req = self._swapped[0]
+            ids = [s.seq_id for s in req.get_seqs(SequenceStatus.SWAPPED)]
+            if self._num_running_seqs() + len(req.unfinished_seqs()) > self.max_num_seqs:
+                break
+            # Keep a block per sequence for its next token, unless nothing else runs: then the
+            # whole pool is this request's (add_request checked it fits) and a reserve could
+            # keep it out forever.
+            if not bm.can_swap_in(ids, reserve_blocks=len(ids) if self._running else 0):
+                break
+            step.out.blocks_to_swap_in.extend(bm.swap_in(ids))
+            for s in req.active_seqs():
+                s.status = SequenceStatus.RUNNING
+            self._swapped.pop(0)
+            self._running.append(req)
+            self._schedule_running(req, step, allow_preempt=False)
+
+    def _schedule_waiting(self, step: _Step) -> None:
+        bm = self.block_manager
+        while self._waiting and step.token_budget > 0:
+            req = self._waiting[0]
+            if self._num_running_seqs() + len(req.unfinished_seqs()) > self.max_num_seqs:
+                break
+            plan = self._plan(req, step.token_budget)
+            if not plan:
+                break
+            # The watermark keeps room for running requests to grow; with none running, the whole
+            # pool is this request's (add_request checked that it fits), so it must not apply.
+            first_chunk = plan[0][0].num_computed_tokens + plan[0][1]
+            if not (bm.can_allocate(first_chunk) if self._running else bm.can_append_slots(plan[0][0].seq_id, 0, first_chunk)):
+                break
+            self._waiting.popleft()
+            self._running.append(req)
+            for s in req.active_seqs():
+                s.status = SequenceStatus.RUNNING
+            self._schedule_running(req, step, allow_preempt=False)
+
+    # ------------------------------------------------------------------ after the step
+    def update_from_output(
+        self,
+        scheduler_output: SchedulerOutput,
+        sampled: dict[int, tuple[int, float, Any]],
+    ) -> list[Request]:
+        """Records a finished step: advances ``num_computed_tokens``, appends each sampled
+        ``(token_id, logprob, top_logprobs)`` and checks stop conditions (freeing the blocks of
+        sequences that finish). Rows of sequences aborted since ``schedule()`` are skipped.
+
+        Returns the requests that received tokens, in row order (each once), so the engine can
+        detokenize them, check stop strings (``finish_sequence``) and emit outputs.
+        """
+        touched: dict[str, Request] = {}
+        now = time.time()
+        for row in scheduler_output.scheduled:
+            seq = self._seqs.get(row.seq_id)
+            if seq is None or seq.status != SequenceStatus.RUNNING:
+                continue
+            req = self._requests[seq.request_id]
+            computed = row.num_computed_tokens + len(row.token_ids)
+            seq.num_computed_tokens = computed
+            if seq.index == 0 and computed >= req.num_prompt_tokens:
+                req.prompt_logprobs_done = True
+            for sid in row.sample_seq_ids:
+                s = self._seqs.get(sid)
+                if s is None or s.status != SequenceStatus.RUNNING:
+                    continue
+                if sid not in sampled:
+                    raise KeyError(f"the runner returned no token for sampled sequence {sid}")
+                token_id, logprob, top = sampled[sid]
+                s.num_computed_tokens = computed  # forked siblings share the row's cache
+                s.append_token(token_id, logprob, top)
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                touched[req.request_id] = req
+                self._check_stop(s, req)
+        return list(touched.values())
+
+    def _check_stop(self, seq: Sequence, req: Request) -> None:
+        params = req.sampling_params
+        token = seq.last_token_id
+        if seq.num_output_tokens >= (getattr(params, "min_tokens", 0) or 0):
+            if not getattr(params, "ignore_eos", False) and token in self.eos_token_ids:
+                return self._finish(seq, SequenceStatus.FINISHED_STOPPED, None)
+            if token in (getattr(params, "stop_token_ids", None) or ()):
+                return self._finish(seq, SequenceStatus.FINISHED_STOPPED, token)
+        max_tokens = getattr(params, "max_tokens", None)
+        if (max_tokens is not None and seq.num_output_tokens >= max_tokens) or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, SequenceStatus.FINISHED_LENGTH_CAPPED, None)
+
+    def _finish(self, seq: Sequence, status: SequenceStatus, stop_reason: int | str | None) -> None:
+        seq.status = status
+        seq.stop_reason = stop_reason
+        self.block_manager.free(seq.seq_id)
+        req = self._requests[seq.request_id]
+        if not req.is_finished():
+            return
+        req.finished_time = time.time()
+        del self._requests[req.request_id]
+        del self._order[req.request_id]
+        for s in req.seqs:
+            del self._seqs[s.seq_id]
+        for queue in (self._running, self._swapped, self._waiting):
+            if req in queue:
+                queue.remove(req)
