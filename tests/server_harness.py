@@ -20,7 +20,10 @@ class LiveServer:
     def __init__(self, app, timeout_graceful_shutdown: float = 5.0) -> None:
         # log_config=None: uvicorn leaves logging alone, so its access log propagates to caplog
         config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, log_level="info",
-                                access_log=True, timeout_graceful_shutdown=timeout_graceful_shutdown)
+                                access_log=True, timeout_graceful_shutdown=timeout_graceful_shutdown,
+                                # well above any pause in a test, so a pooled client connection is
+                                # never closed by the server just as the client reuses it
+                                timeout_keep_alive=60)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
 

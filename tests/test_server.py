@@ -214,12 +214,18 @@ def test_concurrent_load_every_request_exact_and_unmixed(url, stack):
 
             async def guarded(spec):
                 async with gate:
-                    return await _one_request(http, url, spec)
+                    t0 = time.monotonic()
+                    try:
+                        return await _one_request(http, url, spec)
+                    except httpx.HTTPError as exc:  # reported with its request, below
+                        return {"error": f"{type(exc).__name__}: {exc!r} after {time.monotonic() - t0:.2f}s", "spec": spec}
             return await asyncio.gather(*(guarded(s) for s in specs))
 
     start = time.monotonic()
     results = asyncio.run(run())
     elapsed = time.monotonic() - start
+    errors = [r for r in results if "error" in r]
+    assert not errors, (len(errors), errors[:3])
     greedy: dict[tuple[str, int], str] = {}
     for spec, res in zip(specs, results):
         assert len(res["ids"]) == 1  # every chunk of a stream carries that stream's id

@@ -31,8 +31,11 @@ ENGINE_STATS = (
     ("num_preemptions_total", "jaxpaged:num_preemptions_total", "counter", "Cumulative number of preemptions."),
     ("prompt_tokens_total", "jaxpaged:prompt_tokens_total", "counter", "Number of prefill tokens processed."),
     ("generation_tokens_total", "jaxpaged:generation_tokens_total", "counter", "Number of generation tokens processed."),
-    ("padding_waste", "jaxpaged:padding_waste_perc", "gauge", "Fraction of token slots in executed batches that were padding."),
+    ("padding_waste", "jaxpaged:padding_waste_ratio", "gauge", "Padded token slots per real token in executed steps so far (0: no padding)."),
+    ("num_free_blocks", "jaxpaged:num_free_gpu_blocks", "gauge", "Free KV-cache blocks on the device."),
+    ("num_gpu_blocks", "jaxpaged:num_gpu_blocks", "gauge", "KV-cache blocks on the device."),
     ("num_compilations", "jaxpaged:num_compilations_total", "counter", "Number of XLA compilations of step functions."),
+    ("num_compilations_after_warmup", "jaxpaged:num_compilations_after_warmup_total", "counter", "XLA compilations after warm-up (should stay 0)."),
 )
 
 
