@@ -10,7 +10,7 @@ import uvicorn
 from jaxpaged.server.api_server import create_app
 from jaxpaged.server.async_engine import AsyncEngine
 from jaxpaged.server.metrics import ServerMetrics
-from jaxpaged.server.server_config import ServerConfig
+from jaxpaged.server.server_config import ModelInfo, ServerConfig
 from jaxpaged.server.server_tokenizer import ServerTokenizer
 
 
@@ -54,10 +54,12 @@ class Stack:
         self.servers: list[LiveServer] = []
         self.async_engine.start()
 
-    def serve(self, tokenizer: ServerTokenizer | None = None, **config) -> LiveServer:
+    def serve(self, tokenizer: ServerTokenizer | None | object = "engine's", **config) -> LiveServer:
+        """A new app on this loop; ``tokenizer=None`` serves without one (--skip-tokenizer-init)."""
         cfg = ServerConfig(served_model_names=("tiny", "tiny-alias"), **config)
-        app = create_app(self.async_engine, tokenizer or self.tokenizer, cfg, self.engine.max_model_len,
-                         self.engine.model_path, self.metrics)
+        model = ModelInfo(self.engine.model_path, self.engine.max_model_len, self.engine.vocab_size)
+        app = create_app(self.async_engine, self.tokenizer if tokenizer == "engine's" else tokenizer, cfg,
+                         model, self.metrics)
         server = LiveServer(app).start()
         self.servers.append(server)
         return server

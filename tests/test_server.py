@@ -409,6 +409,18 @@ def test_bounded_waiting_queue_gives_503_and_missing_chat_template_400(stack):
     bare.close()
 
 
+def test_server_without_tokenizer_takes_token_ids_only(stack):
+    server = stack.serve(tokenizer=None)  # what --skip-tokenizer-init gives
+    ids = stack.tokenizer.tokenizer.encode(PROMPTS[1])
+    ok = httpx.post(server.url + C, json=dict(P, prompt=ids, max_tokens=3, ignore_eos=True))
+    assert ok.status_code == 200 and ok.json()["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 3, "total_tokens": len(ids) + 3}
+    for path, body, param in ((C, P, "prompt"), (CHAT, M, "messages"), ("/tokenize", {"prompt": "x"}, "prompt"),
+                              ("/detokenize", {"tokens": [1]}, "tokens"), (C, dict(P, prompt=ids, echo=True), "echo")):
+        resp = httpx.post(server.url + path, json=body)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param, (path, resp.text)
+        assert "tokenizer" in resp.json()["error"]["message"]
+
+
 class StreamInBackground:
     """A streaming request read on a thread; ``started`` is set at the first data chunk."""
 

@@ -25,7 +25,7 @@ from jaxpaged.server.errors import APIError, bad_request, error_body, status_phr
 from jaxpaged.server.metrics import ServerMetrics
 from jaxpaged.server.middleware import BearerAuthMiddleware, BodyLimitMiddleware
 from jaxpaged.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from jaxpaged.server.server_config import ServerConfig
+from jaxpaged.server.server_config import ModelInfo, ServerConfig
 from jaxpaged.server.server_tokenizer import ServerTokenizer
 from jaxpaged.server.serving_chat import ServingChat
 from jaxpaged.server.serving_completions import ServingCompletions
@@ -61,13 +61,16 @@ async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
         raise bad_request("the request body is nested too deeply") from exc
 
 
-def create_app(async_engine: AsyncEngine, tokenizer: ServerTokenizer, config: ServerConfig,
-               max_model_len: int, model_path: str, metrics: ServerMetrics) -> FastAPI:
+def create_app(async_engine: AsyncEngine, tokenizer: ServerTokenizer | None, config: ServerConfig,
+               model: ModelInfo, metrics: ServerMetrics) -> FastAPI:
     """The app for one engine loop. The caller owns ``async_engine``'s lifecycle (several apps
-    may share one loop)."""
-    template_src = config.chat_template or tokenizer_template(tokenizer.tokenizer)
-    template = ChatTemplate(template_src, tokenizer.tokenizer) if template_src else None
-    common = (async_engine, tokenizer, config, max_model_len, metrics)
+    may share one loop). ``tokenizer`` None: token-id prompts only (no chat, no /tokenize)."""
+    template = None
+    if tokenizer is not None:
+        template_src = config.chat_template or tokenizer_template(tokenizer.tokenizer)
+        template = ChatTemplate(template_src, tokenizer.tokenizer) if template_src else None
+    max_model_len = model.max_model_len
+    common = (async_engine, tokenizer, config, model, metrics)
     completions = ServingCompletions(*common)
     chat = ServingChat(*common, template=template)
     created = int(time.time())
@@ -112,7 +115,7 @@ def create_app(async_engine: AsyncEngine, tokenizer: ServerTokenizer, config: Se
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "jaxpaged", "root": model_path,
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "jaxpaged", "root": model.model_path,
                  "parent": None, "max_model_len": max_model_len} for name in config.served_model_names]
         return JSONResponse({"object": "list", "data": data})
 
@@ -134,21 +137,23 @@ def create_app(async_engine: AsyncEngine, tokenizer: ServerTokenizer, config: Se
         completions.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of prompt or messages", "prompt")
+        tok = completions.tokenizer("prompt", "/tokenize")
         if req.messages is not None:
             text = chat.render(req.messages, req.add_generation_prompt)
-            ids = await tokenizer.encode(text, add_special_tokens=False)
+            ids = await tok.encode(text, add_special_tokens=False)
         else:
-            ids = await tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = await tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         return JSONResponse({"count": len(ids), "max_model_len": max_model_len, "tokens": ids})
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> JSONResponse:
         req = await parse_body(request, DetokenizeRequest)
         completions.check_model(req.model)
-        bad = [t for t in req.tokens if not 0 <= t < tokenizer.vocab_size]
+        tok = completions.tokenizer("tokens", "/detokenize")
+        bad = [t for t in req.tokens if not 0 <= t < tok.vocab_size]
         if bad:
-            raise bad_request(f"tokens must be in [0, {tokenizer.vocab_size}), got {bad[0]}", "tokens")
-        return JSONResponse({"prompt": await tokenizer.decode(req.tokens)})
+            raise bad_request(f"tokens must be in [0, {tok.vocab_size}), got {bad[0]}", "tokens")
+        return JSONResponse({"prompt": await tok.decode(req.tokens)})
 
     # Starlette wraps in reverse order: auth ends up outermost, so bodies are only buffered for
     # authenticated clients.
@@ -224,24 +229,30 @@ def main(argv: list[str] | None = None) -> None:
     start = time.monotonic()
     engine = LLMEngine.from_engine_args(engine_args)
     stats = engine.get_stats()
-    logger.info("engine ready in %.1f s: model %s, max_model_len %d, stats %s",
-                time.monotonic() - start, engine.model_path, engine.max_model_len, stats)
+    logger.info("engine ready in %.1f s: %s, max_model_len %d, %s KV blocks of %d tokens, %s programs compiled",
+                time.monotonic() - start, engine.model_path, engine.max_model_len, stats.get("num_gpu_blocks", "?"),
+                engine_args.block_size, stats.get("num_compilations", "?"))
 
     default_name = engine_args.model or os.path.basename(os.path.normpath(engine.model_path))
     config = server_config_from_args(args, default_name)
-    try:
-        template_src = config.chat_template or tokenizer_template(engine.tokenizer)
-        if template_src:
-            ChatTemplate(template_src, engine.tokenizer)
-    except ChatTemplateError as exc:
-        raise SystemExit(f"error: {exc}") from exc
-    if template_src is None:
-        logger.warning("the tokenizer has no chat template: /v1/chat/completions will answer 400 (see --chat-template)")
+    tokenizer = None
+    if engine.tokenizer is None:
+        logger.warning("no tokenizer (--skip-tokenizer-init): prompts must be token ids; chat and /tokenize answer 400")
+    else:
+        tokenizer = ServerTokenizer.for_engine(engine.tokenizer)
+        try:
+            template_src = config.chat_template or tokenizer_template(engine.tokenizer)
+            if template_src:
+                ChatTemplate(template_src, engine.tokenizer)
+        except ChatTemplateError as exc:
+            raise SystemExit(f"error: {exc}") from exc
+        if template_src is None:
+            logger.warning("the tokenizer has no chat template: /v1/chat/completions will answer 400 (see --chat-template)")
 
     metrics = ServerMetrics(config.model_name)
     async_engine = AsyncEngine(engine, metrics)
-    tokenizer = ServerTokenizer.for_engine(engine.tokenizer)
-    app = create_app(async_engine, tokenizer, config, engine.max_model_len, engine.model_path, metrics)
+    model = ModelInfo(engine.model_path, engine.max_model_len, engine.vocab_size)
+    app = create_app(async_engine, tokenizer, config, model, metrics)
     async_engine.start()
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
@@ -249,5 +260,6 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         # uvicorn has drained (or cancelled) the HTTP requests; abort whatever the engine still holds
         async_engine.shutdown(timeout=0.0)
-        tokenizer.close()
+        if tokenizer is not None:
+            tokenizer.close()
         logger.info("server stopped")

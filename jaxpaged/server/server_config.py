@@ -39,3 +39,12 @@ class ServerConfig:
     @property
     def model_name(self) -> str:
         return self.served_model_names[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the routes need to know about the loaded model."""
+
+    model_path: str
+    max_model_len: int
+    vocab_size: int  # the model's (token ids in [0, vocab_size) are valid prompts)

@@ -27,7 +27,7 @@ from jaxpaged.server.async_engine import (
 from jaxpaged.server.errors import APIError, bad_request
 from jaxpaged.server.metrics import ServerMetrics
 from jaxpaged.server.protocol import SamplingRequest
-from jaxpaged.server.server_config import ServerConfig
+from jaxpaged.server.server_config import ModelInfo, ServerConfig
 from jaxpaged.server.server_tokenizer import ServerTokenizer
 
 # JSON has no -inf; vLLM reports impossible tokens' logprob as -9999.0.
@@ -90,13 +90,30 @@ async def wait_for_disconnect(request: Request) -> None:
 class ServingBase:
     request_fields: set[str] = set()
 
-    def __init__(self, async_engine: AsyncEngine, tokenizer: ServerTokenizer, config: ServerConfig,
-                 max_model_len: int, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, async_engine: AsyncEngine, tokenizer: ServerTokenizer | None, config: ServerConfig,
+                 model: ModelInfo, metrics: ServerMetrics | None = None) -> None:
         self.engine = async_engine
-        self.tokenizer = tokenizer
+        self._tokenizer = tokenizer  # None: the engine runs without one (--skip-tokenizer-init)
         self.config = config
-        self.max_model_len = max_model_len
+        self.max_model_len = model.max_model_len
+        self.vocab_size = model.vocab_size
         self.metrics = metrics
+
+    def tokenizer(self, param: str, what: str) -> ServerTokenizer:
+        if self._tokenizer is None:
+            raise bad_request(f"{what} needs a tokenizer, and this server runs without one "
+                              f"(--skip-tokenizer-init): send prompts as token ids", param)
+        return self._tokenizer
+
+    def token_text(self, token_id: int, entry: Any) -> str:
+        """A logprob entry's token as text: the engine's decoded string, else the tokenizer's, else
+        vLLM's ``token_id:N`` form."""
+        decoded = getattr(entry, "decoded_token", None) if entry is not None else None
+        if decoded is not None:
+            return decoded
+        if self._tokenizer is None:
+            return f"token_id:{token_id}"
+        return self._tokenizer.token_text(token_id)
 
     # ------------------------------------------------------------------ checks
     def check_model(self, model: str | None) -> str:
@@ -132,8 +149,8 @@ class ServingBase:
             if not key.strip().lstrip("-").isdigit():
                 raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
             token = int(key)
-            if not 0 <= token < self.tokenizer.vocab_size:
-                raise bad_request(f"logit_bias token id {token} is outside [0, {self.tokenizer.vocab_size})", "logit_bias")
+            if not 0 <= token < self.vocab_size:
+                raise bad_request(f"logit_bias token id {token} is outside [0, {self.vocab_size})", "logit_bias")
             if not -100.0 <= value <= 100.0:
                 raise bad_request(f"logit_bias values must be in [-100, 100], got {value}", "logit_bias")
             out[token] = value
@@ -167,12 +184,12 @@ class ServingBase:
 
     # ------------------------------------------------------------------ engine
     async def submit(self, request_ids: list[str], prompts: list[dict[str, Any]],
-                     params: SamplingParams) -> list[RequestStream]:
+                     params: list[SamplingParams]) -> list[RequestStream]:
         """Adds one engine request per prompt; all or none (earlier ones are aborted on failure)."""
         streams: list[RequestStream] = []
         try:
-            for rid, prompt in zip(request_ids, prompts):
-                streams.append(await self.engine.add_request(rid, prompt, params, self.config.max_waiting_requests))
+            for rid, prompt, p in zip(request_ids, prompts, params, strict=True):
+                streams.append(await self.engine.add_request(rid, prompt, p, self.config.max_waiting_requests))
         except BaseException as exc:
             for stream in streams:
                 stream.close()

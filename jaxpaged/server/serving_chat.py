@@ -59,7 +59,7 @@ class ServingChat(ServingBase):
 
         text = self.render(req.messages, req.add_generation_prompt, req.continue_final_message, req.chat_template_kwargs)
         # The template writes the special tokens (BOS ...) itself.
-        prompt_ids = await self.tokenizer.encode(text, add_special_tokens=False)
+        prompt_ids = await self.tokenizer("messages", "chat").encode(text, add_special_tokens=False)
         if not prompt_ids:
             raise bad_request("the rendered chat prompt is empty", "messages")
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -71,7 +71,7 @@ class ServingChat(ServingBase):
         params = self.make_params(kwargs)
 
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await self.submit([request_id], [{"prompt_token_ids": prompt_ids, "prompt": text}], params)
+        streams = await self.submit([request_id], [{"prompt_token_ids": prompt_ids, "prompt": text}], [params])
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -87,22 +87,18 @@ class ServingChat(ServingBase):
         content = []
         for token_id, entries in zip(token_ids, logprobs):
             sampled = entries.get(token_id)
-            text = self._text(token_id, sampled)
+            text = self.token_text(token_id, sampled)
             ranked = sorted(entries.items(), key=lambda kv: kv[1].logprob, reverse=True)[:top]
             content.append({
                 "token": text,
                 "logprob": clamp_logprob(sampled.logprob) if sampled is not None else _MISSING,
                 "bytes": list(text.encode("utf-8")),
                 "top_logprobs": [
-                    {"token": (t := self._text(tid, lp)), "logprob": clamp_logprob(lp.logprob), "bytes": list(t.encode("utf-8"))}
+                    {"token": (t := self.token_text(tid, lp)), "logprob": clamp_logprob(lp.logprob), "bytes": list(t.encode("utf-8"))}
                     for tid, lp in ranked
                 ],
             })
         return {"content": content}
-
-    def _text(self, token_id: int, entry: Any) -> str:
-        decoded = getattr(entry, "decoded_token", None) if entry is not None else None
-        return decoded if decoded is not None else self.tokenizer.token_text(token_id)
 
     def _response(self, choices: list[ChoiceState], num_prompt: int, req: ChatCompletionRequest,
                   request_id: str, model: str, created: int) -> dict[str, Any]:

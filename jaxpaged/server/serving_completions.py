@@ -55,8 +55,7 @@ class CompletionLogprobs:
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
     def _text(self, token_id: int, entry: Any) -> str:
-        decoded = getattr(entry, "decoded_token", None) if entry is not None else None
-        return decoded if decoded is not None else self.serving.tokenizer.token_text(token_id)
+        return self.serving.token_text(token_id, entry)
 
 
 class ServingCompletions(ServingBase):
@@ -74,18 +73,17 @@ class ServingCompletions(ServingBase):
             raise bad_request("echo together with logprobs is not supported (needs prompt logprobs)", "echo")
 
         prompts = await self._prompts(req)
-        max_tokens = [self.resolve_max_tokens(req.max_tokens, len(p["prompt_token_ids"]), "max_tokens", "prompt")
-                      for p in prompts]
-        if len(set(max_tokens)) > 1:  # None max_tokens with prompts of different lengths
-            raise bad_request("max_tokens must be given when a batch holds prompts of different lengths", "max_tokens")
         kwargs = req.sampling_kwargs()
-        kwargs.update(max_tokens=max_tokens[0], logprobs=req.logprobs, logit_bias=self.logit_bias(req))
-        params = self.make_params(kwargs)
+        kwargs.update(logprobs=req.logprobs, logit_bias=self.logit_bias(req))
+        # One SamplingParams per prompt: max_tokens=null means "the rest of the context", which
+        # depends on the prompt's length.
+        params = [self.make_params(dict(kwargs, max_tokens=self.resolve_max_tokens(
+            req.max_tokens, len(p["prompt_token_ids"]), "max_tokens", "prompt"))) for p in prompts]
 
         request_id = f"cmpl-{uuid.uuid4().hex}"
         rids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-        streams = await self.submit(rids, prompts, params)
         echo = [await self._prompt_text(p) if req.echo else "" for p in prompts]
+        streams = await self.submit(rids, prompts, params)
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -114,21 +112,21 @@ class ServingCompletions(ServingBase):
             if isinstance(item, str):
                 if not item:
                     raise bad_request("prompt must not be empty", "prompt")
-                ids = await self.tokenizer.encode(item, add_special_tokens=True)
+                ids = await self.tokenizer("prompt", "a text prompt").encode(item, add_special_tokens=True)
                 out.append({"prompt_token_ids": ids, "prompt": item})
             else:
                 if not item:
                     raise bad_request("prompt must not be empty", "prompt")
-                bad = [t for t in item if not 0 <= t < self.tokenizer.vocab_size]
+                bad = [t for t in item if not 0 <= t < self.vocab_size]
                 if bad:
-                    raise bad_request(f"prompt token ids must be in [0, {self.tokenizer.vocab_size}), got {bad[0]}", "prompt")
+                    raise bad_request(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[0]}", "prompt")
                 out.append({"prompt_token_ids": list(item)})
         return out
 
     async def _prompt_text(self, prompt: dict[str, Any]) -> str:
         if "prompt" in prompt:
             return prompt["prompt"]
-        return await self.tokenizer.decode(prompt["prompt_token_ids"])
+        return await self.tokenizer("echo", "echo").decode(prompt["prompt_token_ids"])
 
     def _response(self, choices: list[ChoiceState], num_prompt: list[int], req: CompletionRequest,
                   request_id: str, model: str, created: int, echo: list[str]) -> dict[str, Any]:
