@@ -96,6 +96,32 @@ def test_completions_logprobs_n_and_echo(client):
     assert echo.choices[0].text == PROMPTS[0] + plain.choices[0].text
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, stack):
+    """lm-eval's loglikelihood request: echo, max_tokens=0, logprobs. A prompt token's logprob must
+    be what the model gave that token when it generated it."""
+    ids = stack.tokenizer.tokenizer.encode(PROMPTS[2])
+    gen = client.completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0, logprobs=1)
+    token, logprob = gen.choices[0].logprobs.tokens[0], gen.choices[0].logprobs.token_logprobs[0]
+    next_id = stack.tokenizer.tokenizer.convert_tokens_to_ids(stack.tokenizer.tokenizer.tokenize(token))
+    assert len(next_id) == 1
+    scored_ids = ids + next_id
+    for stream in (False, True):
+        kwargs = dict(model="tiny", prompt=scored_ids, max_tokens=0, echo=True, logprobs=2, temperature=0)
+        if stream:
+            chunks = list(client.completions.create(stream=True, **kwargs))
+            text = "".join(c.choices[0].text for c in chunks)
+            lp = chunks[0].choices[0].logprobs
+        else:
+            out = client.completions.create(**kwargs)
+            assert out.usage.completion_tokens == 0 and out.usage.prompt_tokens == len(scored_ids)
+            text, lp = out.choices[0].text, out.choices[0].logprobs
+        assert text == stack.tokenizer.tokenizer.decode(scored_ids)  # the prompt, nothing generated
+        assert len(lp.tokens) == len(scored_ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.tokens[-1] == token and abs(lp.token_logprobs[-1] - logprob) < 1e-4
+        assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(1 <= len(t) <= 3 for t in lp.top_logprobs[1:])
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+
 def test_stop_string_cuts_text_in_both_modes(client):
     base = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=24, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text
@@ -351,7 +377,7 @@ BAD_INPUTS = [  # (name, path, body: dict | bytes, status, param)
     ("chat longer than context", CHAT, dict(M, messages=[{"role": "user", "content": LONG_TEXT}]), 400, "messages"),
     ("too many prompts", C, dict(P, prompt=["a"] * 9), 400, "prompt"),
     ("stream_options without stream", C, dict(P, stream_options={"include_usage": True}), 400, "stream_options"),
-    ("echo with logprobs", C, dict(P, echo=True, logprobs=1), 400, "echo"),
+    ("max_tokens = 0 without echo", C, dict(P, max_tokens=0), 400, "max_tokens"),
     ("tools", CHAT, dict(M, tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
     ("body over size cap", C, dict(P, prompt="x" * 70000), 413, None),
     ("tokenize with neither", "/tokenize", {"model": "tiny"}, 400, "prompt"),

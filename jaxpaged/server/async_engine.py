@@ -57,6 +57,9 @@ class RequestUpdate:
     num_prompt_tokens: int
     outputs: list[OutputDelta]
     finished: bool
+    # Once, with (or before) the first token, when the request asked for prompt logprobs:
+    # per prompt token {token id: Logprob}, None for the first token.
+    prompt_logprobs: list[dict[int, Any] | None] | None = None
 
 
 class RequestStream:
@@ -112,6 +115,15 @@ class _DeltaTracker:
         self.sent_tokens: dict[int, int] = {}
         self.done: set[int] = set()
         self.first_token_time: float | None = None
+        self.sent_prompt_logprobs = False
+
+    def prompt_logprobs(self, out: Any) -> list[dict[int, Any] | None] | None:
+        """The prompt logprobs, the first time they are complete."""
+        plp = getattr(out, "prompt_logprobs", None)
+        if self.sent_prompt_logprobs or plp is None or len(plp) < len(out.prompt_token_ids or ()):
+            return None
+        self.sent_prompt_logprobs = True
+        return [dict(entry) if entry is not None else None for entry in plp]
 
     def delta(self, out: Any) -> OutputDelta | None:
         idx = out.index
@@ -305,14 +317,15 @@ class AsyncEngine:
                 continue  # aborted by its client after this step was scheduled
             deltas = [d for d in (tracker.delta(o) for o in out.outputs) if d is not None]
             finished = bool(out.finished)
-            if not deltas and not finished:
+            prompt_logprobs = tracker.prompt_logprobs(out)
+            if not deltas and not finished and prompt_logprobs is None:
                 continue
             if tracker.first_token_time is None and any(d.token_ids for d in deltas):
                 tracker.first_token_time = now
                 if self.metrics is not None:
                     self.metrics.observe_first_token(now - tracker.stream.arrival)
             num_prompt = len(out.prompt_token_ids) if out.prompt_token_ids is not None else 0
-            update = RequestUpdate(out.request_id, num_prompt, deltas, finished)
+            update = RequestUpdate(out.request_id, num_prompt, deltas, finished, prompt_logprobs)
             if finished:
                 del self._trackers[out.request_id]
                 if self.metrics is not None:

@@ -245,14 +245,18 @@ class ServingBase:
             for stream in streams:
                 stream.close()
 
-    async def collect(self, streams: list[RequestStream], n: int, raw: Request) -> tuple[list[ChoiceState], list[int]]:
-        """Runs all streams to the end unless the client disconnects first (then aborts them)."""
+    async def collect(self, streams: list[RequestStream], n: int, raw: Request) -> tuple[list[ChoiceState], list[int], list]:
+        """Runs all streams to the end unless the client disconnects first (then aborts them).
+        Returns the choices, each stream's prompt length and prompt logprobs (None if not asked)."""
         choices = [ChoiceState() for _ in range(len(streams) * n)]
         num_prompt = [0] * len(streams)
+        prompt_logprobs: list = [None] * len(streams)
 
         async def gather() -> None:
             async for i, update in self.merged(streams):
                 num_prompt[i] = update.num_prompt_tokens
+                if update.prompt_logprobs is not None:
+                    prompt_logprobs[i] = update.prompt_logprobs
                 for delta in update.outputs:
                     choices[i * n + delta.index].apply(delta)
 
@@ -271,4 +275,4 @@ class ServingBase:
         exc = work.exception()
         if exc is not None:
             raise self._map_engine_error(exc)
-        return choices, num_prompt
+        return choices, num_prompt, prompt_logprobs

@@ -78,7 +78,7 @@ class ServingChat(ServingBase):
             gen = self._stream(streams, req, request_id, model, created, include_usage)
             return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            choices, num_prompt = await self.collect(streams, req.n, raw)
+            choices, num_prompt, _ = await self.collect(streams, req.n, raw)
         except ClientDisconnected:
             return Response(status_code=499)
         return JSONResponse(self._response(choices, num_prompt[0], req, request_id, model, created))

@@ -36,6 +36,22 @@ class CompletionLogprobs:
         self.num = num
         self.offset = offset
 
+    def build_prompt(self, prompt_ids: list[int], entries: list[dict[int, Any] | None]) -> dict[str, Any]:
+        """The echoed prompt's part: its first token has no logprob (nothing predicts it)."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, entry in zip(prompt_ids, entries):
+            if entry is None:
+                text = self._text(token_id, None)
+                for key, value in (("tokens", text), ("token_logprobs", None), ("top_logprobs", None),
+                                   ("text_offset", self.offset)):
+                    out[key].append(value)
+                self.offset += len(text)
+            else:
+                part = self.build([token_id], [entry])
+                for key in out:
+                    out[key] += part[key]
+        return out
+
     def build(self, token_ids: list[int], logprobs: list[dict[int, Any]]) -> dict[str, Any]:
         tokens, token_logprobs, top, offsets = [], [], [], []
         for token_id, entries in zip(token_ids, logprobs):
@@ -69,16 +85,21 @@ class ServingCompletions(ServingBase):
             raise bad_request("suffix is not supported", "suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise bad_request(f"best_of must equal n when given (beam-free sampling), got best_of={req.best_of}, n={req.n}", "best_of")
-        if req.echo and req.logprobs is not None:
-            raise bad_request("echo together with logprobs is not supported (needs prompt logprobs)", "echo")
+        # echo with max_tokens=0 scores the prompt only (what lm-eval's loglikelihood requests send):
+        # the engine generates one token that is not returned.
+        echo_only = req.echo and req.max_tokens == 0
 
         prompts = await self._prompts(req)
         kwargs = req.sampling_kwargs()
         kwargs.update(logprobs=req.logprobs, logit_bias=self.logit_bias(req))
+        if req.echo and req.logprobs is not None:
+            kwargs["prompt_logprobs"] = req.logprobs
+        if echo_only:
+            kwargs["min_tokens"] = 0
         # One SamplingParams per prompt: max_tokens=null means "the rest of the context", which
         # depends on the prompt's length.
         params = [self.make_params(dict(kwargs, max_tokens=self.resolve_max_tokens(
-            req.max_tokens, len(p["prompt_token_ids"]), "max_tokens", "prompt"))) for p in prompts]
+            1 if echo_only else req.max_tokens, len(p["prompt_token_ids"]), "max_tokens", "prompt"))) for p in prompts]
 
         request_id = f"cmpl-{uuid.uuid4().hex}"
         rids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
@@ -87,13 +108,16 @@ class ServingCompletions(ServingBase):
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            gen = self._stream(streams, req, request_id, model, created, echo, include_usage)
+            gen = self._stream(streams, req, request_id, model, created, echo, prompts, echo_only, include_usage)
             return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            choices, num_prompt = await self.collect(streams, req.n, raw)
+            choices, num_prompt, prompt_lps = await self.collect(streams, req.n, raw)
         except ClientDisconnected:
             return Response(status_code=499)
-        return JSONResponse(self._response(choices, num_prompt, req, request_id, model, created, echo))
+        if echo_only:
+            for choice in choices:
+                choice.text, choice.token_ids, choice.logprobs = [], [], []
+        return JSONResponse(self._response(choices, num_prompt, prompt_lps, prompts, req, request_id, model, created, echo))
 
     async def _prompts(self, req: CompletionRequest) -> list[dict[str, Any]]:
         prompt = req.prompt
@@ -128,13 +152,18 @@ class ServingCompletions(ServingBase):
             return prompt["prompt"]
         return await self.tokenizer("echo", "echo").decode(prompt["prompt_token_ids"])
 
-    def _response(self, choices: list[ChoiceState], num_prompt: list[int], req: CompletionRequest,
-                  request_id: str, model: str, created: int, echo: list[str]) -> dict[str, Any]:
+    def _response(self, choices: list[ChoiceState], num_prompt: list[int], prompt_lps: list, prompts: list[dict],
+                  req: CompletionRequest, request_id: str, model: str, created: int, echo: list[str]) -> dict[str, Any]:
         out = []
         for idx, choice in enumerate(choices):
             prefix = echo[idx // req.n]
             logprobs = None
-            if req.logprobs is not None:
+            if req.logprobs is not None and req.echo:
+                builder = CompletionLogprobs(self, req.logprobs, 0)
+                plp = prompt_lps[idx // req.n] or []
+                logprobs = _concat(builder.build_prompt(prompts[idx // req.n]["prompt_token_ids"], plp),
+                                   builder.build(choice.token_ids, choice.logprobs))
+            elif req.logprobs is not None:
                 logprobs = CompletionLogprobs(self, req.logprobs, len(prefix)).build(choice.token_ids, choice.logprobs)
             out.append({"index": idx, "text": prefix + "".join(choice.text), "logprobs": logprobs,
                         "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
@@ -142,10 +171,13 @@ class ServingCompletions(ServingBase):
         return {"id": request_id, "object": "text_completion", "created": created, "model": model,
                 "choices": out, "usage": usage(sum(num_prompt), completion)}
 
-    async def _stream(self, streams: list, req: CompletionRequest, request_id: str, model: str,
-                      created: int, echo: list[str], include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(self, streams: list, req: CompletionRequest, request_id: str, model: str, created: int,
+                      echo: list[str], prompts: list[dict], echo_only: bool, include_usage: bool) -> AsyncIterator[str]:
         n = req.n
-        builders = [CompletionLogprobs(self, req.logprobs or 0, len(echo[i // n])) for i in range(len(streams) * n)]
+        start = 0 if req.echo and req.logprobs is not None else None  # prompt tokens carry the offsets
+        builders = [CompletionLogprobs(self, req.logprobs or 0, len(echo[i // n]) if start is None else 0)
+                    for i in range(len(streams) * n)]
+        prompt_lps: list = [None] * len(streams)
         echoed = [False] * (len(streams) * n)
         num_prompt = [0] * len(streams)
         num_completion = 0
@@ -153,16 +185,23 @@ class ServingCompletions(ServingBase):
         try:
             async for i, update in self.merged(streams):
                 num_prompt[i] = update.num_prompt_tokens
+                if update.prompt_logprobs is not None:
+                    prompt_lps[i] = update.prompt_logprobs
                 choices = []
                 for delta in update.outputs:
                     idx = i * n + delta.index
-                    text = delta.text
+                    if echo_only:
+                        delta.text, delta.token_ids, delta.logprobs = "", [], []
+                    text, logprobs, prompt_part = delta.text, None, None
                     if not echoed[idx]:
                         text, echoed[idx] = echo[i] + text, True
-                    num_completion += len(delta.token_ids)
-                    logprobs = None
+                        if start is not None:  # the prompt's logprobs come first, in the first chunk
+                            prompt_part = builders[idx].build_prompt(prompts[i]["prompt_token_ids"], prompt_lps[i] or [])
                     if req.logprobs is not None:
                         logprobs = builders[idx].build(delta.token_ids, delta.logprobs or [])
+                        if prompt_part is not None:
+                            logprobs = _concat(prompt_part, logprobs)
+                    num_completion += len(delta.token_ids)
                     choices.append({"index": idx, "text": text, "logprobs": logprobs,
                                     "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason})
                 if choices:
@@ -182,3 +221,7 @@ class ServingCompletions(ServingBase):
             for stream in streams:
                 stream.close()
         yield SSE_DONE
+
+
+def _concat(first: dict[str, list], second: dict[str, list]) -> dict[str, list]:
+    return {key: first[key] + second[key] for key in first}
