@@ -80,6 +80,14 @@ class RequestStream:
     async def _iterate(self) -> AsyncIterator[RequestUpdate]:
         while not self.finished:
             item = await self._queue.get()
+            # A consumer that fell behind (slow client, busy event loop) takes everything queued
+            # as one update, so it catches up in one chunk instead of one per engine step.
+            while isinstance(item, RequestUpdate) and not item.finished and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if isinstance(nxt, BaseException):
+                    self._queue.put_nowait(nxt)  # hand out what arrived before the error first
+                    break
+                item = _merge(item, nxt)
             if isinstance(item, BaseException):
                 self.finished = True
                 raise item
@@ -369,6 +377,22 @@ class AsyncEngine:
                 pass
             _call_soon(tracker.stream.loop, tracker.stream._put, exc)
         self._trackers.clear()
+
+
+def _merge(a: RequestUpdate, b: RequestUpdate) -> RequestUpdate:
+    """``a`` then ``b`` as one update (deltas of the same sequence concatenated, in order)."""
+    by_index = {d.index: d for d in a.outputs}
+    for d in b.outputs:
+        prev = by_index.get(d.index)
+        if prev is None:
+            by_index[d.index] = d
+            continue
+        by_index[d.index] = OutputDelta(
+            index=d.index, text=prev.text + d.text, token_ids=prev.token_ids + d.token_ids,
+            logprobs=(prev.logprobs or []) + (d.logprobs or []) if (prev.logprobs is not None or d.logprobs is not None) else None,
+            finish_reason=d.finish_reason, stop_reason=d.stop_reason, num_tokens=d.num_tokens)
+    return RequestUpdate(b.request_id, b.num_prompt_tokens, sorted(by_index.values(), key=lambda d: d.index),
+                         b.finished, a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs)
 
 
 def _deliver(items: list[tuple[RequestStream, RequestUpdate]]) -> None:
