@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -450,6 +455,44 @@ def test_server_without_tokenizer_takes_token_ids_only(stack):
         resp = httpx.post(server.url + path, json=body)
         assert resp.status_code == 400 and resp.json()["error"]["param"] == param, (path, resp.text)
         assert "tokenizer" in resp.json()["error"]["message"]
+
+
+def test_cli_starts_when_warm_authenticates_and_stops_on_sigint(stack):
+    """``python -m jaxpaged.serve`` as a user runs it: the port opens only after warm-up, the key
+    (from the environment) guards the API and never reaches the log, SIGINT stops it cleanly."""
+    env = dict(os.environ, JAXPAGED_API_KEY=API_KEY, PYTHONPATH=os.getcwd())
+    cmd = [sys.executable, "-m", "jaxpaged.serve", "--model", stack.engine.model_path, "--port", "0",
+           "--max-model-len", "64", "--max-num-seqs", "2", "--max-num-batched-tokens", "32", "--block-size", "8",
+           "--served-model-name", "cli-model"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "server exited early:\n" + "".join(log)
+            log.append(line)
+            match = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+            if match:
+                url = match.group(1)
+                break
+        text = "".join(log)
+        assert "engine ready" in text and "KV blocks" in text and "programs compiled" in text
+        assert text.index("engine ready") < text.index("Uvicorn running")  # warm before the port opens
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/v1/models", headers=auth).json()["data"][0]["id"] == "cli-model"
+        out = httpx.post(url + C, headers=auth, json={"prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
+        assert out.json()["usage"]["completion_tokens"] == 3
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        log.append(rest)
+        assert proc.returncode == 0 and "server stopped" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert API_KEY not in "".join(log)
 
 
 class StreamInBackground:

@@ -186,6 +186,8 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="seconds in-flight requests get to finish on shutdown before they are aborted")
     parser.add_argument("--metrics-require-auth", action=argparse.BooleanOptionalAction, default=False,
                         help="also require the API key on /metrics (default: /metrics is open, as in vLLM)")
+    parser.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                        help="seconds an idle keep-alive connection stays open (uvicorn's and vLLM's default: 5)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--disable-access-log", action="store_true")
     EngineArgs.add_cli_args(parser)
@@ -256,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     async_engine.start()
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    access_log=not args.disable_access_log, timeout_graceful_shutdown=config.shutdown_timeout)
+                    access_log=not args.disable_access_log, timeout_graceful_shutdown=config.shutdown_timeout,
+                    timeout_keep_alive=args.timeout_keep_alive)
     finally:
         # uvicorn has drained (or cancelled) the HTTP requests; abort whatever the engine still holds
         async_engine.shutdown(timeout=0.0)
