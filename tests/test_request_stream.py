@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from jaxpaged.server.async_engine import EngineDeadError, OutputDelta, RequestStream, RequestUpdate
+from jaxpaged.server.async_engine import EngineDeadError
+from jaxpaged.server.request_stream import OutputDelta, RequestStream, RequestUpdate
 
 
 class _Owner:

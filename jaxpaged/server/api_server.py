@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import uvicorn
 from fastapi import FastAPI

@@ -15,18 +15,11 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request
 
 from jaxpaged.sampling_params import SamplingParams
-from jaxpaged.server.async_engine import (
-    AsyncEngine,
-    EngineDeadError,
-    EngineOverloadedError,
-    OutputDelta,
-    RequestAbortedError,
-    RequestStream,
-    RequestUpdate,
-)
+from jaxpaged.server.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError, RequestAbortedError
 from jaxpaged.server.errors import APIError, bad_request
 from jaxpaged.server.metrics import ServerMetrics
 from jaxpaged.server.protocol import SamplingRequest
+from jaxpaged.server.request_stream import OutputDelta, RequestStream, RequestUpdate
 from jaxpaged.server.server_config import ModelInfo, ServerConfig
 from jaxpaged.server.server_tokenizer import ServerTokenizer
 
