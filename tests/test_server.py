@@ -153,6 +153,10 @@ def test_streaming_completion_with_usage(client):
     assert all(c.usage is None for c in text_chunks)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 9
     assert chunks[-1].usage.prompt_tokens == final.usage.prompt_tokens
+    running = list(client.completions.create(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True},
+                                             **kwargs))
+    counts = [c.usage.completion_tokens for c in running]
+    assert counts == sorted(counts) and counts[-1] == 9 and all(c.usage.prompt_tokens == final.usage.prompt_tokens for c in running)
 
 
 def test_chat_completions_plain_and_streaming(client, stack):

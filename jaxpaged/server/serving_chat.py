@@ -115,6 +115,7 @@ class ServingChat(ServingBase):
                       created: int, include_usage: bool) -> AsyncIterator[str]:
         base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
         extra = {"usage": None} if include_usage else {}
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         num_prompt = 0
         num_completion = 0
         try:
@@ -133,7 +134,10 @@ class ServingChat(ServingBase):
                     choices.append({"index": delta.index, "delta": body, "logprobs": logprobs,
                                     "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason})
                 if choices:
-                    yield sse(dict(base, choices=choices, **extra))
+                    chunk = dict(base, choices=choices, **extra)
+                    if continuous:  # vLLM's continuous_usage_stats: usage so far on every chunk
+                        chunk["usage"] = usage(num_prompt, num_completion)
+                    yield sse(chunk)
             if include_usage:
                 yield sse(dict(base, choices=[], usage=usage(num_prompt, num_completion)))
         except APIError as exc:

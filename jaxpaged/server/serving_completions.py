@@ -178,6 +178,7 @@ class ServingCompletions(ServingBase):
         builders = [CompletionLogprobs(self, req.logprobs or 0, len(echo[i // n]) if start is None else 0)
                     for i in range(len(streams) * n)]
         prompt_lps: list = [None] * len(streams)
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         echoed = [False] * (len(streams) * n)
         num_prompt = [0] * len(streams)
         num_completion = 0
@@ -206,7 +207,9 @@ class ServingCompletions(ServingBase):
                                     "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason})
                 if choices:
                     chunk = dict(base, choices=choices)
-                    if include_usage:
+                    if continuous:  # vLLM's continuous_usage_stats: usage so far on every chunk
+                        chunk["usage"] = usage(sum(num_prompt), num_completion)
+                    elif include_usage:
                         chunk["usage"] = None
                     yield sse(chunk)
             if include_usage:
