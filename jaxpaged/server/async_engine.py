@@ -1,0 +1,325 @@
+"""One engine loop thread serving many asyncio clients.
+
+``LLMEngine.step()`` is synchronous and single-threaded. ``AsyncEngine`` owns the one thread that
+calls it; clients (coroutines on any event loop) hand it adds and aborts through a thread-safe
+inbox and receive their results on their own ``asyncio.Queue``, fed with
+``loop.call_soon_threadsafe`` once per loop per step.
+
+The engine's ``RequestOutput`` is cumulative and may share lists with the engine's live state, so
+the loop thread turns it into deltas (``RequestUpdate``) right after ``step()`` returns: the event
+loop never reads engine-owned objects. Text that could be the start of a stop string is held back
+until the string is ruled out, so a streamed response never contains text the engine later cuts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+from jaxpaged.server.metrics import ServerMetrics
+from jaxpaged.server.request_stream import OutputDelta, RequestStream, RequestUpdate
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop thread has stopped (crashed or shut down); no request can be served."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """The bounded waiting queue is full."""
+
+
+class RequestAbortedError(RuntimeError):
+    """The request was aborted by the server (shutdown) before it finished."""
+
+
+class _DeltaTracker:
+    """Per-request state of the loop thread: how much of each sequence was already handed out."""
+
+    def __init__(self, stream: RequestStream, holdback: int) -> None:
+        self.stream = stream
+        self.holdback = holdback
+        self.sent_chars: dict[int, int] = {}
+        self.sent_tokens: dict[int, int] = {}
+        self.done: set[int] = set()
+        self.first_token_time: float | None = None
+        self.sent_prompt_logprobs = False
+
+    def prompt_logprobs(self, out: Any) -> list[dict[int, Any] | None] | None:
+        """The prompt logprobs, the first time they are complete."""
+        plp = getattr(out, "prompt_logprobs", None)
+        if self.sent_prompt_logprobs or plp is None or len(plp) < len(out.prompt_token_ids or ()):
+            return None
+        self.sent_prompt_logprobs = True
+        return [dict(entry) if entry is not None else None for entry in plp]
+
+    def delta(self, out: Any) -> OutputDelta | None:
+        idx = out.index
+        if idx in self.done:
+            return None
+        text, token_ids = out.text, out.token_ids
+        n_tok = len(token_ids)
+        finish = out.finish_reason
+        chars = self.sent_chars.get(idx, 0)
+        toks = self.sent_tokens.get(idx, 0)
+        visible = len(text) if finish is not None else max(chars, len(text) - self.holdback)
+        if visible <= chars and n_tok <= toks and finish is None:
+            return None
+        new_logprobs = None
+        if out.logprobs is not None:
+            new_logprobs = [dict(lp) for lp in out.logprobs[toks:n_tok]]
+        delta = OutputDelta(
+            index=idx,
+            text=text[chars:visible] if visible > chars else "",
+            token_ids=list(token_ids[toks:n_tok]),
+            logprobs=new_logprobs,
+            finish_reason=finish,
+            stop_reason=getattr(out, "stop_reason", None),
+            num_tokens=n_tok,
+        )
+        self.sent_chars[idx] = max(chars, visible)
+        self.sent_tokens[idx] = n_tok
+        if finish is not None:
+            self.done.add(idx)
+        return delta
+
+
+class AsyncEngine:
+    """Runs ``engine.step()`` on one thread; ``add_request`` / ``abort`` from any event loop."""
+
+    def __init__(self, engine: Any, metrics: ServerMetrics | None = None, idle_poll_s: float = 0.5) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self._idle_poll_s = idle_poll_s
+        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._num_pending_adds = 0
+        self._stats: dict[str, Any] = dict(engine.get_stats())
+        self._trackers: dict[str, _DeltaTracker] = {}  # engine thread only
+        self._thread: threading.Thread | None = None
+        self._dead: BaseException | None = None
+        self._accepting = True
+        self._stopping = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("AsyncEngine already started")
+        self._thread = threading.Thread(target=self._run, name="jaxpaged-engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    @property
+    def dead_reason(self) -> str | None:
+        if self._dead is not None:
+            return f"{type(self._dead).__name__}: {self._dead}"
+        if self._thread is None or not self._thread.is_alive():
+            return "the engine loop is not running"
+        return None
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stops taking requests, lets in-flight ones finish for up to ``timeout`` seconds, then
+        aborts the rest and stops the loop thread."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self.num_in_flight() > 0 and time.monotonic() < deadline and self.is_alive:
+            time.sleep(0.05)
+        self._stopping = True
+        self._inbox.put(("stop",))
+        if self._thread is not None:
+            self._thread.join(max(1.0, deadline - time.monotonic()))
+
+    # ------------------------------------------------------------------ client API (event loop)
+    async def add_request(
+        self, request_id: str, prompt: str | dict, params: Any, max_waiting: int | None = None
+    ) -> RequestStream:
+        """Hands a request to the loop and waits until the engine accepted it.
+
+        Raises the engine's ``ValueError`` for bad input, ``EngineOverloadedError`` when
+        ``max_waiting`` requests are already waiting, ``EngineDeadError`` when the loop is down.
+        """
+        if not self._accepting:
+            raise EngineDeadError("the server is shutting down")
+        reason = self.dead_reason
+        if reason is not None:
+            raise EngineDeadError(reason)
+        stream = RequestStream(self, request_id, asyncio.get_running_loop())
+        with self._lock:
+            waiting = self._num_pending_adds + int(self._stats.get("num_waiting", 0))
+            if max_waiting is not None and waiting >= max_waiting:
+                raise EngineOverloadedError(
+                    f"the server has {waiting} requests waiting (max_waiting_requests={max_waiting}); retry later"
+                )
+            self._num_pending_adds += 1
+        self._inbox.put(("add", stream, prompt, params))
+        try:
+            await stream._ack
+        except BaseException:
+            stream.close()  # cancelled while waiting, or rejected (aborting an unknown id is a no-op)
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def num_waiting(self) -> int:
+        with self._lock:
+            return self._num_pending_adds + int(self._stats.get("num_waiting", 0))
+
+    def num_in_flight(self) -> int:
+        with self._lock:
+            return self._num_pending_adds + len(self._trackers)
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's ``get_stats()`` as of the end of the last loop iteration."""
+        with self._lock:
+            return dict(self._stats)
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                busy = self.engine.has_unfinished_requests()
+                self._drain_inbox(block=not busy)
+                if self._stopping:
+                    break
+                if self.engine.has_unfinished_requests():
+                    self._publish(self.engine.step())
+                stats = dict(self.engine.get_stats())
+                with self._lock:
+                    self._stats = stats
+        except BaseException as exc:  # noqa: BLE001 - the loop must report any death
+            self._dead = exc
+            logger.exception("engine loop died")
+        finally:
+            if self._dead is None:
+                self._fail_all(RequestAbortedError("the server is shutting down; request aborted"))
+            else:
+                self._fail_all(EngineDeadError(self.dead_reason or "the engine loop stopped"))
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            cmd = self._inbox.get(timeout=self._idle_poll_s) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(cmd)
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            _, stream, prompt, params = cmd
+            error: BaseException | None = None
+            try:
+                self.engine.add_request(stream.request_id, prompt, params)
+            except Exception as exc:  # noqa: BLE001 - handed to the client, the loop goes on
+                error = exc
+            else:
+                self._trackers[stream.request_id] = _DeltaTracker(stream, _stop_holdback(params))
+            with self._lock:
+                self._num_pending_adds -= 1
+                if error is None:
+                    self._stats["num_waiting"] = int(self._stats.get("num_waiting", 0)) + 1
+            _call_soon(stream.loop, stream._settle_ack, error)
+        elif kind == "abort":
+            tracker = self._trackers.pop(cmd[1], None)
+            self.engine.abort_request(cmd[1])
+            if tracker is not None and self.metrics is not None:
+                self.metrics.observe_aborted()
+        elif kind == "stop":
+            self._stopping = True
+
+    def _publish(self, outputs: list[Any]) -> None:
+        now = time.monotonic()
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestUpdate]]] = {}
+        for out in outputs:
+            tracker = self._trackers.get(out.request_id)
+            if tracker is None:
+                continue  # aborted by its client after this step was scheduled
+            deltas = [d for d in (tracker.delta(o) for o in out.outputs) if d is not None]
+            finished = bool(out.finished)
+            prompt_logprobs = tracker.prompt_logprobs(out)
+            if not deltas and not finished and prompt_logprobs is None:
+                continue
+            if tracker.first_token_time is None and any(d.token_ids for d in deltas):
+                tracker.first_token_time = now
+                if self.metrics is not None:
+                    self.metrics.observe_first_token(now - tracker.stream.arrival)
+            num_prompt = len(out.prompt_token_ids) if out.prompt_token_ids is not None else 0
+            update = RequestUpdate(out.request_id, num_prompt, deltas, finished, prompt_logprobs)
+            if finished:
+                del self._trackers[out.request_id]
+                if self.metrics is not None:
+                    self._observe_finished(tracker, out, now)
+            by_loop.setdefault(tracker.stream.loop, []).append((tracker.stream, update))
+        for loop, items in by_loop.items():
+            if not _call_soon(loop, _deliver, items):
+                for stream, _ in items:  # the client's loop is gone: free the engine's blocks
+                    self._trackers.pop(stream.request_id, None)
+                    self.engine.abort_request(stream.request_id)
+
+    def _observe_finished(self, tracker: _DeltaTracker, out: Any, now: float) -> None:
+        lengths = [len(o.token_ids) for o in out.outputs]
+        first = tracker.first_token_time if tracker.first_token_time is not None else now
+        longest = max(lengths, default=0)
+        tpot = (now - first) / (longest - 1) if longest > 1 else None
+        reasons = [o.finish_reason or "abort" for o in out.outputs]
+        self.metrics.observe_finished(
+            e2e=now - tracker.stream.arrival,
+            tpot=tpot,
+            finish_reason=reasons[0] if reasons else "abort",
+            num_prompt_tokens=len(out.prompt_token_ids or ()),
+            num_generation_tokens=sum(lengths),
+        )
+
+    def _fail_all(self, exc: BaseException) -> None:
+        # Requests still in the inbox are rejected; running ones get the error on their queue.
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "add":
+                with self._lock:
+                    self._num_pending_adds -= 1
+                _call_soon(cmd[1].loop, cmd[1]._settle_ack, exc)
+        for rid, tracker in list(self._trackers.items()):
+            try:
+                self.engine.abort_request(rid)
+            except Exception:  # noqa: BLE001 - the engine may be what broke
+                pass
+            _call_soon(tracker.stream.loop, tracker.stream._put, exc)
+        self._trackers.clear()
+
+
+def _deliver(items: list[tuple[RequestStream, RequestUpdate]]) -> None:
+    for stream, update in items:
+        stream._put(update)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> bool:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:  # loop closed
+        return False
+
+
+def _stop_holdback(params: Any) -> int:
+    stop = getattr(params, "stop", None)
+    if not stop:
+        return 0
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    return max((len(s) for s in stops), default=1) - 1
