@@ -17,3 +17,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    # Each module compiles dozens of models and engines; XLA:CPU keeps every executable's code
+    # mapped, and a whole-suite process accumulating thousands of them crashed in the compiler.
+    yield
+    import gc
+
+    gc.collect()
+    jax.clear_caches()
