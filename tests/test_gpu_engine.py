@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.checkpoints import tiny_llama_checkpoint
+from tests.tiny_checkpoint import make_tiny_checkpoint
 
 pytestmark = pytest.mark.gpu
 
@@ -16,9 +16,9 @@ NEW = 24
 def setup(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    ckpt = tiny_llama_checkpoint(str(tmp_path_factory.mktemp("gpu") / "tiny"))
+    ckpt = make_tiny_checkpoint(str(tmp_path_factory.mktemp("gpu") / "tiny"))
     rng = np.random.default_rng(5)
-    prompts = [rng.integers(3, 700, n).tolist() for n in (3, 20, 7, 15, 1, 11)]
+    prompts = [rng.integers(5, 300, n).tolist() for n in (3, 20, 7, 15, 1, 11)]
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
     ref = []

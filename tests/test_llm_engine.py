@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jaxpaged import LLM, SamplingParams
-from tests.checkpoints import tiny_llama_checkpoint
+from tests.tiny_checkpoint import make_tiny_checkpoint
 
 NEW = 24
 PROMPT_LENS = [3, 20, 7, 15, 1, 11]
@@ -14,13 +14,13 @@ PROMPT_LENS = [3, 20, 7, 15, 1, 11]
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return tiny_llama_checkpoint(str(tmp_path_factory.mktemp("engine") / "tiny"))
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("engine") / "tiny"))
 
 
 @pytest.fixture(scope="module")
 def prompts():
     rng = np.random.default_rng(3)
-    return [rng.integers(3, 700, n).tolist() for n in PROMPT_LENS]
+    return [rng.integers(5, 300, n).tolist() for n in PROMPT_LENS]
 
 
 @pytest.fixture(scope="module")
