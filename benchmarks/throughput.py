@@ -111,7 +111,10 @@ def run_hf_cb(args, reqs) -> dict:
         res = manager.get_result(timeout=60)
         if res is None:
             raise RuntimeError(f"HF continuous batching stalled after {done} of {len(reqs)} requests")
-        if getattr(res, "status", None) is not None and "FINISHED" not in str(res.status):
+        # RequestStatus is an IntEnum: str() gives "3", not "FINISHED" (that check skipped every
+        # result and made the first GPU run look like a stall).
+        status = getattr(res, "status", None)
+        if status is not None and getattr(status, "name", "FINISHED") != "FINISHED":
             continue
         done += 1
         n_out += len(res.generated_tokens)
