@@ -266,11 +266,11 @@ class ModelRunner:
             ridx = np.zeros(num_rows, np.int32)
             ridx[: len(chunk)] = row_idx[a : a + self.max_rows]
             out = jax.device_get(self._sample(last, ridx, tensors, self._flags(profile)))
+            # Whole-array tolist() once: per-element NumPy indexing dominated this loop.
+            toks, lps, ranks = out.token_ids.tolist(), out.logprobs.tolist(), out.ranks.tolist()
+            top_ids, top_lps = out.topk_ids.tolist(), out.topk_logprobs.tolist()
             for j, sid in enumerate(seq_ids[a : a + self.max_rows]):
-                sampled[sid] = SampledToken(
-                    int(out.token_ids[j]), float(out.logprobs[j]), int(out.ranks[j]),
-                    out.topk_ids[j].tolist(), out.topk_logprobs[j].tolist(),
-                )
+                sampled[sid] = SampledToken(toks[j], lps[j], ranks[j], top_ids[j], top_lps[j])
         prompt_lp = self._prompt_logprobs_for(scheduled, hidden, bucket, get_row)
         return RunnerOutput(sampled, prompt_lp, num_tokens, bucket.num_tokens)
 

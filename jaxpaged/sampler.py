@@ -216,7 +216,9 @@ class SamplingTensors:
         presence = np.zeros(s, f32)
         frequency = np.zeros(s, f32)
         repetition = np.ones(s, f32)
-        keys = np.zeros((s, 2), np.uint32)
+        # One draw for every row (one generator call per step instead of one per row); seeded rows
+        # then overwrite theirs with keys that depend only on (seed, step).
+        keys = generator.integers(0, 1 << 32, size=(s, 2), dtype=np.uint64).astype(np.uint32)
         biases: list[dict[int, float]] = []
         for i, r in enumerate(rows):
             p = r.params
@@ -231,8 +233,6 @@ class SamplingTensors:
             repetition[i] = p.repetition_penalty
             if p.seed is not None:
                 keys[i] = seeded_prng_key(p.seed + r.sample_index, len(r.output_token_ids))
-            else:
-                keys[i] = generator.integers(0, 1 << 32, size=2, dtype=np.uint64).astype(np.uint32)
             bias = dict(p.logit_bias or {})
             for t in _banned_ids(p, len(r.output_token_ids), eos_token_id):
                 if t < vocab_size:
