@@ -310,7 +310,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one iteration; returns cumulative outputs of the requests that progressed."""
         sched = self.scheduler.schedule()
-        if not sched.scheduled and not sched.blocks_to_swap_out:
+        if not (sched.scheduled or sched.blocks_to_swap_out or sched.blocks_to_swap_in or sched.blocks_to_copy):
             return []
         out = self.runner.execute(sched, self._row)
         self._real_tokens += out.num_tokens
