@@ -21,7 +21,6 @@ all kept (vLLM's sort-and-scatter keeps an arbitrary subset of such ties).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 

@@ -28,7 +28,6 @@ from pallas_kernels.kernel_shapes import (
     LOG2E,
     MASK_VALUE,
     cdiv,
-    group_slopes,
     next_pow2,
     pad_block_tables,
     validate_kernel_inputs,
@@ -252,7 +251,6 @@ def _ragged_call(
     _, bs, hkv, _ = k_cache.shape
     G = Hq // hkv
     gp = next_pow2(G)
-    dp = next_pow2(D)
     S, mb = block_tables.shape
     bpi = blocks_per_iter
     num_tiles = cdiv(T, block_q) + S + 1

@@ -42,7 +42,6 @@ def _rel_err(out, ref) -> float:
 
 def _paged_case(rng, q_lens, ctx_lens, *, hq, hkv, d, bs, dtype, num_tokens=None, extra_blocks=3):
     """A NaN-poisoned paged cache holding ``ctx + q`` keys per sequence in shuffled blocks."""
-    S = len(q_lens)
     seq_lens = np.asarray(q_lens) + np.asarray(ctx_lens)
     nblocks = [-(-int(n) // bs) for n in seq_lens]
     max_blocks = max(1, max(nblocks)) + 1  # a spare column: padding entries (0) must stay unread

@@ -3,7 +3,6 @@ checked by writing an HF-native model's weights under the family's published ten
 config keys, loading that through our loader, and comparing with the HF-native model."""
 
 import numpy as np
-import pytest
 import torch
 
 from tests.parity_helpers import (NEW_TOKENS, assert_port_matches, hf_reference, make_hf_model, prompt_for,

@@ -272,7 +272,7 @@ def test_abort_in_every_state_frees_blocks(mode):
     a, b, c = (h.add(r, [9] * 7, max_tokens=10) for r in "abc")
     for _ in range(3):
         out = h.step()  # the third step preempts c
-    d = h.add("d", [8] * 5)  # waiting
+    h.add("d", [8] * 5)  # waiting
     assert out.preempted_seq_ids == [c.seqs[0].seq_id]
     out = h.sched.schedule()
     assert h.sched.abort_request("a") is a  # running, with a row in flight
