@@ -153,7 +153,7 @@ class AsyncEngine:
             raise EngineDeadError(reason)
         stream = RequestStream(self, request_id, asyncio.get_running_loop())
         with self._lock:
-            waiting = self._num_pending_adds + int(self._stats.get("num_waiting", 0))
+            waiting = self._num_queued_beyond_capacity()
             if max_waiting is not None and waiting >= max_waiting:
                 raise EngineOverloadedError(
                     f"the server has {waiting} requests waiting (max_waiting_requests={max_waiting}); retry later"
@@ -170,9 +170,18 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    def _num_queued_beyond_capacity(self) -> int:
+        # Requests handed over but not yet seen by the engine would mostly start at once while the
+        # batch has free sequence slots: only what exceeds those slots is "waiting". Counting every
+        # pending add made a burst's admissions depend on how often the engine thread ran.
+        queued = self._num_pending_adds + int(self._stats.get("num_waiting", 0))
+        max_seqs = getattr(getattr(self.engine, "scheduler", None), "max_num_seqs", 0)
+        free_slots = max(0, max_seqs - int(self._stats.get("num_running_seqs", 0)))
+        return max(0, queued - free_slots)
+
     def num_waiting(self) -> int:
         with self._lock:
-            return self._num_pending_adds + int(self._stats.get("num_waiting", 0))
+            return self._num_queued_beyond_capacity()
 
     def num_in_flight(self) -> int:
         with self._lock:
