@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from jaxpaged.engine_args import EngineArgs
 from jaxpaged.llm_engine import LLMEngine
 from jaxpaged.outputs import RequestOutput
-from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -85,6 +85,8 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts")
+        # Offline generation only reads finished outputs: skip building the per-step ones.
+        params_list = [_final_only(p) for p in params_list]
         engine = self.llm_engine
         ids = [str(next(self._counter)) for _ in prompts]
         added: list[str] = []
@@ -142,3 +144,9 @@ class LLM:
         finally:
             bar.close()
         return [done[i] for i in ids]
+
+
+def _final_only(params: SamplingParams) -> SamplingParams:
+    final = params.clone()  # the caller's object is left as it was
+    final.output_kind = RequestOutputKind.FINAL_ONLY
+    return final

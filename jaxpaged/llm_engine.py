@@ -17,7 +17,7 @@ from jaxpaged.engine_args import EngineArgs
 from jaxpaged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxpaged.request import Request, Sequence
 from jaxpaged.sampler import SamplingRow, build_logprob_dict
-from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 from jaxpaged.detokenizer import IncrementalDetokenizer, check_stop, decode_logprob_tokens, stop_buffer_length
 
 logger = logging.getLogger("jaxpaged")
@@ -326,8 +326,10 @@ class LLMEngine:
                 st = self._states.get(seq.seq_id)
                 if st is not None:
                     self._process_new_tokens(st)
-            results.append(self._request_output(req))
-            if req.is_finished():
+            finished = req.is_finished()
+            if finished or req.sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
+                results.append(self._request_output(req))
+            if finished:
                 for seq in req.seqs:
                     self._states.pop(seq.seq_id, None)
         return results

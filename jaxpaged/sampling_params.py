@@ -12,6 +12,13 @@ from typing import Any
 SAMPLING_EPS = 1e-5
 
 
+class RequestOutputKind(enum.IntEnum):
+    """Which outputs ``LLMEngine.step`` emits for a request (vLLM's names)."""
+
+    CUMULATIVE = 0  # every step: everything so far
+    FINAL_ONLY = 2  # only when the request finishes (what offline ``LLM.generate`` needs)
+
+
 class SamplingType(enum.IntEnum):
     """How a request draws its tokens."""
 
@@ -63,6 +70,7 @@ class SamplingParams:
         spaces_between_special_tokens: join special tokens with spaces (slow tokenizers only, as vLLM).
         logit_bias: token id -> value added to that token's logit before sampling.
         detokenize: produce output text (stop strings need it).
+        output_kind: CUMULATIVE (an output every step) or FINAL_ONLY (only the finished one).
     """
 
     n: int = 1
@@ -86,6 +94,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     detokenize: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Stop ids plus EOS ids, kept even when ignore_eos (min_tokens suppresses them all).
     _all_stop_token_ids: set[int] = field(default_factory=set, init=False, repr=False)
 

@@ -207,3 +207,19 @@ def test_stop_strings_and_stop_tokens(ckpt, prompts):
     assert out.token_ids == base.token_ids[: base.token_ids.index(stop_tok) + 1]
     assert out.finish_reason == "stop" and out.stop_reason == stop_tok
     assert tok is not None
+
+
+def test_output_kinds(ckpt, prompts):
+    from jaxpaged.sampling_params import RequestOutputKind
+
+    llm = LLM(ckpt, dtype="float32", max_num_seqs=4, max_num_batched_tokens=32)
+    engine = llm.llm_engine
+    engine.add_request("cum", {"prompt_token_ids": prompts[1]}, SamplingParams(max_tokens=5, ignore_eos=True))
+    engine.add_request("final", {"prompt_token_ids": prompts[2]},
+                       SamplingParams(max_tokens=5, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY))
+    seen: dict[str, list] = {"cum": [], "final": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append((out.finished, len(out.outputs[0].token_ids)))
+    assert seen["cum"] == [(False, 1), (False, 2), (False, 3), (False, 4), (True, 5)]
+    assert seen["final"] == [(True, 5)]
