@@ -52,6 +52,7 @@ class LLMEngine:
         from jaxpaged.model_loader import load_model, read_hf_config
         from jaxpaged.model_runner import ModelRunner
         from jaxpaged.scheduler import Scheduler
+        from pallas_kernels import default_attention_backend
 
         self.args = args
         self.compilations = CompilationCounter()
@@ -67,7 +68,7 @@ class LLMEngine:
         hf_config = read_hf_config(self.model_path)
         self.tokenizer = None if args.skip_tokenizer_init else self._load_tokenizer(args.tokenizer or self.model_path)
 
-        backend = args.attention_backend or _default_attention_backend(on_gpu)
+        backend = args.attention_backend or default_attention_backend()
         t0 = time.perf_counter()
         self.lm = load_model(self.model_path, dtype=args.dtype, load_format=args.load_format,
                              attention_backend=backend, seed=args.seed)
@@ -416,11 +417,3 @@ class LLMEngine:
             "num_compilations": self.compilations.count,
             "num_compilations_after_warmup": self.compilations.count - self.num_compilations_at_ready,
         }
-
-
-def _default_attention_backend(on_gpu: bool) -> str:
-    try:
-        from pallas_kernels import default_attention_backend
-    except ImportError:
-        return "reference"
-    return default_attention_backend()
