@@ -21,7 +21,13 @@ class Bucket:
     decode_only: bool = False
 
 
-def _geometric_range(lo: int, hi: int, growth: int = 2) -> list[int]:
+def next_pow2(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(n, minimum): every padded size in the engine."""
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def geometric_range(lo: int, hi: int, growth: int = 2) -> list[int]:
+    """lo, lo * growth, ... below hi, then hi itself."""
     out, n = [], lo
     while n < hi:
         out.append(n)
@@ -45,10 +51,10 @@ def make_buckets(
     that padding for fewer programs to compile.
     """
     lo = min(min_mixed_tokens or min_tokens, max_num_batched_tokens)
-    buckets = [Bucket(t, min(t, max_num_seqs)) for t in _geometric_range(lo, max_num_batched_tokens)]
+    buckets = [Bucket(t, min(t, max_num_seqs)) for t in geometric_range(lo, max_num_batched_tokens)]
     if with_decode_buckets:
         top = min(max_num_seqs, max_num_batched_tokens)
-        buckets += [Bucket(s, s, True) for s in _geometric_range(min(min_tokens, top), top, decode_growth)]
+        buckets += [Bucket(s, s, True) for s in geometric_range(min(min_tokens, top), top, decode_growth)]
     return sorted(set(buckets))
 
 

@@ -15,11 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged.buckets import geometric_range, next_pow2
+
 KVCaches = list[tuple[jax.Array, jax.Array]]
-
-
-def _pow2_at_least(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -69,7 +67,7 @@ class KVCache:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * np.dtype(dtype).itemsize
 
     def _pad(self, idx: list[int], fill: int) -> np.ndarray:
-        out = np.full(_pow2_at_least(len(idx)), fill, np.int32)
+        out = np.full(next_pow2(len(idx)), fill, np.int32)
         out[: len(idx)] = idx
         return out
 
@@ -93,7 +91,7 @@ class KVCache:
         """Copies host blocks back to device blocks: (host block, device block) pairs."""
         if not pairs:
             return
-        n = _pow2_at_least(len(pairs))
+        n = next_pow2(len(pairs))
         data = np.zeros(self.host.shape[:2] + (n,) + self.host.shape[3:], self.host.dtype)
         data[:, :, : len(pairs)] = self.host[:, :, [h for h, _ in pairs]]
         idx = self._pad([d for _, d in pairs], self.num_blocks)
@@ -101,8 +99,7 @@ class KVCache:
 
     def warm_up(self, max_pairs: int) -> None:
         """Compiles the block programs for every padded size up to ``max_pairs``."""
-        n = 1
-        while True:
+        for n in geometric_range(1, next_pow2(max_pairs)):
             # Destinations past the pool: the programs compile and run, nothing changes.
             # NumPy inputs, as in serving: a jnp.asarray would compile a staging program per shape.
             src = self._pad([0] * n, 0)
@@ -111,6 +108,3 @@ class KVCache:
             if self.host is not None:
                 data = np.asarray(_gather_blocks(self.caches, src))
                 self.caches = _scatter_blocks(self.caches, dst, data)
-            if n >= max_pairs:
-                break
-            n *= 2

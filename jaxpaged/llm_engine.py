@@ -7,6 +7,7 @@ check stop conditions → detokenize incrementally and check stop strings → em
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -195,6 +196,7 @@ class LLMEngine:
         import jax.numpy as jnp
 
         from jaxpaged.attention_metadata import AttentionMetadata
+        from jaxpaged.model_runner import forward_step
 
         cfg = self.lm.config
         MB = -(-self.max_model_len // block_size)
@@ -203,10 +205,7 @@ class LLMEngine:
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
         md = AttentionMetadata(i32(T), i32(S + 1), i32(S), i32(S, MB), i32(S))
 
-        def fwd(params, caches, ids, pos, md):
-            h, c = self.lm.model.apply({"params": params}, ids, pos, caches, md)
-            return self.lm.model.apply({"params": params}, h[md.logits_indices], method="compute_logits"), c
-
+        fwd = functools.partial(forward_step, self.lm.model)  # the runner's step, before its KV pool exists
         compiled = jax.jit(fwd, donate_argnums=(1,)).lower(self.lm.params, caches, i32(T), i32(T), md).compile()
         mem = compiled.memory_analysis()
         return int(getattr(mem, "temp_size_in_bytes", 0) + getattr(mem, "output_size_in_bytes", 0))

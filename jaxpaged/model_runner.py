@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpaged.attention_metadata import AttentionMetadata
-from jaxpaged.buckets import Bucket, make_buckets, pick_bucket
+from jaxpaged.buckets import Bucket, geometric_range, make_buckets, next_pow2, pick_bucket
 from jaxpaged.kv_cache import KVCache
 from jaxpaged.model_loader import LoadedModel
 from jaxpaged.sampler import (
@@ -62,8 +62,11 @@ class RunnerOutput:
     num_padded_tokens: int  # tokens of the bucket actually run
 
 
-def _pow2(n: int, minimum: int) -> int:
-    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+def forward_step(model: Any, params: Any, caches: Any, input_ids, positions, md: AttentionMetadata):
+    """One forward pass: (last-token logits [S, V] float32, hidden [T, H], updated caches)."""
+    hidden, caches = model.apply({"params": params}, input_ids, positions, caches, md)
+    last = model.apply({"params": params}, hidden[md.logits_indices], method="compute_logits")
+    return last, hidden, caches
 
 
 class ModelRunner:
@@ -102,9 +105,9 @@ class ModelRunner:
             max_num_batched_tokens, max_num_seqs, with_decode_buckets,
             min_mixed_tokens=256 if with_decode_buckets else None, decode_growth=4 if with_decode_buckets else 2,
         )
-        self.max_rows = _pow2(max(b.num_seqs for b in self.buckets), 8)
+        self.max_rows = next_pow2(max(b.num_seqs for b in self.buckets), 8)
         self.generator = np.random.default_rng(seed)
-        self.history_width = _pow2(max_model_len, 16)
+        self.history_width = next_pow2(max_model_len, 16)
         self.bias_width = 64
         self._step = jax.jit(self._step_impl, donate_argnums=(1,))
         self._sample = jax.jit(self._sample_impl, static_argnums=(3,))
@@ -112,8 +115,7 @@ class ModelRunner:
 
     # ---- device programs ------------------------------------------------------------------
     def _step_impl(self, params, caches, input_ids, positions, md: AttentionMetadata):
-        hidden, caches = self.lm.model.apply({"params": params}, input_ids, positions, caches, md)
-        last = self.lm.model.apply({"params": params}, hidden[md.logits_indices], method="compute_logits")
+        last, hidden, caches = forward_step(self.lm.model, params, caches, input_ids, positions, md)
         # Pad to a fixed row count so the sampler compiles per row bucket only, not per step bucket.
         last = jnp.pad(last, ((0, self.max_rows - last.shape[0]), (0, 0)))
         return last, hidden, caches
@@ -158,22 +160,13 @@ class ModelRunner:
         jobs: list[tuple[str, Callable[[], None]]] = []
         for b in self.buckets:
             jobs.append((f"step {b}", functools.partial(self._warm_step, b)))
-        rows = self.max_rows
-        row_sizes = []
-        n = 8
-        while True:
-            row_sizes.append(min(n, rows))
-            if n >= rows:
-                break
-            n *= 2
-        for r in row_sizes:
+        for r in geometric_range(8, self.max_rows):
             for profile in (self.GREEDY, self.RANDOM, self.FULL):
                 jobs.append((f"sampler {profile} rows={r}", functools.partial(self._warm_sampler, r, profile)))
-        if self.max_logprobs >= 0:
-            for b in self.buckets:
-                if not b.decode_only:
-                    jobs.append((f"prompt logprobs {b.num_tokens}", functools.partial(self._warm_prompt_lp, b.num_tokens)))
-        jobs.append(("kv block programs", lambda: self.kv.warm_up(_pow2(self.max_blocks_per_seq, 1))))
+        for b in self.buckets:
+            if not b.decode_only:  # decode steps never carry prompt tokens
+                jobs.append((f"prompt logprobs {b.num_tokens}", functools.partial(self._warm_prompt_lp, b.num_tokens)))
+        jobs.append(("kv block programs", lambda: self.kv.warm_up(self.max_blocks_per_seq)))
         for i, (name, job) in enumerate(jobs):
             if progress:
                 progress(name, i, len(jobs))
@@ -260,7 +253,7 @@ class ModelRunner:
         # More rows than the largest row bucket only happens when several requests fork at once.
         for a in range(0, len(rows), self.max_rows):
             chunk = rows[a : a + self.max_rows]
-            num_rows = _pow2(len(chunk), 8)
+            num_rows = next_pow2(len(chunk), 8)
             profile = self._profile_for(chunk)
             tensors = self._tensors(chunk, num_rows, profile)
             ridx = np.zeros(num_rows, np.int32)
