@@ -37,8 +37,9 @@ def kernel_times(trace_dir: str, iters: int) -> dict[str, float]:
             continue
         print(f"  [trace] {plane.name}: lines {[line.name for line in plane.lines]}")
         for line in plane.lines:
-            # One line per CUDA stream; "XLA Ops"/"XLA Modules" lines repeat the same time.
-            if "stream" not in line.name.lower() or "memcpy" in line.name.lower():
+            # One line per CUDA stream (kernels run on the "Compute" one); "XLA Ops"/"XLA Modules"
+            # lines would repeat the same time.
+            if "compute" not in line.name.lower():
                 continue
             for ev in line.events:
                 totals[ev.name] += ev.duration_ns / 1e6 / iters

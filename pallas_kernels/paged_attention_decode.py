@@ -77,7 +77,7 @@ def _decode_kernel(
     q_ref, k_ref, v_ref, bt_ref, sl_ref, *rest,
     block_size: int, blocks_per_iter: int, blocks_per_split: int, num_splits: int,
     head_dim: int, scale: float, sliding_window: int | None, soft_cap: float | None,
-    has_alibi: bool, exact_dot: bool, heads_fastest: bool,
+    has_alibi: bool, exact_dot: bool, heads_fastest: bool, head_major: bool,
 ):
     if has_alibi:
         slopes_ref, *out_refs = rest
@@ -114,7 +114,8 @@ def _decode_kernel(
 
     def load_tile(ref, ids, valid):
         # Every index is a full-shape array: the same gather lowers on Triton and in interpret mode.
-        idx = (jnp.broadcast_to(ids[:, None, None], (bpi, bs, dp)), row3, h, dcol)
+        bid = jnp.broadcast_to(ids[:, None, None], (bpi, bs, dp))
+        idx = (bid, h, row3, dcol) if head_major else (bid, row3, h, dcol)
         mask = jnp.broadcast_to(valid[:, :, None], (bpi, bs, dp))
         if pad_d:
             mask = mask & (dcol < head_dim)
@@ -179,16 +180,18 @@ def merge_splits(o: jnp.ndarray, m: jnp.ndarray, l: jnp.ndarray) -> jnp.ndarray:
     jax.jit,
     static_argnames=(
         "scale", "sliding_window", "logits_soft_cap", "blocks_per_iter", "num_splits",
-        "num_warps", "num_stages", "interpret", "heads_fastest",
+        "num_warps", "num_stages", "interpret", "heads_fastest", "head_major",
     ),
 )
 def _decode_call(
     q, k_cache, v_cache, seq_lens, block_tables, alibi_slopes, *,
     scale, sliding_window, logits_soft_cap, blocks_per_iter, num_splits, num_warps, num_stages,
-    interpret, heads_fastest,
+    interpret, heads_fastest, head_major,
 ):
     S, Hq, D = q.shape
     _, bs, hkv, _ = k_cache.shape
+    if head_major:
+        hkv, bs = bs, hkv
     G = Hq // hkv
     gp = max(16, next_pow2(G))
     dp = next_pow2(D)
@@ -204,7 +207,7 @@ def _decode_call(
         _decode_kernel, block_size=bs, blocks_per_iter=bpi, blocks_per_split=blocks_per_split,
         num_splits=num_splits, head_dim=D, scale=scale, sliding_window=sliding_window,
         soft_cap=logits_soft_cap, has_alibi=has_alibi, exact_dot=q.dtype == jnp.float32,
-        heads_fastest=heads_fastest,
+        heads_fastest=heads_fastest, head_major=head_major,
     )
     # Grid axis 0 launches fastest; index maps below take (sequence, kv head, split).
     if heads_fastest:
@@ -266,6 +269,7 @@ def paged_attention_decode(
     num_warps: int = 4,
     num_stages: int = 3,
     heads_fastest: bool = False,
+    head_major: bool = False,
     interpret: bool = False,
 ) -> jnp.ndarray:
     """Decode attention: q [S, Hq, D] (one token per sequence) over the paged caches -> [S, Hq, D].
@@ -279,6 +283,8 @@ def paged_attention_decode(
         raise ValueError(f"q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}: expected [S, Hq, D] and equal 4-D caches")
     S, Hq, D = q.shape
     _, bs, hkv, dk = k_cache.shape
+    if head_major:
+        hkv, bs = bs, hkv
     if dk != D:
         raise ValueError(f"head_dim mismatch: q {D} vs cache {dk}")
     if Hq % hkv:
@@ -303,5 +309,5 @@ def paged_attention_decode(
         q, k_cache, v_cache, seq_lens, block_tables, alibi_slopes,
         scale=float(scale), sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
         blocks_per_iter=bpi, num_splits=splits, num_warps=num_warps, num_stages=num_stages,
-        interpret=interpret, heads_fastest=heads_fastest,
+        interpret=interpret, heads_fastest=heads_fastest, head_major=head_major,
     )
