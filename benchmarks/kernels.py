@@ -149,43 +149,38 @@ def run_decode(copy_bw, args, results, sweep):
                 del q, kc, vc, tables
 
 
-def run_decode_layout(copy_bw, args, results):
-    """Token-major [blocks, bs, Hkv, D] (the engine's) vs head-major [blocks, Hkv, bs, D] caches
-    for the decode kernel, with tuning variants, at the shapes where the KV read dominates."""
+def run_decode_variants(copy_bw, args, results):
+    """Decode-kernel variants at the shapes where the KV read dominates: register prefetch of the
+    next KV tile, warps, keys per step, pipelining stages, and the head-major cache layout
+    ``[blocks, Hkv, bs, D]`` against the engine's token-major ``[blocks, bs, Hkv, D]``."""
     d = 128
-    variants = [dict(), dict(num_warps=2), dict(num_warps=8), dict(blocks_per_iter=2), dict(blocks_per_iter=8),
-                dict(num_stages=2), dict(num_stages=4)]
+    variants = [dict(), dict(num_warps=2), dict(head_major=True), dict(prefetch=True),
+                dict(prefetch=True, num_warps=2), dict(prefetch=True, num_warps=8),
+                dict(prefetch=True, blocks_per_iter=8), dict(prefetch=True, blocks_per_iter=2),
+                dict(prefetch=True, num_stages=1), dict(prefetch=True, blocks_per_iter=8, num_warps=8)]
     for S, ctx, hq, hkv, bs in [(64, 2048, 32, 32, 16), (256, 512, 32, 32, 16), (64, 2048, 32, 8, 16),
-                                (64, 2048, 32, 32, 32)]:
+                                (8, 8192, 32, 8, 16)]:
         q, kc, vc, sl, tables, kv_bytes = make_decode_inputs(jax.random.key(S + ctx), S, ctx, hq, hkv, d, bs)
+        khm, vhm = jnp.transpose(kc, (0, 2, 1, 3)), jnp.transpose(vc, (0, 2, 1, 3))
         moved = kv_bytes + 2 * q.nbytes
         ref = None
-        for head_major in (False, True):
-            if head_major:
-                kc, vc = jnp.transpose(kc, (0, 2, 1, 3)), jnp.transpose(vc, (0, 2, 1, 3))
-            for v in variants:
-                if bs == 32 and v.get("blocks_per_iter") == 8:
-                    continue
-                v = dict(v, head_major=head_major)
-                if bs == 32 and "blocks_per_iter" not in v:
-                    v["blocks_per_iter"] = 2
-                fn = jax.jit(lambda q, kc, vc, sl, bts, v=v: [
-                    paged_attention_decode(q, kc, vc, sl, bt, scale=d**-0.5, **v) for bt in bts])
-                try:
-                    out = fn(q, kc, vc, sl, tables)[0]
-                    if ref is None:
-                        ref = out
-                    err = float(jnp.max(jnp.abs((out - ref).astype(jnp.float32))))
-                    t, _ = bench(fn, [(q, kc, vc, sl, tables)])
-                    t /= len(tables)
-                    row = dict(kind="decode_layout", batch=S, ctx=ctx, hq=hq, hkv=hkv, block_size=bs, variant=v,
-                               ms=t * 1e3, TBps=moved / t / 1e12, frac_copy=moved / t / copy_bw, max_abs_diff=err)
-                except Exception as e:  # noqa: BLE001
-                    row = dict(kind="decode_layout", batch=S, ctx=ctx, hq=hq, hkv=hkv, block_size=bs, variant=v,
-                               error=f"{type(e).__name__}: {str(e)[:200]}")
-                results.append(row)
-                print(json.dumps(row), flush=True)
-        del q, kc, vc, tables
+        for v in variants:
+            caches = (khm, vhm) if v.get("head_major") else (kc, vc)
+            fn = jax.jit(lambda q, kc, vc, sl, bts, v=v: [
+                paged_attention_decode(q, kc, vc, sl, bt, scale=d**-0.5, **v) for bt in bts])
+            row = dict(kind="decode_variant", batch=S, ctx=ctx, hq=hq, hkv=hkv, block_size=bs, variant=v)
+            try:
+                out = fn(q, *caches, sl, tables)[0]
+                ref = out if ref is None else ref
+                t, _ = bench(fn, [(q, *caches, sl, tables)])
+                t /= len(tables)
+                row.update(ms=t * 1e3, TBps=moved / t / 1e12, frac_copy=moved / t / copy_bw,
+                           max_abs_diff=float(jnp.max(jnp.abs((out - ref).astype(jnp.float32)))))
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        del q, kc, vc, khm, vhm, tables
 
 
 def run_prefill(mm_rate, args, results, sweep):
@@ -311,8 +306,8 @@ def main() -> None:
         run_prefill(mm_rate, args, results, args.sweep)
     if "decode" in only:
         run_decode(copy_bw, args, results, args.sweep)
-    if "layout" in only:
-        run_decode_layout(copy_bw, args, results)
+    if "decode_variants" in only:
+        run_decode_variants(copy_bw, args, results)
     txt = table(results, copy_bw, mm_rate)
     meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, argv=sys.argv,
                 copy_TBps=copy_bw / 1e12, matmul_TFLOPs=mm_rate / 1e12, seconds=time.time() - t0,

@@ -77,7 +77,7 @@ def _decode_kernel(
     q_ref, k_ref, v_ref, bt_ref, sl_ref, *rest,
     block_size: int, blocks_per_iter: int, blocks_per_split: int, num_splits: int,
     head_dim: int, scale: float, sliding_window: int | None, soft_cap: float | None,
-    has_alibi: bool, exact_dot: bool, heads_fastest: bool, head_major: bool,
+    has_alibi: bool, exact_dot: bool, heads_fastest: bool, head_major: bool, prefetch: bool,
 ):
     if has_alibi:
         slopes_ref, *out_refs = rest
@@ -121,16 +121,21 @@ def _decode_kernel(
             mask = mask & (dcol < head_dim)
         return plgpu.load(ref.at[idx], mask=mask, other=0).reshape(n, dp)
 
-    def body(i, carry):
-        acc, m_prev, l_prev = carry
+    def tile_keys(i):
         blk0 = lo + i * bpi
-        ids = bt_ref[s, pl.ds(blk0, bpi)]
         tok2 = (blk0 + blk) * bs + row  # [bpi, bs]
         valid2 = tok2 < end_tok
         if sliding_window is not None:
             valid2 = valid2 & (tok2 >= start_tok)
-        k = load_tile(k_ref, ids, valid2)
-        v = load_tile(v_ref, ids, valid2)
+        return blk0, tok2, valid2
+
+    def fetch(i):
+        blk0, _, valid2 = tile_keys(i)
+        ids = bt_ref[s, pl.ds(blk0, bpi)]
+        return load_tile(k_ref, ids, valid2), load_tile(v_ref, ids, valid2)
+
+    def attend(i, k, v, acc, m_prev, l_prev):
+        _, tok2, valid2 = tile_keys(i)
         logits = plgpu.dot(q, k, trans_b=True, precision=precision)  # [gp, n] f32
         if soft_cap is None and not has_alibi:
             logits = logits * (scale * LOG2E)
@@ -153,7 +158,20 @@ def _decode_kernel(
     acc = jnp.zeros((gp, dp), jnp.float32)
     m = jnp.full((gp,), MASK_VALUE, jnp.float32)
     l = jnp.zeros((gp,), jnp.float32)
-    acc, m, l = jax.lax.fori_loop(0, num_iters, body, (acc, m, l))
+    if prefetch:
+        # Register double buffering: the next tile's loads are issued before this tile's math,
+        # so each program keeps two tiles in flight (the past-the-end fetch is fully masked).
+        def body(i, carry):
+            acc, m_prev, l_prev, k, v = carry
+            k_next, v_next = fetch(i + 1)
+            return (*attend(i, k, v, acc, m_prev, l_prev), k_next, v_next)
+
+        acc, m, l, _, _ = jax.lax.fori_loop(0, num_iters, body, (acc, m, l, *fetch(0)))
+    else:
+        def body(i, carry):
+            return attend(i, *fetch(i), *carry)
+
+        acc, m, l = jax.lax.fori_loop(0, num_iters, body, (acc, m, l))
 
     if num_splits == 1:
         (o_ref,) = out_refs
@@ -180,13 +198,13 @@ def merge_splits(o: jnp.ndarray, m: jnp.ndarray, l: jnp.ndarray) -> jnp.ndarray:
     jax.jit,
     static_argnames=(
         "scale", "sliding_window", "logits_soft_cap", "blocks_per_iter", "num_splits",
-        "num_warps", "num_stages", "interpret", "heads_fastest", "head_major",
+        "num_warps", "num_stages", "interpret", "heads_fastest", "head_major", "prefetch",
     ),
 )
 def _decode_call(
     q, k_cache, v_cache, seq_lens, block_tables, alibi_slopes, *,
     scale, sliding_window, logits_soft_cap, blocks_per_iter, num_splits, num_warps, num_stages,
-    interpret, heads_fastest, head_major,
+    interpret, heads_fastest, head_major, prefetch,
 ):
     S, Hq, D = q.shape
     _, bs, hkv, _ = k_cache.shape
@@ -198,8 +216,10 @@ def _decode_call(
     mb = block_tables.shape[1]
     bpi = blocks_per_iter
     blocks_per_split = cdiv(cdiv(mb, num_splits), bpi) * bpi
-    # + bpi: a sliding window starts the loop off the tile grid, so the last tile may overhang.
-    bt = pad_block_tables(block_tables, blocks_per_split * num_splits + (bpi if sliding_window else 0))
+    # + bpi: a sliding window starts the loop off the tile grid, so the last tile may overhang;
+    # prefetching reads one tile of ids past the end.
+    extra = bpi * (int(sliding_window is not None) + int(prefetch))
+    bt = pad_block_tables(block_tables, blocks_per_split * num_splits + extra)
     qg = pad_group_queries(q, hkv, gp, dp)
     has_alibi = alibi_slopes is not None
 
@@ -207,7 +227,7 @@ def _decode_call(
         _decode_kernel, block_size=bs, blocks_per_iter=bpi, blocks_per_split=blocks_per_split,
         num_splits=num_splits, head_dim=D, scale=scale, sliding_window=sliding_window,
         soft_cap=logits_soft_cap, has_alibi=has_alibi, exact_dot=q.dtype == jnp.float32,
-        heads_fastest=heads_fastest, head_major=head_major,
+        heads_fastest=heads_fastest, head_major=head_major, prefetch=prefetch,
     )
     # Grid axis 0 launches fastest; index maps below take (sequence, kv head, split).
     if heads_fastest:
@@ -270,6 +290,7 @@ def paged_attention_decode(
     num_stages: int = 3,
     heads_fastest: bool = False,
     head_major: bool = False,
+    prefetch: bool = False,
     interpret: bool = False,
 ) -> jnp.ndarray:
     """Decode attention: q [S, Hq, D] (one token per sequence) over the paged caches -> [S, Hq, D].
@@ -310,4 +331,5 @@ def paged_attention_decode(
         scale=float(scale), sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
         blocks_per_iter=bpi, num_splits=splits, num_warps=num_warps, num_stages=num_stages,
         interpret=interpret, heads_fastest=heads_fastest, head_major=head_major,
+        prefetch=prefetch,
     )
