@@ -154,10 +154,11 @@ def run_decode_variants(copy_bw, args, results):
     next KV tile, warps, keys per step, pipelining stages, and the head-major cache layout
     ``[blocks, Hkv, bs, D]`` against the engine's token-major ``[blocks, bs, Hkv, D]``."""
     d = 128
-    variants = [dict(), dict(num_warps=2), dict(head_major=True), dict(prefetch=True),
-                dict(prefetch=True, num_warps=2), dict(prefetch=True, num_warps=8),
-                dict(prefetch=True, blocks_per_iter=8), dict(prefetch=True, blocks_per_iter=2),
-                dict(prefetch=True, num_stages=1), dict(prefetch=True, blocks_per_iter=8, num_warps=8)]
+    variants = [dict(), dict(head_major=True), dict(prefetch=1, blocks_per_iter=2),
+                dict(prefetch=2, blocks_per_iter=2), dict(prefetch=1, blocks_per_iter=1),
+                dict(prefetch=2, blocks_per_iter=1), dict(prefetch=4, blocks_per_iter=1),
+                dict(prefetch=2, blocks_per_iter=4), dict(prefetch=2, blocks_per_iter=2, num_warps=8),
+                dict(prefetch=3, blocks_per_iter=2)]
     for S, ctx, hq, hkv, bs in [(64, 2048, 32, 32, 16), (256, 512, 32, 32, 16), (64, 2048, 32, 8, 16),
                                 (8, 8192, 32, 8, 16)]:
         q, kc, vc, sl, tables, kv_bytes = make_decode_inputs(jax.random.key(S + ctx), S, ctx, hq, hkv, d, bs)

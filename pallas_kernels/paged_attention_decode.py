@@ -77,7 +77,7 @@ def _decode_kernel(
     q_ref, k_ref, v_ref, bt_ref, sl_ref, *rest,
     block_size: int, blocks_per_iter: int, blocks_per_split: int, num_splits: int,
     head_dim: int, scale: float, sliding_window: int | None, soft_cap: float | None,
-    has_alibi: bool, exact_dot: bool, heads_fastest: bool, head_major: bool, prefetch: bool,
+    has_alibi: bool, exact_dot: bool, heads_fastest: bool, head_major: bool, prefetch: int,
 ):
     if has_alibi:
         slopes_ref, *out_refs = rest
@@ -159,14 +159,17 @@ def _decode_kernel(
     m = jnp.full((gp,), MASK_VALUE, jnp.float32)
     l = jnp.zeros((gp,), jnp.float32)
     if prefetch:
-        # Register double buffering: the next tile's loads are issued before this tile's math,
-        # so each program keeps two tiles in flight (the past-the-end fetch is fully masked).
+        # Register prefetch: the loads of the tile ``prefetch`` steps ahead are issued before this
+        # tile's math, so each program keeps ``prefetch + 1`` tiles in flight (fetches past the
+        # end are fully masked and move no data).
         def body(i, carry):
-            acc, m_prev, l_prev, k, v = carry
-            k_next, v_next = fetch(i + 1)
-            return (*attend(i, k, v, acc, m_prev, l_prev), k_next, v_next)
+            acc, m_prev, l_prev, *tiles = carry
+            nxt = fetch(i + prefetch)
+            out = attend(i, tiles[0], tiles[1], acc, m_prev, l_prev)
+            return (*out, *tiles[2:], *nxt)
 
-        acc, m, l, _, _ = jax.lax.fori_loop(0, num_iters, body, (acc, m, l, *fetch(0)))
+        ahead = [t for j in range(prefetch) for t in fetch(j)]
+        acc, m, l, *_ = jax.lax.fori_loop(0, num_iters, body, (acc, m, l, *ahead))
     else:
         def body(i, carry):
             return attend(i, *fetch(i), *carry)
@@ -218,7 +221,7 @@ def _decode_call(
     blocks_per_split = cdiv(cdiv(mb, num_splits), bpi) * bpi
     # + bpi: a sliding window starts the loop off the tile grid, so the last tile may overhang;
     # prefetching reads one tile of ids past the end.
-    extra = bpi * (int(sliding_window is not None) + int(prefetch))
+    extra = bpi * (int(sliding_window is not None) + prefetch)
     bt = pad_block_tables(block_tables, blocks_per_split * num_splits + extra)
     qg = pad_group_queries(q, hkv, gp, dp)
     has_alibi = alibi_slopes is not None
@@ -290,7 +293,7 @@ def paged_attention_decode(
     num_stages: int = 3,
     heads_fastest: bool = False,
     head_major: bool = False,
-    prefetch: bool = False,
+    prefetch: int = 0,
     interpret: bool = False,
 ) -> jnp.ndarray:
     """Decode attention: q [S, Hq, D] (one token per sequence) over the paged caches -> [S, Hq, D].
@@ -331,5 +334,5 @@ def paged_attention_decode(
         scale=float(scale), sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
         blocks_per_iter=bpi, num_splits=splits, num_warps=num_warps, num_stages=num_stages,
         interpret=interpret, heads_fastest=heads_fastest, head_major=head_major,
-        prefetch=prefetch,
+        prefetch=int(prefetch),
     )
