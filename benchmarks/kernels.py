@@ -125,7 +125,7 @@ def run_decode(copy_bw, args, results, sweep):
                     row[name + "_ms"] = t * 1e3
                     row[name + "_TBps"] = moved / t / 1e12
                     row[name + "_frac_copy"] = moved / t / copy_bw
-                row["splits"] = choose_num_splits(S, hkv, ctx // bs, bs, 4)
+                row["splits"] = choose_num_splits(S, hkv, ctx // bs, bs, 2)
                 # JAX's own kernel: [Hkv, NB, bs, D] layout, same data.
                 try:
                     kt = jnp.transpose(kc, (2, 0, 1, 3))

@@ -293,15 +293,17 @@ def paged_attention_decode(
     num_stages: int = 3,
     heads_fastest: bool = False,
     head_major: bool = False,
-    prefetch: int = 0,
+    prefetch: int = 1,
     interpret: bool = False,
 ) -> jnp.ndarray:
     """Decode attention: q [S, Hq, D] (one token per sequence) over the paged caches -> [S, Hq, D].
 
-    Tuning knobs: ``blocks_per_iter`` (KV blocks loaded per loop step; default: 64 keys a step),
-    ``num_splits`` (context splits; default: :func:`choose_num_splits`), ``num_warps``,
-    ``num_stages`` and ``heads_fastest`` (launch the KV heads of one sequence next to each other;
-    measured slower on the H200 than sequences first, see benchmarks/RESULTS.md).
+    Tuning knobs (defaults measured best on the H200, see benchmarks/RESULTS.md):
+    ``blocks_per_iter`` (KV blocks loaded per loop step; default: 32 keys a step), ``prefetch``
+    (how many tiles ahead the loads are issued; 0 = none), ``num_splits`` (context splits;
+    default: :func:`choose_num_splits`), ``num_warps``, ``num_stages``, ``heads_fastest``
+    (launch the KV heads of one sequence next to each other) and ``head_major`` (caches laid out
+    ``[num_blocks, num_kv_heads, block_size, head_dim]``; an ablation, measured no faster).
     """
     if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}: expected [S, Hq, D] and equal 4-D caches")
@@ -322,7 +324,7 @@ def paged_attention_decode(
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window {sliding_window}: expected >= 1 or None")
     validate_kernel_inputs(q, k_cache, v_cache)
-    bpi = blocks_per_iter or max(1, 64 // bs)
+    bpi = blocks_per_iter or max(1, 32 // bs)
     if bpi < 1 or bpi & (bpi - 1) or bpi * bs < 16:
         raise ValueError(f"blocks_per_iter {bpi}: expected a power of two with blocks_per_iter * block_size >= 16")
     mb = block_tables.shape[1]
