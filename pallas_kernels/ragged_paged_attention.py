@@ -90,7 +90,7 @@ def _ragged_kernel(
     *rest,
     num_tiles: int, block_q: int, group: int, group_pad: int, head_dim: int, block_size: int,
     blocks_per_iter: int, scale: float, sliding_window: int | None, soft_cap: float | None,
-    has_alibi: bool, exact_dot: bool, heads_fastest: bool,
+    has_alibi: bool, exact_dot: bool, heads_fastest: bool, prefetch: bool,
 ):
     if has_alibi:
         slopes_ref, o_ref = rest
@@ -159,21 +159,22 @@ def _ragged_kernel(
             return plgpu.load(ref.at[idx]).reshape(bk, dp)
         return plgpu.load(ref.at[idx], mask=mask, other=0).reshape(bk, dp)
 
-    def step(j, carry, masked):
-        acc, m_prev, l_prev = carry
+    def tile_mask(blk0):
+        key3 = (blk0 + kb) * bs + kr
+        ld_mask = key3 < kv_end
+        if sliding_window is not None:
+            ld_mask = ld_mask & (key3 >= kv_start)
+        return ld_mask
+
+    def fetch(j, masked=True):
         blk0 = lo_tok // bs + j * bpi
         ids = bt_ref[seq, pl.ds(blk0, bpi)]
-        key = blk0 * bs + key_in_tile  # [bk]
-        if masked:
-            key3 = (blk0 + kb) * bs + kr
-            ld_mask = key3 < kv_end
-            if sliding_window is not None:
-                ld_mask = ld_mask & (key3 >= kv_start)
-            k = load_kv(k_ref, ids, ld_mask)
-            v = load_kv(v_ref, ids, ld_mask)
-        else:
-            k = load_kv(k_ref, ids, None)
-            v = load_kv(v_ref, ids, None)
+        mask = tile_mask(blk0) if masked else None
+        return load_kv(k_ref, ids, mask), load_kv(v_ref, ids, mask)
+
+    def attend(j, k, v, carry, masked):
+        acc, m_prev, l_prev = carry
+        key = lo_tok + j * bk + key_in_tile  # [bk]
         s = plgpu.dot(q, k, trans_b=True, precision=precision)  # [M, bk] f32
         if soft_cap is None and not has_alibi:
             s = s * (scale * LOG2E)
@@ -204,8 +205,24 @@ def _ragged_kernel(
         jnp.full((m_rows,), MASK_VALUE, jnp.float32),
         jnp.zeros((m_rows,), jnp.float32),
     )
-    carry = jax.lax.fori_loop(0, num_full, functools.partial(step, masked=False), carry)
-    acc, _, l = jax.lax.fori_loop(num_full, num_kv_tiles, functools.partial(step, masked=True), carry)
+    if prefetch:
+        # Register prefetch: the next KV tile's loads are issued before this tile's math. Every
+        # fetch is masked to the keys that exist (past the end: nothing is read), so the tile
+        # fetched by the last unmasked step is valid for the first masked one.
+        def body(j, c, masked):
+            *state, k, v = c
+            k_next, v_next = fetch(j + 1)
+            return (*attend(j, k, v, tuple(state), masked), k_next, v_next)
+
+        c = (*carry, *fetch(0))
+        c = jax.lax.fori_loop(0, num_full, functools.partial(body, masked=False), c)
+        acc, _, l, _, _ = jax.lax.fori_loop(num_full, num_kv_tiles, functools.partial(body, masked=True), c)
+    else:
+        def body(j, c, masked):
+            return attend(j, *fetch(j, masked), c, masked)
+
+        carry = jax.lax.fori_loop(0, num_full, functools.partial(body, masked=False), carry)
+        acc, _, l = jax.lax.fori_loop(num_full, num_kv_tiles, functools.partial(body, masked=True), carry)
     safe_l = jnp.where(l > 0, l, 1.0)
     out = jnp.where(l[:, None] > 0, acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
     # Rows of padding tiles are written too (zeros), so the whole output is defined.
@@ -239,13 +256,13 @@ def _tile_schedule(query_start_loc, seq_lens, num_tokens: int, block_q: int, num
     jax.jit,
     static_argnames=(
         "scale", "sliding_window", "logits_soft_cap", "block_q", "blocks_per_iter", "num_warps",
-        "num_stages", "interpret", "heads_fastest",
+        "num_stages", "interpret", "heads_fastest", "prefetch",
     ),
 )
 def _ragged_call(
     q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, alibi_slopes, *,
     scale, sliding_window, logits_soft_cap, block_q, blocks_per_iter, num_warps, num_stages,
-    interpret, heads_fastest,
+    interpret, heads_fastest, prefetch,
 ):
     T, Hq, D = q.shape
     _, bs, hkv, _ = k_cache.shape
@@ -255,15 +272,16 @@ def _ragged_call(
     bpi = blocks_per_iter
     num_tiles = cdiv(T, block_q) + S + 1
     t0, t1, tseq, tlen = _tile_schedule(query_start_loc, seq_lens, T, block_q, num_tiles)
-    # + bpi: KV tiles start at a block, not at a tile boundary, so the last one may overhang.
-    bt = pad_block_tables(block_tables, cdiv(mb, bpi) * bpi + bpi)
+    # + bpi: KV tiles start at a block, not at a tile boundary, so the last one may overhang;
+    # prefetching reads one more tile of ids.
+    bt = pad_block_tables(block_tables, cdiv(mb, bpi) * bpi + bpi * (1 + int(prefetch)))
     has_alibi = alibi_slopes is not None
     qg = q.reshape(T, hkv, G, D)
     kernel = functools.partial(
         _ragged_kernel, num_tiles=num_tiles, block_q=block_q, group=G, group_pad=gp, head_dim=D,
         block_size=bs, blocks_per_iter=bpi, scale=scale, sliding_window=sliding_window,
         soft_cap=logits_soft_cap, has_alibi=has_alibi, exact_dot=q.dtype == jnp.float32,
-        heads_fastest=heads_fastest,
+        heads_fastest=heads_fastest, prefetch=prefetch,
     )
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)  # noqa: E731
     args = [t0, t1, tseq, tlen, qg, positions.astype(jnp.int32), k_cache, v_cache, bt]
@@ -300,6 +318,7 @@ def ragged_paged_attention_pallas(
     num_warps: int = 8,
     num_stages: int | None = None,
     heads_fastest: bool = True,
+    prefetch: bool = False,
     interpret: bool = False,
 ) -> jnp.ndarray:
     """The Pallas kernel for a mixed step (shapes as the reference). Expects validated inputs.
@@ -328,7 +347,7 @@ def ragged_paged_attention_pallas(
         q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, alibi_slopes,
         scale=float(scale), sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
         block_q=block_q, blocks_per_iter=bpi, num_warps=num_warps, num_stages=num_stages,
-        interpret=interpret, heads_fastest=heads_fastest,
+        interpret=interpret, heads_fastest=heads_fastest, prefetch=prefetch,
     )
 
 

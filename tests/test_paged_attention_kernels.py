@@ -90,8 +90,9 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("prefetch", [1, 0, 2], ids=lambda p: f"prefetch{p}")
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-bs{c[3]}-{jnp.dtype(c[4]).name}")
-def test_decode_kernel_matches_reference_interpret(case):
+def test_decode_kernel_matches_reference_interpret(case, prefetch):
     hq, hkv, d, bs, dtype, window, alibi, cap, splits = case
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
     ctx = [int(x) for x in rng.integers(0, 70, 4)] + [0]
@@ -101,12 +102,26 @@ def test_decode_kernel_matches_reference_interpret(case):
     args = (c["q"], c["k_cache"], c["v_cache"], c["seq_lens"], c["block_tables"])
     out = paged_attention_decode(
         *args, scale=d**-0.5, sliding_window=window, num_splits=splits, interpret=True,
-        heads_fastest=splits is None, **feats,
+        heads_fastest=splits is None, prefetch=prefetch, **feats,
     )
     ref = paged_attention_decode_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
     assert out.shape == c["q"].shape and out.dtype == c["q"].dtype
     assert _rel_err(out, ref) < TOL[dtype]
     np.testing.assert_array_equal(np.asarray(out[4], np.float32), 0.0)
+
+
+def test_decode_kernel_head_major_layout_interpret():
+    """The ``[blocks, Hkv, block_size, D]`` layout (ablation) reads the same keys."""
+    hq, hkv, d, bs = 8, 2, 64, 8
+    rng = np.random.default_rng(11)
+    ctx = [int(x) for x in rng.integers(0, 70, 4)] + [0]
+    c = _paged_case(rng, [1, 1, 1, 1, 0], ctx, hq=hq, hkv=hkv, d=d, bs=bs, dtype=F32, num_tokens=5)
+    args = (c["q"], c["k_cache"], c["v_cache"], c["seq_lens"], c["block_tables"])
+    ref = paged_attention_decode_reference(*args, scale=d**-0.5, sliding_window=13)
+    kh, vh = (jnp.transpose(x, (0, 2, 1, 3)) for x in (c["k_cache"], c["v_cache"]))
+    out = paged_attention_decode(c["q"], kh, vh, c["seq_lens"], c["block_tables"], scale=d**-0.5,
+                                 sliding_window=13, head_major=True, num_splits=2, interpret=True)
+    assert _rel_err(out, ref) < TOL[F32]
 
 
 # (hq, hkv, head_dim, block_size, dtype, sliding_window, alibi, soft_cap, block_m, blocks_per_iter)
@@ -121,8 +136,9 @@ RAGGED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("prefetch", [False, True], ids=lambda p: f"prefetch{int(p)}")
 @pytest.mark.parametrize("case", RAGGED_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-bs{c[3]}-{jnp.dtype(c[4]).name}")
-def test_ragged_kernel_matches_reference_interpret(case):
+def test_ragged_kernel_matches_reference_interpret(case, prefetch):
     hq, hkv, d, bs, dtype, window, alibi, cap, block_m, bpi = case
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
     # prefill from scratch, chunked prefill on a context, decode tokens, an empty sequence
@@ -134,7 +150,7 @@ def test_ragged_kernel_matches_reference_interpret(case):
     args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
     out = ragged_paged_attention_pallas(
         *args, scale=d**-0.5, sliding_window=window, block_m=block_m, blocks_per_iter=bpi,
-        heads_fastest=bpi == 1, interpret=True, **feats,
+        heads_fastest=bpi == 1, prefetch=prefetch, interpret=True, **feats,
     )
     ref = ragged_paged_attention_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
     assert out.shape == c["q"].shape and out.dtype == c["q"].dtype
@@ -277,8 +293,9 @@ GPU_RAGGED = [
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("prefetch", [False, True], ids=lambda p: f"prefetch{int(p)}")
 @pytest.mark.parametrize("case", GPU_RAGGED, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-bs{c[3]}-{jnp.dtype(c[4]).name}")
-def test_ragged_kernel_gpu(case):
+def test_ragged_kernel_gpu(case, prefetch):
     hq, hkv, d, bs, dtype, window, alibi = case
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
     q_lens = [700, 129, 1, 1, 64, 1, 0]
@@ -287,7 +304,7 @@ def test_ragged_kernel_gpu(case):
     feats = _features(rng, hq, alibi, None)
     args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
     ref = ragged_paged_attention_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
-    out = ragged_paged_attention(*args, scale=d**-0.5, sliding_window=window, backend="pallas", **feats)
+    out = ragged_paged_attention_pallas(*args, scale=d**-0.5, sliding_window=window, prefetch=prefetch, **feats)
     assert _rel_err(out, ref) < TOL[dtype]
     np.testing.assert_array_equal(np.asarray(out[-5:], np.float32), 0.0)
 
