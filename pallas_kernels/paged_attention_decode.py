@@ -25,7 +25,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.kernel_shapes import (
-    LOG2E,
     MASK_VALUE,
     cdiv,
     group_slopes,
@@ -34,6 +33,7 @@ from pallas_kernels.kernel_shapes import (
     pad_group_queries,
     validate_kernel_inputs,
 )
+from pallas_kernels.online_softmax import log2_logits, online_softmax_step
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 
 DEFAULT_NUM_SMS = 132  # H100/H200 SXM; only steers the split heuristic
@@ -137,23 +137,14 @@ def _decode_kernel(
     def attend(i, k, v, acc, m_prev, l_prev):
         _, tok2, valid2 = tile_keys(i)
         logits = plgpu.dot(q, k, trans_b=True, precision=precision)  # [gp, n] f32
-        if soft_cap is None and not has_alibi:
-            logits = logits * (scale * LOG2E)
-        else:
-            logits = logits * scale
-            if soft_cap is not None:
-                logits = soft_cap * jnp.tanh(logits / soft_cap)
-            if has_alibi:
-                rel = (tok2.reshape(n) - (seq_len - 1)).astype(jnp.float32)
-                logits = logits + slopes[:, None] * rel[None, :]
-            logits = logits * LOG2E
+
+        def alibi():
+            rel = (tok2.reshape(n) - (seq_len - 1)).astype(jnp.float32)
+            return slopes[:, None] * rel[None, :]
+
+        logits = log2_logits(logits, scale=scale, soft_cap=soft_cap, bias=alibi if has_alibi else None)
         logits = jnp.where(valid2.reshape(n)[None, :], logits, MASK_VALUE)
-        m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1))
-        alpha = jnp.exp2(m_prev - m_new)
-        p = jnp.exp2(logits - m_new[:, None])
-        l_new = alpha * l_prev + jnp.sum(p, axis=1)
-        pv = plgpu.dot(p.astype(v.dtype), v, precision=precision)
-        return acc * alpha[:, None] + pv, m_new, l_new
+        return online_softmax_step(logits, v, acc, m_prev, l_prev, precision=precision)
 
     acc = jnp.zeros((gp, dp), jnp.float32)
     m = jnp.full((gp,), MASK_VALUE, jnp.float32)

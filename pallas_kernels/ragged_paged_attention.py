@@ -25,13 +25,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.kernel_shapes import (
-    LOG2E,
     MASK_VALUE,
     cdiv,
     next_pow2,
     pad_block_tables,
     validate_kernel_inputs,
 )
+from pallas_kernels.online_softmax import log2_logits, online_softmax_step
 
 ATTENTION_BACKENDS = ("reference", "pallas")
 
@@ -176,29 +176,19 @@ def _ragged_kernel(
         acc, m_prev, l_prev = carry
         key = lo_tok + j * bk + key_in_tile  # [bk]
         s = plgpu.dot(q, k, trans_b=True, precision=precision)  # [M, bk] f32
-        if soft_cap is None and not has_alibi:
-            s = s * (scale * LOG2E)
-        else:
-            s = s * scale
-            if soft_cap is not None:
-                s = soft_cap * jnp.tanh(s / soft_cap)
-            if has_alibi:
-                s = s + slopes[:, None] * (key[None, :] - pos[:, None]).astype(jnp.float32)
-            s = s * LOG2E
+
+        def alibi():
+            return slopes[:, None] * (key[None, :] - pos[:, None]).astype(jnp.float32)
+
+        s = log2_logits(s, scale=scale, soft_cap=soft_cap, bias=alibi if has_alibi else None)
+        vis = None
         if masked:
             vis = (key[None, :] <= pos[:, None]) & (key[None, :] < seq_len)
             if sliding_window is not None:
                 vis = vis & (pos[:, None] - key[None, :] < sliding_window)
             s = jnp.where(vis, s, MASK_VALUE)
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m_prev - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        if masked:
-            # A row may see nothing in this tile yet (sliding window): keep it at zero weight.
-            p = jnp.where(vis, p, 0.0)
-        l_new = alpha * l_prev + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
-        return acc, m_new, l_new
+        # A row may see nothing in a masked tile yet (sliding window): keep it at zero weight.
+        return online_softmax_step(s, v, acc, m_prev, l_prev, precision=precision, keep=vis)
 
     carry = (
         jnp.zeros((m_rows, dp), jnp.float32),
