@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import time
 from typing import Any, Callable, Sequence
@@ -202,21 +203,25 @@ class ModelRunner:
         seq_lens = np.zeros(S, np.int32)
         tables = np.zeros((S, MB), np.int32)
         logits_idx = np.zeros(S, np.int32)
-        off = 0
-        for s, sch in enumerate(scheduled):
-            q = len(sch.token_ids)
-            c = sch.num_computed_tokens
-            ids[off : off + q] = sch.token_ids
-            pos = np.arange(c, c + q, dtype=np.int32)
-            positions[off : off + q] = pos
-            bt = np.asarray(sch.block_table, np.int32)
-            slots[off : off + q] = bt[pos // BS] * BS + pos % BS
-            tables[s, : len(bt)] = bt
-            seq_lens[s] = c + q
-            logits_idx[s] = off + q - 1
-            off += q
-            qsl[s + 1] = off
-        qsl[len(scheduled) + 1 :] = off
+        # Whole-batch NumPy: a per-row loop of small array operations cost ~8 us a row on the host.
+        n = len(scheduled)
+        q_lens = np.fromiter((len(x.token_ids) for x in scheduled), np.int64, n)
+        ctx = np.fromiter((x.num_computed_tokens for x in scheduled), np.int64, n)
+        bt_lens = np.fromiter((len(x.block_table) for x in scheduled), np.int64, n)
+        ends = np.cumsum(q_lens)
+        total = int(ends[-1]) if n else 0
+        qsl[1 : n + 1] = ends
+        qsl[n + 1 :] = total
+        ids[:total] = np.fromiter(itertools.chain.from_iterable(x.token_ids for x in scheduled), np.int32, total)
+        tok_row = np.repeat(np.arange(n), q_lens)
+        pos = np.arange(total) + np.repeat(ctx - (ends - q_lens), q_lens)
+        positions[:total] = pos
+        flat = np.fromiter(itertools.chain.from_iterable(x.block_table for x in scheduled), np.int32, int(bt_lens.sum()))
+        cols = np.arange(flat.size) - np.repeat(np.cumsum(bt_lens) - bt_lens, bt_lens)
+        tables[np.repeat(np.arange(n), bt_lens), cols] = flat
+        slots[:total] = tables[tok_row, pos // BS] * BS + pos % BS
+        seq_lens[:n] = ctx + q_lens
+        logits_idx[:n] = ends - 1
         md = AttentionMetadata(
             slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
             logits_indices=logits_idx, decode_only=bucket.decode_only,
