@@ -184,6 +184,44 @@ def run_decode_variants(copy_bw, args, results):
         del q, kc, vc, khm, vhm, tables
 
 
+def run_mixed(args, results, *, S=256, ctx=512, T=2048, heads=((32, 32), (32, 8)), d=128, interpret=False):
+    """A mixed step's attention (255 decodes at 512 keys + one 1,793-token prefill chunk, the
+    engine's 2048-token bucket): the ragged kernel alone vs single-token rows on the decode kernel."""
+    from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+    bs = 16
+    for hq, hkv in heads:
+        q_lens = [1] * (S - 1) + [T - (S - 1)]
+        seq_lens = np.asarray([ctx] * (S - 1) + [T - (S - 1)], np.int32)
+        nblk = [-(-int(n) // bs) for n in seq_lens]
+        nb = sum(nblk)
+        perm = np.random.default_rng(0).permutation(nb).astype(np.int32)
+        mb = max(nblk)
+        tables = np.zeros((S, mb), np.int32)
+        a = 0
+        for i, n in enumerate(nblk):
+            tables[i, :n] = perm[a : a + n]
+            a += n
+        qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+        positions = np.concatenate([[ctx - 1] * (S - 1), np.arange(T - (S - 1))]).astype(np.int32)
+        k1, k2, k3 = jax.random.split(jax.random.key(7), 3)
+        kc = jax.random.normal(k1, (nb, bs, hkv, d), jnp.bfloat16)
+        vc = jax.random.normal(k2, (nb, bs, hkv, d), jnp.bfloat16)
+        q = jax.random.normal(k3, (T, hq, d), jnp.bfloat16)
+        inputs = (q, kc, vc, jnp.asarray(positions), jnp.asarray(qsl), jnp.asarray(seq_lens), jnp.asarray(tables))
+        row = dict(kind="mixed", hq=hq, hkv=hkv, decodes=S - 1, ctx=ctx, prefill_tokens=T - (S - 1))
+        outs = {}
+        for split in (False, True):
+            fn = jax.jit(lambda *x, split=split: ragged_paged_attention(
+                *x, scale=d**-0.5, backend="pallas", split_decode_rows=split, interpret=interpret))
+            outs[split] = fn(*inputs)
+            t, _ = bench(fn, [inputs])
+            row[f"split{int(split)}_ms"] = t * 1e3
+        row["max_abs_diff"] = float(jnp.max(jnp.abs((outs[True] - outs[False]).astype(jnp.float32))))
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+
 def run_prefill(mm_rate, args, results, sweep):
     d, bs = 128, 16
     variants = [dict()]
@@ -279,6 +317,10 @@ def table(results, copy_bw, mm_rate):
         if r["kind"] == "kv_write":
             lines.append(f"kv write T={r['tokens']}: xla scatter {r['reference_us']:.1f} us, pallas {r['pallas_us']:.1f} us, "
                          f"temp MiB {r['reference_temp_MiB']} / {r['pallas_temp_MiB']} (cache {r['cache_MiB']:.0f} MiB each)")
+    for r in results:
+        if r["kind"] == "mixed":
+            lines.append(f"mixed step {r['hq']}:{r['hkv']} ({r['decodes']} decodes x {r['ctx']} + {r['prefill_tokens']}-token "
+                         f"prefill): ragged only {r['split0_ms']:.3f} ms, decode rows split off {r['split1_ms']:.3f} ms")
     sweeps = [(r, k) for r in results for k in r if k.startswith("pallas[") and k.endswith("_ms")]
     if sweeps:
         lines.append("sweep (ms):")
@@ -308,6 +350,8 @@ def main() -> None:
         run_prefill(mm_rate, args, results, args.sweep)
     if "decode" in only:
         run_decode(copy_bw, args, results, args.sweep)
+    if "mixed" in only:
+        run_mixed(args, results)
     if "decode_variants" in only:
         run_decode_variants(copy_bw, args, results)
     txt = table(results, copy_bw, mm_rate)

@@ -356,6 +356,7 @@ def ragged_paged_attention(
     logits_soft_cap: float | None = None,
     backend: str = "reference",
     decode_only: bool = False,
+    split_decode_rows: bool = False,
     interpret: bool = False,
 ) -> jnp.ndarray:
     """Validated public entry point; ``backend`` picks the implementation.
@@ -364,7 +365,9 @@ def ragged_paged_attention(
     runs them in the Pallas interpreter, e.g. on CPU). ``decode_only`` (static) promises that
     every sequence has exactly one query token, token s belonging to sequence s at position
     ``seq_lens[s] - 1`` (T == S; padding sequences have ``seq_lens == 0``); the pallas backend
-    then uses the decode kernel.
+    then uses the decode kernel. ``split_decode_rows`` (static, pallas only) runs a mixed step's
+    single-token sequences through the decode kernel and the rest through the ragged kernel (whose
+    query tiles would carry one real row each for them); not yet measured on the GPU, so off.
     """
     if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}: bad ranks")
@@ -402,7 +405,34 @@ def ragged_paged_attention(
         from pallas_kernels.paged_attention_decode import paged_attention_decode
 
         return paged_attention_decode(q, k_cache, v_cache, seq_lens, block_tables, interpret=interpret, **kwargs)
+    if split_decode_rows:
+        return _split_decode_rows(
+            q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, interpret=interpret, **kwargs
+        )
     return ragged_paged_attention_pallas(
         q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables,
         interpret=interpret, **kwargs,
     )
+
+
+def _split_decode_rows(q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, *, interpret, **kwargs):
+    """A mixed step as two kernel calls: sequences with one query token at position
+    ``seq_len - 1`` through the decode kernel, every other sequence through the ragged kernel.
+    Each kernel sees the other's sequences with ``seq_lens == 0`` (zero output, no KV read)."""
+    from pallas_kernels.paged_attention_decode import paged_attention_decode
+
+    T, S = q.shape[0], seq_lens.shape[0]
+    qsl = query_start_loc.astype(jnp.int32)
+    first = jnp.minimum(qsl[:-1], T - 1)  # each sequence's first query token
+    single = (qsl[1:] - qsl[:-1] == 1) & (positions[first] == seq_lens - 1)  # [S]
+    out_dec = paged_attention_decode(
+        q[first], k_cache, v_cache, jnp.where(single, seq_lens, 0), block_tables, interpret=interpret, **kwargs
+    )
+    out_rag = ragged_paged_attention_pallas(
+        q, k_cache, v_cache, positions, qsl, jnp.where(single, 0, seq_lens), block_tables,
+        interpret=interpret, **kwargs,
+    )
+    t = jnp.arange(T, dtype=jnp.int32)
+    tok_seq = jnp.clip(jnp.searchsorted(qsl, t, side="right").astype(jnp.int32) - 1, 0, S - 1)
+    from_dec = single[tok_seq] & (t < qsl[-1])
+    return jnp.where(from_dec[:, None, None], out_dec[tok_seq], out_rag)

@@ -158,6 +158,29 @@ def test_ragged_kernel_matches_reference_interpret(case, prefetch):
     np.testing.assert_array_equal(np.asarray(out[-3:], np.float32), 0.0)
 
 
+@pytest.mark.parametrize("case", RAGGED_CASES[:4], ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-bs{c[3]}-{jnp.dtype(c[4]).name}")
+def test_split_decode_rows_matches_reference_interpret(case):
+    """Mixed steps with the single-token rows on the decode kernel give the reference's output,
+    including a one-token prefill chunk that is not at its sequence's last key."""
+    hq, hkv, d, bs, dtype, window, alibi, cap, _, _ = case
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()) + 1)
+    q_lens = [1, int(rng.integers(9, 30)), 1, 1, int(rng.integers(2, 9)), 0]
+    ctx = [int(rng.integers(0, 60)), 0, int(rng.integers(0, 60)), 5, int(rng.integers(5, 40)), 0]
+    T = sum(q_lens) + 3
+    c = _paged_case(rng, q_lens, ctx, hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=T)
+    # Sequence 3's one token sits at position 2 of 6 cached keys: it must see keys 0..2 only, so
+    # it is not a decode row (the decode kernel would read all 6).
+    t3 = int(c["query_start_loc"][3])
+    c["positions"] = c["positions"].at[t3].set(2)
+    feats = _features(rng, hq, alibi, cap)
+    args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
+    ref = ragged_paged_attention_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
+    out = ragged_paged_attention(*args, scale=d**-0.5, sliding_window=window, backend="pallas",
+                                 split_decode_rows=True, interpret=True, **feats)
+    assert _rel_err(out, ref) < TOL[dtype]
+    np.testing.assert_array_equal(np.asarray(out[-3:], np.float32), 0.0)
+
+
 def test_dispatch_decode_only_uses_decode_kernel_and_matches():
     rng = np.random.default_rng(7)
     c = _paged_case(rng, [1, 1, 1], [5, 40, 17], hq=4, hkv=2, d=32, bs=8, dtype=F32)
@@ -305,6 +328,23 @@ def test_ragged_kernel_gpu(case, prefetch):
     args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
     ref = ragged_paged_attention_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
     out = ragged_paged_attention_pallas(*args, scale=d**-0.5, sliding_window=window, prefetch=prefetch, **feats)
+    assert _rel_err(out, ref) < TOL[dtype]
+    np.testing.assert_array_equal(np.asarray(out[-5:], np.float32), 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_RAGGED[:4], ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-bs{c[3]}-{jnp.dtype(c[4]).name}")
+def test_split_decode_rows_gpu(case):
+    hq, hkv, d, bs, dtype, window, alibi = case
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()) + 2)
+    q_lens = [1, 700, 1, 1, 64, 1, 0]
+    ctx = [1800, 0, 900, 3, 10, 0, 0]
+    c = _paged_case(rng, q_lens, ctx, hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=sum(q_lens) + 5)
+    feats = _features(rng, hq, alibi, None)
+    args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
+    ref = ragged_paged_attention_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
+    out = ragged_paged_attention(*args, scale=d**-0.5, sliding_window=window, backend="pallas",
+                                 split_decode_rows=True, **feats)
     assert _rel_err(out, ref) < TOL[dtype]
     np.testing.assert_array_equal(np.asarray(out[-5:], np.float32), 0.0)
 
