@@ -160,12 +160,14 @@ def run_decode_variants(copy_bw, args, results):
                 dict(prefetch=2, blocks_per_iter=4), dict(prefetch=2, blocks_per_iter=2, num_warps=8),
                 dict(prefetch=3, blocks_per_iter=2)]
     for S, ctx, hq, hkv, bs in [(64, 2048, 32, 32, 16), (256, 512, 32, 32, 16), (64, 2048, 32, 8, 16),
-                                (8, 8192, 32, 8, 16)]:
+                                (8, 8192, 32, 8, 16), (1, 512, 32, 32, 16), (1, 2048, 32, 8, 16)]:
         q, kc, vc, sl, tables, kv_bytes = make_decode_inputs(jax.random.key(S + ctx), S, ctx, hq, hkv, d, bs)
         khm, vhm = jnp.transpose(kc, (0, 2, 1, 3)), jnp.transpose(vc, (0, 2, 1, 3))
         moved = kv_bytes + 2 * q.nbytes
         ref = None
-        for v in variants:
+        # Batch 1 is latency-bound: how finely to split the context (default: >= 512 keys a split).
+        extra = [dict(num_splits=k) for k in (1, 2, 4, 8, 16) if S == 1 and k <= ctx // 32]
+        for v in variants + extra:
             caches = (khm, vhm) if v.get("head_major") else (kc, vc)
             fn = jax.jit(lambda q, kc, vc, sl, bts, v=v: [
                 paged_attention_decode(q, kc, vc, sl, bt, scale=d**-0.5, **v) for bt in bts])
