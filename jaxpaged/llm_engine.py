@@ -411,6 +411,7 @@ class LLMEngine:
             "num_running": s.num_running_reqs, "num_waiting": s.num_waiting_reqs, "num_swapped": s.num_swapped_reqs,
             "num_running_seqs": s.num_running_seqs, "kv_cache_usage": s.kv_cache_usage,
             "num_free_blocks": s.num_free_blocks, "num_gpu_blocks": self.num_gpu_blocks,
+            "num_kv_cache_tokens": s.num_kv_cache_tokens, "num_computed_tokens_total": self._real_tokens,
             "num_preemptions_total": s.num_preemptions, "prompt_tokens_total": self._prompt_tokens_total,
             "generation_tokens_total": self._generation_tokens_total, "padding_waste": waste,
             "num_compilations": self.compilations.count,

@@ -76,6 +76,7 @@ class SchedulerStats:
     num_preemptions: int  # total since construction (requests preempted, either mode)
     kv_cache_usage: float  # fraction of device blocks in use
     num_free_blocks: int
+    num_kv_cache_tokens: int  # tokens whose K/V sit in device blocks, summed over sequences
 
 
 class _Step:
@@ -218,6 +219,7 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             kv_cache_usage=bm.get_usage(),
             num_free_blocks=bm.get_num_free_blocks(),
+            num_kv_cache_tokens=sum(s.num_computed_tokens for s in self._seqs.values() if bm.has_device_blocks(s.seq_id)),
         )
 
     # ------------------------------------------------------------------ one step

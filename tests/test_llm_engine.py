@@ -54,7 +54,9 @@ def test_roomy_pool_matches_hf(ckpt, prompts, hf_greedy):
     stats = llm.get_stats()
     assert stats["num_preemptions_total"] == 0
     assert stats["num_compilations_after_warmup"] == 0
-    assert stats["kv_cache_usage"] == 0.0
+    assert stats["kv_cache_usage"] == 0.0 and stats["num_kv_cache_tokens"] == 0
+    # Every prompt token and every generated token but the last went through the model once.
+    assert stats["num_computed_tokens_total"] == sum(len(p) + NEW - 1 for p in prompts)
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
@@ -68,6 +70,11 @@ def test_tiny_pool_preempts_and_still_matches_hf(ckpt, prompts, hf_greedy, mode)
     assert stats["num_preemptions_total"] > 0
     assert stats["num_free_blocks"] == 14
     assert stats["num_compilations_after_warmup"] == 0
+    exact = sum(len(p) + NEW - 1 for p in prompts)
+    if mode == "recompute":  # a preempted request computes its tokens again
+        assert stats["num_computed_tokens_total"] > exact
+    else:  # swapping moves blocks instead of recomputing them
+        assert stats["num_computed_tokens_total"] == exact
 
 
 def test_mixed_workload_compiles_nothing_after_warmup(ckpt, prompts):

@@ -91,6 +91,19 @@ def test_chunked_prefill_then_decode_single_request():
     assert len(h.outputs) == 5  # 3 prefill chunks + 2 decodes (the last token is never computed)
 
 
+def test_stats_count_tokens_held_in_device_blocks():
+    h = Harness(max_num_batched_tokens=8)
+    h.add("a", list(range(100, 119)), max_tokens=3)  # 19 prompt tokens
+    h.add("b", [5, 6, 7], max_tokens=2)
+    held = []
+    while h.sched.has_unfinished_requests():
+        h.step()
+        held.append(h.sched.get_stats().num_kv_cache_tokens)
+    # a: chunks of 8, 8, 3, then two decodes; b waits for budget, then its 3 prompt tokens and one
+    # decode, after which its second token finishes it: a finished sequence holds nothing.
+    assert held == [8, 16, 19 + 3, 20 + 0, 0]
+
+
 def test_chunked_prefill_mixes_with_decodes_and_decodes_go_first():
     h = Harness(max_num_batched_tokens=8, num_blocks=20)
     a = h.add("a", [5, 6, 7], max_tokens=12)
