@@ -1,4 +1,4 @@
-"""The flash-attention inner step shared by the decode and ragged kernels.
+"""The flash-attention inner step and KV-tile loop shared by the decode and ragged kernels.
 
 Both kernels walk a sequence's KV tiles and keep, per query row, a running maximum ``m``, a
 running denominator ``l`` and an unnormalised output ``acc`` (float32), in base 2 so that the
@@ -8,8 +8,9 @@ and interpret mode alike).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as plgpu
 
@@ -55,3 +56,35 @@ def online_softmax_step(
     l_new = alpha * l_prev + jnp.sum(p, axis=1)
     pv = plgpu.dot(p.astype(v.dtype), v, precision=precision)
     return acc * alpha[:, None] + pv, m_new, l_new
+
+
+def tile_loop(
+    lo,
+    hi,
+    fetch: Callable[[Any], tuple],
+    fold: Callable[[Any, tuple, Any], Any],
+    state: Any,
+    *,
+    prefetch: int = 0,
+    ahead: tuple | None = None,
+) -> tuple[Any, tuple]:
+    """``state = fold(i, fetch(i), state)`` for KV tiles ``lo <= i < hi``; returns the final state
+    and the tiles still in flight.
+
+    With ``prefetch = d > 0`` the loads of tile ``i + d`` are issued before tile ``i``'s math and
+    the fetched tiles ride in the loop carry (register prefetch: Triton's own pipelining does not
+    overlap these block-table gathers). ``ahead`` continues from an earlier loop's tiles in
+    flight; by default tiles ``lo .. lo + d - 1`` are fetched first. ``fetch`` must mask what lies
+    past the sequence's keys, since the last ``d`` fetches run past ``hi``.
+    """
+    if not prefetch:
+        return jax.lax.fori_loop(lo, hi, lambda i, st: fold(i, fetch(i), st), state), ()
+
+    def body(i, carry):
+        st, tiles = carry
+        nxt = fetch(i + prefetch)
+        return fold(i, tiles[0], st), (*tiles[1:], nxt)
+
+    if ahead is None:
+        ahead = tuple(fetch(lo + j) for j in range(prefetch))
+    return jax.lax.fori_loop(lo, hi, body, (state, ahead))

@@ -33,7 +33,7 @@ from pallas_kernels.kernel_shapes import (
     pad_group_queries,
     validate_kernel_inputs,
 )
-from pallas_kernels.online_softmax import log2_logits, online_softmax_step
+from pallas_kernels.online_softmax import log2_logits, online_softmax_step, tile_loop
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 
 DEFAULT_NUM_SMS = 132  # H100/H200 SXM; only steers the split heuristic
@@ -146,26 +146,9 @@ def _decode_kernel(
         logits = jnp.where(valid2.reshape(n)[None, :], logits, MASK_VALUE)
         return online_softmax_step(logits, v, acc, m_prev, l_prev, precision=precision)
 
-    acc = jnp.zeros((gp, dp), jnp.float32)
-    m = jnp.full((gp,), MASK_VALUE, jnp.float32)
-    l = jnp.zeros((gp,), jnp.float32)
-    if prefetch:
-        # Register prefetch: the loads of the tile ``prefetch`` steps ahead are issued before this
-        # tile's math, so each program keeps ``prefetch + 1`` tiles in flight (fetches past the
-        # end are fully masked and move no data).
-        def body(i, carry):
-            acc, m_prev, l_prev, *tiles = carry
-            nxt = fetch(i + prefetch)
-            out = attend(i, tiles[0], tiles[1], acc, m_prev, l_prev)
-            return (*out, *tiles[2:], *nxt)
-
-        ahead = [t for j in range(prefetch) for t in fetch(j)]
-        acc, m, l, *_ = jax.lax.fori_loop(0, num_iters, body, (acc, m, l, *ahead))
-    else:
-        def body(i, carry):
-            return attend(i, *fetch(i), *carry)
-
-        acc, m, l = jax.lax.fori_loop(0, num_iters, body, (acc, m, l))
+    state = (jnp.zeros((gp, dp), jnp.float32), jnp.full((gp,), MASK_VALUE, jnp.float32), jnp.zeros((gp,), jnp.float32))
+    # Fetches past the end are fully masked (valid2) and move no data.
+    (acc, m, l), _ = tile_loop(0, num_iters, fetch, lambda i, kv, st: attend(i, *kv, *st), state, prefetch=prefetch)
 
     if num_splits == 1:
         (o_ref,) = out_refs
@@ -211,7 +194,7 @@ def _decode_call(
     bpi = blocks_per_iter
     blocks_per_split = cdiv(cdiv(mb, num_splits), bpi) * bpi
     # + bpi: a sliding window starts the loop off the tile grid, so the last tile may overhang;
-    # prefetching reads one tile of ids past the end.
+    # prefetching reads ``prefetch`` tiles of ids past the end.
     extra = bpi * (int(sliding_window is not None) + prefetch)
     bt = pad_block_tables(block_tables, blocks_per_split * num_splits + extra)
     qg = pad_group_queries(q, hkv, gp, dp)

@@ -31,7 +31,7 @@ from pallas_kernels.kernel_shapes import (
     pad_block_tables,
     validate_kernel_inputs,
 )
-from pallas_kernels.online_softmax import log2_logits, online_softmax_step
+from pallas_kernels.online_softmax import log2_logits, online_softmax_step, tile_loop
 
 ATTENTION_BACKENDS = ("reference", "pallas")
 
@@ -190,29 +190,21 @@ def _ragged_kernel(
         # A row may see nothing in a masked tile yet (sliding window): keep it at zero weight.
         return online_softmax_step(s, v, acc, m_prev, l_prev, precision=precision, keep=vis)
 
-    carry = (
+    state = (
         jnp.zeros((m_rows, dp), jnp.float32),
         jnp.full((m_rows,), MASK_VALUE, jnp.float32),
         jnp.zeros((m_rows,), jnp.float32),
     )
+    fold = lambda masked: (lambda j, kv, st: attend(j, *kv, st, masked))  # noqa: E731
     if prefetch:
-        # Register prefetch: the next KV tile's loads are issued before this tile's math. Every
-        # fetch is masked to the keys that exist (past the end: nothing is read), so the tile
-        # fetched by the last unmasked step is valid for the first masked one.
-        def body(j, c, masked):
-            *state, k, v = c
-            k_next, v_next = fetch(j + 1)
-            return (*attend(j, k, v, tuple(state), masked), k_next, v_next)
-
-        c = (*carry, *fetch(0))
-        c = jax.lax.fori_loop(0, num_full, functools.partial(body, masked=False), c)
-        acc, _, l, _, _ = jax.lax.fori_loop(num_full, num_kv_tiles, functools.partial(body, masked=True), c)
+        # Every prefetch is masked to the keys that exist, so the tile fetched by the last
+        # unmasked step is valid for the first masked one.
+        state, tiles = tile_loop(0, num_full, fetch, fold(False), state, prefetch=1)
+        (acc, _, l), _ = tile_loop(num_full, num_kv_tiles, fetch, fold(True), state, prefetch=1, ahead=tiles)
     else:
-        def body(j, c, masked):
-            return attend(j, *fetch(j, masked), c, masked)
+        state, _ = tile_loop(0, num_full, functools.partial(fetch, masked=False), fold(False), state)
+        (acc, _, l), _ = tile_loop(num_full, num_kv_tiles, fetch, fold(True), state)
 
-        carry = jax.lax.fori_loop(0, num_full, functools.partial(body, masked=False), carry)
-        acc, _, l = jax.lax.fori_loop(num_full, num_kv_tiles, functools.partial(body, masked=True), carry)
     safe_l = jnp.where(l > 0, l, 1.0)
     out = jnp.where(l[:, None] > 0, acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
     # Rows of padding tiles are written too (zeros), so the whole output is defined.
