@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-# (label, attribute path from the engine, method name)
+# (label, the engine attribute holding the method (None: the engine itself), method name)
 PARTS = [
     ("scheduler.schedule", "scheduler", "schedule"),
     ("scheduler.update_from_output", "scheduler", "update_from_output"),
@@ -34,13 +34,14 @@ PARTS = [
     ("runner: sampling tensors", "runner", "_tensors"),
     ("runner: sampler call (dispatch)", "runner", "_sample"),
     ("engine: request outputs", None, "_request_output"),
+    ("engine.step (total)", None, "step"),
 ]
 
 
 def add_timers(engine, totals: dict, calls: dict) -> None:
     """Wraps each part's bound method on its instance with a timer adding into ``totals`` (seconds)
     and ``calls``."""
-    for label, owner, name in PARTS + [("engine.step (total)", None, "step")]:
+    for label, owner, name in PARTS:
         obj = getattr(engine, owner) if owner else engine
         fn = getattr(obj, name)
 
@@ -130,7 +131,7 @@ def main() -> None:
     result = {"num_seqs": args.num_seqs, "steps": steps, "wall_s": wall, "parts_ms_per_step": {}}
     print(f"{args.num_seqs} sequences, {steps} steps, {wall:.2f} s wall ({1000 * wall / steps:.2f} ms/step)")
     print(f"{'part':34s} {'ms/step':>8s}")
-    for label, _, _ in PARTS + [("engine.step (total)", None, "step")]:
+    for label, _, _ in PARTS:
         ms = 1000 * totals[label] / steps
         result["parts_ms_per_step"][label] = ms
         print(f"{label:34s} {ms:8.2f}")
