@@ -71,7 +71,7 @@ def time_device_step(llm, captured, iters: int) -> dict:
         ts = []
         for _ in range(iters):
             t0 = time.perf_counter()
-            last, _, runner.kv.caches = runner._step(runner.lm.params, runner.kv.caches, ids, positions, md)
+            last, _ = runner.run_step(ids, positions, md)
             out = runner._sample(last, rows, tensors, flags) if with_sampler else last
             jax.block_until_ready(out)
             ts.append(time.perf_counter() - t0)

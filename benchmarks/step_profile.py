@@ -104,7 +104,7 @@ def main() -> None:
                                                     args.max_num_batched_tokens)
 
         def step():
-            last, _, runner.kv.caches = runner._step(runner.lm.params, runner.kv.caches, ids, positions, md)
+            last, _ = runner.run_step(ids, positions, md)
             return last
 
         jax.block_until_ready(step())

@@ -31,7 +31,7 @@ def run_jaxpaged(args, reqs) -> dict:
     llm = LLM(model=args.model, load_format="dummy", dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
               block_size=args.block_size, skip_tokenizer_init=True, attention_backend=args.attention_backend,
-              gpu_memory_utilization=args.gpu_memory_utilization)
+              gpu_memory_utilization=args.gpu_memory_utilization, async_scheduling=args.async_scheduling)
     startup = time.perf_counter() - t0
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True, detokenize=False) for r in reqs]
@@ -156,6 +156,7 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--attention-backend", default=None)
+    ap.add_argument("--async-scheduling", action="store_true", help="schedule step N+1 while step N runs")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--json", default=None)
     ap.add_argument("--hf-static-num-requests", type=int, default=64, help="prefix for the static-batch HF backend")

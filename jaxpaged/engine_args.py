@@ -32,6 +32,9 @@ class EngineArgs:
     attention_backend: str | None = None  # None: the fastest available on the device
     max_logprobs: int = 20
     compilation_cache_dir: str | None = None  # JAX persistent compilation cache
+    # Schedule step N+1 while step N runs on the device (its sampled tokens feed N+1 there); a
+    # step whose sampling needs the exact token history (seed, penalties, min_tokens) waits.
+    async_scheduling: bool = False
     disable_log_stats: bool = False
 
     def __post_init__(self) -> None:

@@ -25,6 +25,8 @@ logger = logging.getLogger("jaxpaged")
 
 # CPU has no memory to size the pool from; this many bytes of KV cache unless overridden.
 CPU_KV_CACHE_BYTES = 1 << 30
+# Sampling parameters for a row whose sequence finished after it was scheduled (async scheduling).
+_DROPPED_ROW_PARAMS = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
 
 
 class _SeqState:
@@ -102,7 +104,8 @@ class LLMEngine:
         if self.eos_token_id is not None and eos_ids is None:
             eos_ids = self.eos_token_id
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_tokens, self.max_model_len,
-                                   preemption_mode=args.preemption_mode, eos_token_id=eos_ids)
+                                   preemption_mode=args.preemption_mode, eos_token_id=eos_ids,
+                                   async_scheduling=args.async_scheduling)
         self.runner = ModelRunner(self.lm, self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens,
                                   max_model_len=self.max_model_len, max_logprobs=args.max_logprobs,
                                   eos_token_id=self.eos_token_id, seed=args.seed,
@@ -115,6 +118,7 @@ class LLMEngine:
         self._generation_tokens_total = 0
         self._real_tokens = 0
         self._padded_tokens = 0
+        self._in_flight = None  # async scheduling: the dispatched step not yet processed
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -297,6 +301,8 @@ class LLMEngine:
                     self._states.pop(seq.seq_id, None)
 
     def has_unfinished_requests(self) -> bool:
+        # A step still in flight once every request has finished (async scheduling) only holds
+        # rows of finished sequences; the next step() drops them.
         return self.scheduler.has_unfinished_requests()
 
     def get_num_unfinished_requests(self) -> int:
@@ -304,15 +310,57 @@ class LLMEngine:
 
     # ---- one step ----------------------------------------------------------------------------
     def _row(self, seq_id: int) -> SamplingRow:
-        st = self._states[seq_id]
+        st = self._states.get(seq_id)
+        if st is None:  # finished after its row was scheduled (async): the token is dropped
+            return SamplingRow(_DROPPED_ROW_PARAMS, [], [], 0)
         return SamplingRow(st.req.sampling_params, st.seq.prompt_token_ids, st.seq.output_token_ids, st.seq.index)
 
     def step(self) -> list[RequestOutput]:
-        """Runs one iteration; returns cumulative outputs of the requests that progressed."""
+        """Runs one iteration; returns cumulative outputs of the requests that progressed.
+
+        With ``async_scheduling`` the outputs returned are those of the step before: the next
+        step is scheduled and enqueued on the device before this one's tokens are read.
+        """
+        if self.args.async_scheduling:
+            return self._step_async()
         sched = self.scheduler.schedule()
-        if not (sched.scheduled or sched.blocks_to_swap_out or sched.blocks_to_swap_in or sched.blocks_to_copy):
+        if sched.is_empty:
             return []
-        out = self.runner.execute(sched, self._row)
+        return self._process(sched, self.runner.execute(sched, self._row))
+
+    def _step_async(self) -> list[RequestOutput]:
+        prev = self._in_flight
+        self._in_flight = None
+        if prev is not None and not prev.chainable:
+            return self._land(prev)  # its tokens cannot feed the next step on the device
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return self._land(prev) if prev is not None else []
+        outputs = None
+        if prev is not None and self._needs_history(sched):
+            # Seeds, penalties and min_tokens read the token history: land the previous tokens
+            # before building this step's sampling inputs (no overlap for this step).
+            outputs = self._land(prev)
+        self._in_flight = self.runner.dispatch(sched, self._row, prev)
+        if outputs is None:
+            outputs = self._land(prev) if prev is not None else []
+        return outputs
+
+    def _land(self, step) -> list[RequestOutput]:
+        return self._process(step.sched, self.runner.collect(step))
+
+    def _needs_history(self, sched) -> bool:
+        for row in sched.scheduled:
+            for sid in row.sample_seq_ids:
+                st = self._states.get(sid)
+                p = st.req.sampling_params if st is not None else None
+                if p is not None and (p.seed is not None or p.min_tokens or p.presence_penalty
+                                      or p.frequency_penalty or p.repetition_penalty != 1.0):
+                    return True
+        return False
+
+    def _process(self, sched, out) -> list[RequestOutput]:
+        """Hands a finished step's tokens to the scheduler; detokenizes and builds outputs."""
         self._real_tokens += out.num_tokens
         self._padded_tokens += out.num_padded_tokens
         for sid, plp in out.prompt_logprobs.items():

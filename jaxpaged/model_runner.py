@@ -63,6 +63,24 @@ class RunnerOutput:
     num_padded_tokens: int  # tokens of the bucket actually run
 
 
+@dataclasses.dataclass
+class InFlightStep:
+    """A dispatched step whose results are still on the device."""
+
+    sched: Any  # the SchedulerOutput it runs
+    bucket: Bucket | None
+    chunks: list  # (seq ids, (sampler output, padded token ids)) per sampler call
+    token_row: dict[int, int]  # seq id -> index into ``tokens`` (empty: tokens not chainable)
+    num_tokens: int  # real tokens computed
+    tokens: Any = None  # [max_rows] device array of sampled ids, for the next step's pending inputs
+    prompt_logprobs: Callable[[], dict] | None = None
+
+    @property
+    def chainable(self) -> bool:
+        """Whether the next step can take this one's sampled tokens on the device (one sampler call)."""
+        return len(self.chunks) <= 1
+
+
 def forward_step(model: Any, params: Any, caches: Any, input_ids, positions, md: AttentionMetadata):
     """One forward pass: (last-token logits [S, V] float32, hidden [T, H], updated caches)."""
     hidden, caches = model.apply({"params": params}, input_ids, positions, caches, md)
@@ -111,18 +129,24 @@ class ModelRunner:
         self.history_width = next_pow2(max_model_len, 16)
         self.bias_width = 64
         self._step = jax.jit(self._step_impl, donate_argnums=(1,))
+        self._no_prev_tokens = jnp.zeros(self.max_rows, jnp.int32)
         self._sample = jax.jit(self._sample_impl, static_argnums=(3,))
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnums=(4,))
 
     # ---- device programs ------------------------------------------------------------------
-    def _step_impl(self, params, caches, input_ids, positions, md: AttentionMetadata):
+    def _step_impl(self, params, caches, input_ids, positions, md: AttentionMetadata, prev_tokens, prev_idx):
+        # Async scheduling: an input id the previous step samples is read from its output here
+        # (prev_idx >= 0), so the host never waits for it.
+        input_ids = jnp.where(prev_idx >= 0, prev_tokens[jnp.maximum(prev_idx, 0)], input_ids)
         last, hidden, caches = forward_step(self.lm.model, params, caches, input_ids, positions, md)
         # Pad to a fixed row count so the sampler compiles per row bucket only, not per step bucket.
         last = jnp.pad(last, ((0, self.max_rows - last.shape[0]), (0, 0)))
         return last, hidden, caches
 
     def _sample_impl(self, logits, rows, tensors, flags):
-        return sample(logits[rows], tensors, flags)
+        out = sample(logits[rows], tensors, flags)
+        # The token ids again at a fixed length: the next step's input when scheduling runs ahead.
+        return out, jnp.pad(out.token_ids, (0, self.max_rows - out.token_ids.shape[0]))
 
     def _prompt_logprobs_impl(self, params, hidden, idx, next_ids, k):
         logits = self.lm.model.apply({"params": params}, hidden[idx], method="compute_logits")
@@ -178,7 +202,7 @@ class ModelRunner:
 
     def _warm_step(self, b: Bucket) -> None:
         ids, md, positions = self._pack_arrays([], b)
-        last, hidden, self.kv.caches = self._step(self.lm.params, self.kv.caches, ids, positions, md)
+        last, hidden = self.run_step(ids, positions, md)
         self._warm_hidden[b.num_tokens] = hidden
         jax.block_until_ready(last)
 
@@ -194,6 +218,17 @@ class ModelRunner:
         jax.block_until_ready(self._prompt_logprobs(self.lm.params, h, z, z, self.max_logprobs))
 
     # ---- one step -----------------------------------------------------------------------------
+    def run_step(self, ids, positions, md: AttentionMetadata, prev_tokens=None, prev_idx=None):
+        """Enqueues the compiled forward step on packed inputs (the cache is updated in place);
+        returns (last-token logits padded to ``max_rows``, hidden states), both on the device."""
+        if prev_idx is None:
+            prev_idx = np.full(len(ids), -1, np.int32)
+        last, hidden, self.kv.caches = self._step(
+            self.lm.params, self.kv.caches, ids, positions, md,
+            self._no_prev_tokens if prev_tokens is None else prev_tokens, prev_idx,
+        )
+        return last, hidden
+
     def _pack_arrays(self, scheduled: Sequence[Any], bucket: Bucket):
         T, S, MB, BS = bucket.num_tokens, bucket.num_seqs, self.max_blocks_per_seq, self.block_size
         ids = np.zeros(T, np.int32)
@@ -233,17 +268,34 @@ class ModelRunner:
 
         ``get_row(seq_id)`` gives a sequence's sampling parameters and token history.
         """
+        return self.collect(self.dispatch(sched, get_row))
+
+    def dispatch(self, sched: Any, get_row: Callable[[int], SamplingRow], prev: "InFlightStep | None" = None) -> "InFlightStep":
+        """Enqueues ``sched`` on the device and returns without waiting for it.
+
+        ``prev``: the step before, still in flight, whose sampled tokens fill this step's
+        ``PENDING_TOKEN`` inputs (async scheduling); every pending input must belong to a
+        sequence ``prev`` sampled.
+        """
         self.kv.swap_out(sched.blocks_to_swap_out)
         self.kv.swap_in(sched.blocks_to_swap_in)
         self.kv.copy(sched.blocks_to_copy)
         scheduled = sched.scheduled
         if not scheduled:
-            return RunnerOutput({}, {}, 0, 0)
+            return InFlightStep(sched, None, [], {}, 0)
         num_tokens = sum(len(s.token_ids) for s in scheduled)
         decode_only = all(len(s.token_ids) == 1 for s in scheduled)
         bucket = pick_bucket(self.buckets, num_tokens, len(scheduled), decode_only)
         ids, md, positions = self._pack_arrays(scheduled, bucket)
-        last, hidden, self.kv.caches = self._step(self.lm.params, self.kv.caches, ids, positions, md)
+        prev_idx = np.full(bucket.num_tokens, -1, np.int32)
+        pending = np.flatnonzero(ids < 0)
+        if pending.size:
+            if prev is None or prev.tokens is None:
+                raise ValueError("a step with pending input tokens needs the previous step in flight")
+            row_of = np.repeat(np.arange(len(scheduled)), [len(s.token_ids) for s in scheduled])
+            prev_idx[pending] = [prev.token_row[scheduled[r].seq_id] for r in row_of[pending]]
+            ids[pending] = 0
+        last, hidden = self.run_step(ids, positions, md, prev.tokens if pending.size else None, prev_idx)
 
         # Rows to sample: one per (scheduled row, sequence drawing from it).
         row_idx: list[int] = []
@@ -254,7 +306,7 @@ class ModelRunner:
                 row_idx.append(i)
                 rows.append(get_row(sid))
                 seq_ids.append(sid)
-        sampled: dict[int, SampledToken] = {}
+        chunks = []
         # More rows than the largest row bucket only happens when several requests fork at once.
         for a in range(0, len(rows), self.max_rows):
             chunk = rows[a : a + self.max_rows]
@@ -263,19 +315,32 @@ class ModelRunner:
             tensors = self._tensors(chunk, num_rows, profile)
             ridx = np.zeros(num_rows, np.int32)
             ridx[: len(chunk)] = row_idx[a : a + self.max_rows]
-            out = jax.device_get(self._sample(last, ridx, tensors, self._flags(profile)))
+            chunks.append((seq_ids[a : a + self.max_rows], self._sample(last, ridx, tensors, self._flags(profile))))
+        # One chunk (the rule): its padded token ids can feed the next step on the device.
+        token_row = {sid: j for j, sid in enumerate(chunks[0][0])} if len(chunks) == 1 else {}
+        tokens = chunks[0][1][1] if len(chunks) == 1 else None
+        prompt_lp = self._dispatch_prompt_logprobs(scheduled, hidden, bucket, get_row)
+        return InFlightStep(sched, bucket, chunks, token_row, num_tokens, tokens, prompt_lp)
+
+    def collect(self, step: "InFlightStep") -> RunnerOutput:
+        """Waits for a dispatched step and returns its sampled tokens (and prompt logprobs)."""
+        sampled: dict[int, SampledToken] = {}
+        for sids, (out, _) in step.chunks:
+            out = jax.device_get(out)
             # Whole-array tolist() once: per-element NumPy indexing dominated this loop.
             toks, lps, ranks = out.token_ids.tolist(), out.logprobs.tolist(), out.ranks.tolist()
             top_ids, top_lps = out.topk_ids.tolist(), out.topk_logprobs.tolist()
-            for j, sid in enumerate(seq_ids[a : a + self.max_rows]):
+            for j, sid in enumerate(sids):
                 sampled[sid] = SampledToken(toks[j], lps[j], ranks[j], top_ids[j], top_lps[j])
-        prompt_lp = self._prompt_logprobs_for(scheduled, hidden, bucket, get_row)
-        return RunnerOutput(sampled, prompt_lp, num_tokens, bucket.num_tokens)
+        prompt_lp = step.prompt_logprobs() if step.prompt_logprobs else {}
+        padded = step.bucket.num_tokens if step.bucket else 0
+        return RunnerOutput(sampled, prompt_lp, step.num_tokens, padded)
 
-    def _prompt_logprobs_for(self, scheduled, hidden, bucket: Bucket, get_row) -> dict[int, PromptLogprobs]:
+    def _dispatch_prompt_logprobs(self, scheduled, hidden, bucket: Bucket, get_row) -> Callable[[], dict] | None:
+        """Enqueues the prompt-logprob program; returns a function that reads its result."""
         want = [(i, s) for i, s in enumerate(scheduled) if s.want_prompt_logprobs]
         if not want:
-            return {}
+            return None
         T = bucket.num_tokens
         idx = np.zeros(T, np.int32)
         next_ids = np.zeros(T, np.int32)
@@ -298,11 +363,16 @@ class ModelRunner:
             next_ids[n : n + count] = prompt[start + 1 : start + 1 + count]
             spans.append((s.seq_id, start, n, count))
             n += count
-        out = jax.device_get(self._prompt_logprobs(self.lm.params, hidden, idx, next_ids, self.max_logprobs))
-        result = {}
-        for sid, start, a, count in spans:
-            result[sid] = PromptLogprobs(
-                start, out.token_logprobs[a : a + count].tolist(), out.ranks[a : a + count].tolist(),
-                out.topk_ids[a : a + count].tolist(), out.topk_logprobs[a : a + count].tolist(),
-            )
-        return result
+        pending = self._prompt_logprobs(self.lm.params, hidden, idx, next_ids, self.max_logprobs)
+
+        def read() -> dict[int, PromptLogprobs]:
+            out = jax.device_get(pending)
+            result = {}
+            for sid, start, a, count in spans:
+                result[sid] = PromptLogprobs(
+                    start, out.token_logprobs[a : a + count].tolist(), out.ranks[a : a + count].tolist(),
+                    out.topk_ids[a : a + count].tolist(), out.topk_logprobs[a : a + count].tolist(),
+                )
+            return result
+
+        return read

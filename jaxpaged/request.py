@@ -60,6 +60,10 @@ class Sequence:
     the next step must compute (a prefill chunk, or exactly the last sampled token when decoding).
     After a recompute preemption it drops to 0 and prompt + output are recomputed as one prefill,
     which is how the sampled tokens survive the loss of their cache.
+
+    With async scheduling, ``num_pending_tokens`` counts tokens sampled by a step still in flight:
+    they are not in ``output_token_ids`` yet, but the next step already computes them (its input
+    id is taken from the previous step's sampled tokens on the device).
     """
 
     def __init__(self, seq_id: int, index: int, request_id: str, prompt_token_ids: list[int]) -> None:
@@ -72,6 +76,7 @@ class Sequence:
         self.output_top_logprobs: list[Any] = []  # whatever the runner returned as top-k, per token
         self.cumulative_logprob = 0.0
         self.num_computed_tokens = 0
+        self.num_pending_tokens = 0
         self.status = SequenceStatus.WAITING
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
 

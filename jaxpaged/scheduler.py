@@ -34,13 +34,16 @@ from typing import Any
 from jaxpaged.block_manager import BlockManager
 from jaxpaged.request import Request, Sequence, SequenceStatus
 
+PENDING_TOKEN = -1  # a row's input id that the previous (in-flight) step samples
+
 
 @dataclass
 class ScheduledSequence:
     """One row of the step's ragged batch."""
 
     seq_id: int
-    token_ids: list[int]  # the tokens computed this step (a prompt chunk, or the last token)
+    token_ids: list[int]  # the tokens computed this step (a prompt chunk, or the last token;
+    #   PENDING_TOKEN where the previous, in-flight step samples it)
     num_computed_tokens: int  # tokens of this sequence already in the KV cache (= position of token_ids[0])
     block_table: list[int]  # physical block ids covering num_computed_tokens + len(token_ids)
     sample_seq_ids: list[int]  # sequences that draw a token from this row's last-token logits:
@@ -102,6 +105,11 @@ class Scheduler:
         enable_chunked_prefill: split prompts across steps; without it a prompt runs whole, so
             ``max_num_batched_tokens`` must be at least ``max_model_len``.
         eos_token_id: the model's EOS id(s) (int or list, as HF configs give it), or None.
+        async_scheduling: ``schedule()`` may run while the previous step is still on the device.
+            It then advances ``num_computed_tokens`` itself and counts each sampled row's token
+            as pending (``Sequence.num_pending_tokens``); the next step computes that token from
+            a placeholder (``PENDING_TOKEN``) the runner resolves on the device, and
+            ``update_from_output`` only appends tokens and checks stops.
     """
 
     def __init__(
@@ -113,6 +121,7 @@ class Scheduler:
         preemption_mode: str = "recompute",
         enable_chunked_prefill: bool = True,
         eos_token_id: int | Iterable[int] | None = None,
+        async_scheduling: bool = False,
     ) -> None:
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
                             ("max_model_len", max_model_len)):
@@ -134,6 +143,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.preemption_mode = preemption_mode
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.async_scheduling = async_scheduling
         if eos_token_id is None:
             self.eos_token_ids: frozenset[int] = frozenset()
         elif isinstance(eos_token_id, int):
@@ -238,8 +248,22 @@ class Scheduler:
         step.out.num_batched_tokens = self.max_num_batched_tokens - step.token_budget
         return step.out
 
+    @staticmethod
+    def _remaining(s: Sequence) -> int:
+        """Tokens the sequence still has to compute (pending ones included)."""
+        return s.num_tokens + s.num_pending_tokens - s.num_computed_tokens
+
     def _is_decoding(self, req: Request) -> bool:
-        return all(s.num_tokens - s.num_computed_tokens == 1 for s in req.active_seqs())
+        return all(self._remaining(s) == 1 for s in req.active_seqs())
+
+    def _finishes_when_pending_lands(self, s: Sequence, req: Request) -> bool:
+        """A pending token that reaches max_tokens or max_model_len ends the sequence for sure:
+        computing it would be wasted work."""
+        if not s.num_pending_tokens:
+            return False
+        max_tokens = getattr(req.sampling_params, "max_tokens", None)
+        n_out = s.num_output_tokens + s.num_pending_tokens
+        return (max_tokens is not None and n_out >= max_tokens) or s.num_tokens + s.num_pending_tokens >= self.max_model_len
 
     def _num_running_seqs(self) -> int:
         return sum(len(r.unfinished_seqs()) for r in self._running)
@@ -248,7 +272,9 @@ class Scheduler:
         """Tokens each active sequence would compute within ``budget``, before checking blocks."""
         plan = []
         for s in req.active_seqs():
-            remaining = s.num_tokens - s.num_computed_tokens
+            if self._finishes_when_pending_lands(s, req):
+                continue
+            remaining = self._remaining(s)
             k = min(remaining, budget) if self.enable_chunked_prefill else (remaining if remaining <= budget else 0)
             if k > 0:
                 plan.append((s, k))
@@ -288,7 +314,7 @@ class Scheduler:
         else:
             bm.allocate(seq.seq_id, start + k)
         sample: list[int] = []
-        if start + k == seq.num_tokens:
+        if start + k == seq.num_tokens + seq.num_pending_tokens:
             sample = [seq.seq_id]
             if not req.forked:  # the prompt completes this step: share it with the siblings
                 for sib in req.seqs[1:]:
@@ -299,14 +325,21 @@ class Scheduler:
                 req.forked = True
         want_pl = (getattr(req.sampling_params, "prompt_logprobs", None) is not None and seq.index == 0
                    and not req.prompt_logprobs_done and start < req.num_prompt_tokens)
+        known = min(start + k, seq.num_tokens)
+        token_ids = seq.get_token_ids_range(start, known) + [PENDING_TOKEN] * (start + k - known)
         step.out.scheduled.append(ScheduledSequence(
             seq_id=seq.seq_id,
-            token_ids=seq.get_token_ids_range(start, start + k),
+            token_ids=token_ids,
             num_computed_tokens=start,
             block_table=bm.get_block_table(seq.seq_id),
             sample_seq_ids=sample,
             want_prompt_logprobs=want_pl,
         ))
+        if self.async_scheduling:  # the step is committed: later schedules build on it at once
+            for sid in [seq.seq_id] + sample[1:]:  # forked siblings share this row's cache
+                self._seqs[sid].num_computed_tokens = start + k
+            for sid in sample:
+                self._seqs[sid].num_pending_tokens += 1
         step.token_budget -= k
         step.touched.add(req.request_id)
         if req.first_scheduled_time is None:
@@ -389,27 +422,39 @@ class Scheduler:
         now = time.time()
         for row in scheduler_output.scheduled:
             seq = self._seqs.get(row.seq_id)
-            if seq is None or seq.status != SequenceStatus.RUNNING:
+            if seq is None or not self._takes_output(seq):
                 continue
             req = self._requests[seq.request_id]
             computed = row.num_computed_tokens + len(row.token_ids)
-            seq.num_computed_tokens = computed
+            if not self.async_scheduling:  # (async: advanced when scheduled)
+                seq.num_computed_tokens = computed
             if seq.index == 0 and computed >= req.num_prompt_tokens:
                 req.prompt_logprobs_done = True
             for sid in row.sample_seq_ids:
                 s = self._seqs.get(sid)
-                if s is None or s.status != SequenceStatus.RUNNING:
+                if s is None or not self._takes_output(s):
                     continue
                 if sid not in sampled:
                     raise KeyError(f"the runner returned no token for sampled sequence {sid}")
                 token_id, logprob, top = sampled[sid]
-                s.num_computed_tokens = computed  # forked siblings share the row's cache
+                if self.async_scheduling:
+                    s.num_pending_tokens -= 1
+                else:
+                    s.num_computed_tokens = computed  # forked siblings share the row's cache
                 s.append_token(token_id, logprob, top)
                 if req.first_token_time is None:
                     req.first_token_time = now
                 touched[req.request_id] = req
                 self._check_stop(s, req)
         return list(touched.values())
+
+    def _takes_output(self, seq: Sequence) -> bool:
+        """Whether a finished step's row still counts for the sequence. Synchronously only running
+        ones do; with async scheduling a sequence preempted after the step was dispatched still
+        receives its token (a recompute then includes it), and only finished ones drop it."""
+        if self.async_scheduling:
+            return not seq.is_finished
+        return seq.status == SequenceStatus.RUNNING
 
     def _check_stop(self, seq: Sequence, req: Request) -> None:
         params = req.sampling_params
