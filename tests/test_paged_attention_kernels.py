@@ -316,9 +316,9 @@ GPU_RAGGED = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("prefetch", [False, True], ids=lambda p: f"prefetch{int(p)}")
+@pytest.mark.parametrize("variant", ["plain", "prefetch", "split_decode_rows"])
 @pytest.mark.parametrize("case", GPU_RAGGED, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-bs{c[3]}-{jnp.dtype(c[4]).name}")
-def test_ragged_kernel_gpu(case, prefetch):
+def test_ragged_kernel_gpu(case, variant):
     hq, hkv, d, bs, dtype, window, alibi = case
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
     q_lens = [700, 129, 1, 1, 64, 1, 0]
@@ -327,24 +327,12 @@ def test_ragged_kernel_gpu(case, prefetch):
     feats = _features(rng, hq, alibi, None)
     args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
     ref = ragged_paged_attention_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
-    out = ragged_paged_attention_pallas(*args, scale=d**-0.5, sliding_window=window, prefetch=prefetch, **feats)
-    assert _rel_err(out, ref) < TOL[dtype]
-    np.testing.assert_array_equal(np.asarray(out[-5:], np.float32), 0.0)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_RAGGED[:4], ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-bs{c[3]}-{jnp.dtype(c[4]).name}")
-def test_split_decode_rows_gpu(case):
-    hq, hkv, d, bs, dtype, window, alibi = case
-    rng = np.random.default_rng(zlib.crc32(repr(case).encode()) + 2)
-    q_lens = [1, 700, 1, 1, 64, 1, 0]
-    ctx = [1800, 0, 900, 3, 10, 0, 0]
-    c = _paged_case(rng, q_lens, ctx, hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=sum(q_lens) + 5)
-    feats = _features(rng, hq, alibi, None)
-    args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
-    ref = ragged_paged_attention_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
-    out = ragged_paged_attention(*args, scale=d**-0.5, sliding_window=window, backend="pallas",
-                                 split_decode_rows=True, **feats)
+    if variant == "split_decode_rows":
+        out = ragged_paged_attention(*args, scale=d**-0.5, sliding_window=window, backend="pallas",
+                                     split_decode_rows=True, **feats)
+    else:
+        out = ragged_paged_attention_pallas(*args, scale=d**-0.5, sliding_window=window,
+                                            prefetch=variant == "prefetch", **feats)
     assert _rel_err(out, ref) < TOL[dtype]
     np.testing.assert_array_equal(np.asarray(out[-5:], np.float32), 0.0)
 
