@@ -237,6 +237,30 @@ async def _one_request(http: httpx.AsyncClient, url: str, spec: dict) -> dict:
 
 def test_concurrent_load_every_request_exact_and_unmixed(url, stack):
     """64 concurrent clients, 512 requests, streaming and not, mixed prompts and lengths."""
+    _check_concurrent_load(url, stack)
+
+
+@pytest.fixture(scope="module")
+def async_stack(tmp_path_factory):
+    from jaxpaged.llm_engine import LLMEngine
+
+    ckpt = make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "ckpt"), max_position_embeddings=MAX_MODEL_LEN)
+    engine = LLMEngine.from_engine_args(EngineArgs(
+        model=ckpt, dtype="float32", max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS, block_size=8,
+        num_gpu_blocks_override=40, max_logprobs=5, seed=0, async_scheduling=True))
+    stack = Stack(engine)
+    yield stack
+    stack.close()
+
+
+def test_concurrent_load_with_async_scheduling(async_stack):
+    """The same load through an engine that schedules a step ahead, then a client that hangs up."""
+    url = async_stack.serve(max_n=4, max_logprobs=5, max_stop_strings=4, max_prompts_per_request=8).url
+    _check_concurrent_load(url, async_stack)
+    _check_disconnect_frees_blocks(url, async_stack)
+
+
+def _check_concurrent_load(url, stack):
     rng = random.Random(0)
     prompt_lens = {p: len(stack.tokenizer.tokenizer.encode(p)) for p in PROMPTS}
     specs = [{"prompt": rng.choice(PROMPTS), "max_tokens": rng.randint(1, 12), "stream": rng.random() < 0.5,
@@ -297,15 +321,20 @@ def _stream_then_drop(url: str, body: dict, chunks_before_drop: int) -> int:
 
 
 def test_client_disconnect_aborts_and_frees_blocks(url, stack):
+    _check_disconnect_frees_blocks(url, stack)
+
+
+def _check_disconnect_frees_blocks(url, stack):
     long = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 240, "temperature": 0, "ignore_eos": True}
     aborted_before = stack.metrics.success["abort"]
     assert _stream_then_drop(url, dict(long, stream=True), 3) == 3
-    # Non-streaming: the client gives up before the answer; the server notices and aborts.
+    # Non-streaming: the client gives up before the answer (240 tokens take ~0.25 s here, async
+    # scheduling or not); the server notices and aborts.
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url + "/v1/completions", json=long, timeout=httpx.Timeout(60, read=0.2))
+        httpx.post(url + "/v1/completions", json=long, timeout=httpx.Timeout(60, read=0.05))
     stats = stack.wait_idle(timeout=30)
     assert stats["kv_cache_usage"] == 0.0 and stats["num_running"] == 0
-    assert stack.metrics.success["abort"] == aborted_before + 2
+    assert stack.metrics.success["abort"] == aborted_before + 2, stack.metrics.success
     # and the engine still serves
     ok = httpx.post(url + "/v1/completions", json=dict(long, max_tokens=3))
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
