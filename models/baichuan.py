@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpaged.attention_metadata import AttentionMetadata
-from models.layers import KVCache, RMSNorm, alibi_slopes, paged_attention
-from models.llama import LlamaConfig, LlamaMLP, dense, llama_config_from_hf
+from models.layers import KVCache, RMSNorm, alibi_slopes, dense, paged_attention, run_layers
+from models.llama import LlamaConfig, LlamaMLP, llama_config_from_hf
 from models.rotary import apply_rotary, rope_cos_sin
 from models.weight_table import WeightRule, rule, transpose
 
@@ -105,10 +105,7 @@ class BaichuanModel(nn.Module):
         cos = sin = None
         if not c.use_alibi:
             cos, sin = rope_cos_sin(c.rope, positions, metadata.seq_lens[metadata.token_seq_ids()])
-        new_caches = []
-        for layer, cache in zip(self.layers, kv_caches):
-            x, cache = layer(x, positions, cache, metadata, cos, sin)
-            new_caches.append(cache)
+        x, new_caches = run_layers(self.layers, x, positions, kv_caches, metadata, cos, sin)
         return self.norm(x), new_caches
 
 

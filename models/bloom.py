@@ -15,8 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxpaged.attention_metadata import AttentionMetadata
-from models.layers import KVCache, LayerNorm, alibi_slopes, get_activation, paged_attention
-from models.llama import dense
+from models.layers import DenseMLP, KVCache, LayerNorm, alibi_slopes, dense, paged_attention, run_layers
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -93,17 +92,6 @@ class BloomAttention(nn.Module):
         return dense(c.hidden_size, True, self.dtype, "dense")(out.reshape(T, -1)), kv_cache
 
 
-class BloomMLP(nn.Module):
-    config: BloomConfig
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        h = get_activation("gelu_new")(dense(4 * c.hidden_size, True, self.dtype, "dense_h_to_4h")(x))
-        return dense(c.hidden_size, True, self.dtype, "dense_4h_to_h")(h)
-
-
 class BloomBlock(nn.Module):
     config: BloomConfig
     dtype: Any = jnp.float32
@@ -119,7 +107,11 @@ class BloomBlock(nn.Module):
         )
         x = attn + (h if post_ln_residual else x)
         h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="post_attention_layernorm")(x)
-        return BloomMLP(c, self.dtype, name="mlp")(h) + (h if post_ln_residual else x), kv_cache
+        mlp = DenseMLP(
+            4 * c.hidden_size, c.hidden_size, "gelu_new", True,
+            "dense_h_to_4h", "dense_4h_to_h", self.dtype, name="mlp",
+        )
+        return mlp(h) + (h if post_ln_residual else x), kv_cache
 
 
 class BloomModel(nn.Module):
@@ -137,10 +129,7 @@ class BloomModel(nn.Module):
     def __call__(self, input_ids, positions, kv_caches: Sequence[KVCache], metadata: AttentionMetadata):
         x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
         slopes = alibi_slopes(self.config.num_attention_heads)
-        new_caches = []
-        for block, cache in zip(self.h, kv_caches):
-            x, cache = block(x, positions, cache, metadata, slopes)
-            new_caches.append(cache)
+        x, new_caches = run_layers(self.h, x, positions, kv_caches, metadata, slopes)
         return self.ln_f(x), new_caches
 
 

@@ -24,8 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxpaged.attention_metadata import AttentionMetadata
-from models.layers import KVCache, LayerNorm, RMSNorm, paged_attention
-from models.llama import dense
+from models.layers import KVCache, LayerNorm, RMSNorm, dense, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
 from models.weight_table import WeightRule, rule, transpose
 
@@ -160,10 +159,7 @@ class GLMTransformer(nn.Module):
             self.final_layernorm = _norm(c, self.dtype)
 
     def __call__(self, x, positions, kv_caches, metadata, cos, sin):
-        new_caches = []
-        for layer, cache in zip(self.layers, kv_caches):
-            x, cache = layer(x, positions, cache, metadata, cos, sin)
-            new_caches.append(cache)
+        x, new_caches = run_layers(self.layers, x, positions, kv_caches, metadata, cos, sin)
         if self.config.post_layer_norm:
             x = self.final_layernorm(x)
         return x, new_caches

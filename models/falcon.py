@@ -28,8 +28,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxpaged.attention_metadata import AttentionMetadata
-from models.layers import KVCache, LayerNorm, alibi_slopes, get_activation, paged_attention
-from models.llama import dense
+from models.layers import DenseMLP, KVCache, LayerNorm, alibi_slopes, dense, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
 from models.weight_table import WeightRule, rule, transpose
 
@@ -156,17 +155,6 @@ class FalconAttention(nn.Module):
         return dense(c.hidden_size, c.bias, self.dtype, "dense")(out.reshape(T, -1)), kv_cache
 
 
-class FalconMLP(nn.Module):
-    config: FalconConfig
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        h = get_activation(c.activation)(dense(c.ffn_hidden_size, c.bias, self.dtype, "dense_h_to_4h")(x))
-        return dense(c.hidden_size, c.bias, self.dtype, "dense_4h_to_h")(h)
-
-
 class FalconDecoderLayer(nn.Module):
     config: FalconConfig
     dtype: Any = jnp.float32
@@ -177,7 +165,10 @@ class FalconDecoderLayer(nn.Module):
         c = self.config
         ln = lambda name: LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name=name)
         attention = FalconAttention(c, self.dtype, self.attention_backend, name="self_attention")
-        mlp = FalconMLP(c, self.dtype, name="mlp")
+        mlp = DenseMLP(
+            c.ffn_hidden_size, c.hidden_size, c.activation, c.bias,
+            "dense_h_to_4h", "dense_4h_to_h", self.dtype, name="mlp",
+        )
         if not c.parallel_attn:
             h, kv_cache = attention(ln("input_layernorm")(x), positions, kv_cache, metadata, cos, sin)
             x = x + h
@@ -208,10 +199,7 @@ class FalconModel(nn.Module):
         cos = sin = None
         if not c.alibi:
             cos, sin = rope_cos_sin(c.rope, positions, metadata.seq_lens[metadata.token_seq_ids()])
-        new_caches = []
-        for layer, cache in zip(self.h, kv_caches):
-            x, cache = layer(x, positions, cache, metadata, cos, sin)
-            new_caches.append(cache)
+        x, new_caches = run_layers(self.h, x, positions, kv_caches, metadata, cos, sin)
         return self.ln_f(x), new_caches
 
 

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 
 from jaxpaged.attention_metadata import AttentionMetadata
 from models.config_utils import eos_token_id, hf_get, torch_dtype
-from models.layers import KVCache, LayerNorm, get_activation, paged_attention
-from models.llama import dense
+from models.layers import DenseMLP, KVCache, LayerNorm, dense, paged_attention, run_layers
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -99,17 +98,6 @@ class GPTBigCodeAttention(nn.Module):
         return dense(c.hidden_size, True, self.dtype, "c_proj")(out.reshape(T, -1)), kv_cache
 
 
-class GPTBigCodeMLP(nn.Module):
-    config: GPTBigCodeConfig
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        h = get_activation(c.activation_function)(dense(c.intermediate_size, True, self.dtype, "c_fc")(x))
-        return dense(c.hidden_size, True, self.dtype, "c_proj")(h)
-
-
 class GPTBigCodeBlock(nn.Module):
     config: GPTBigCodeConfig
     dtype: Any = jnp.float32
@@ -124,7 +112,10 @@ class GPTBigCodeBlock(nn.Module):
         )
         x = x + h
         h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="ln_2")(x)
-        return x + GPTBigCodeMLP(c, self.dtype, name="mlp")(h), kv_cache
+        mlp = DenseMLP(
+            c.intermediate_size, c.hidden_size, c.activation_function, True, "c_fc", "c_proj", self.dtype, name="mlp",
+        )
+        return x + mlp(h), kv_cache
 
 
 class GPTBigCodeModel(nn.Module):
@@ -143,10 +134,7 @@ class GPTBigCodeModel(nn.Module):
 
     def __call__(self, input_ids, positions, kv_caches: Sequence[KVCache], metadata: AttentionMetadata):
         x = self.wte(input_ids) + self.wpe(positions)
-        new_caches = []
-        for block, cache in zip(self.h, kv_caches):
-            x, cache = block(x, positions, cache, metadata)
-            new_caches.append(cache)
+        x, new_caches = run_layers(self.h, x, positions, kv_caches, metadata)
         return self.ln_f(x), new_caches
 
 

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 
 from jaxpaged.attention_metadata import AttentionMetadata
 from models.config_utils import eos_token_id, hf_get, partial_rotary_factor, torch_dtype
-from models.layers import KVCache, LayerNorm, get_activation, paged_attention
-from models.llama import dense
+from models.layers import DenseMLP, KVCache, LayerNorm, dense, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
 from models.weight_table import WeightRule, rule, transpose
 
@@ -99,17 +98,6 @@ class GPTNeoXAttention(nn.Module):
         return dense(c.hidden_size, c.attention_bias, self.dtype, "dense")(out.reshape(T, -1)), kv_cache
 
 
-class GPTNeoXMLP(nn.Module):
-    config: GPTNeoXConfig
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        h = get_activation(c.hidden_act)(dense(c.intermediate_size, True, self.dtype, "dense_h_to_4h")(x))
-        return dense(c.hidden_size, True, self.dtype, "dense_4h_to_h")(h)
-
-
 class GPTNeoXLayer(nn.Module):
     config: GPTNeoXConfig
     dtype: Any = jnp.float32
@@ -120,7 +108,10 @@ class GPTNeoXLayer(nn.Module):
         c = self.config
         ln1 = LayerNorm(c.hidden_size, c.layer_norm_eps, self.dtype, name="input_layernorm")
         ln2 = LayerNorm(c.hidden_size, c.layer_norm_eps, self.dtype, name="post_attention_layernorm")
-        mlp = GPTNeoXMLP(c, self.dtype, name="mlp")
+        mlp = DenseMLP(
+            c.intermediate_size, c.hidden_size, c.hidden_act, True,
+            "dense_h_to_4h", "dense_4h_to_h", self.dtype, name="mlp",
+        )
         attn, kv_cache = GPTNeoXAttention(c, self.dtype, self.attention_backend, name="attention")(
             ln1(x), positions, kv_cache, metadata, cos, sin
         )
@@ -147,10 +138,7 @@ class GPTNeoXModel(nn.Module):
         x = self.embed_in(input_ids)
         seq_lens_per_token = metadata.seq_lens[metadata.token_seq_ids()]
         cos, sin = rope_cos_sin(self.config.rope, positions, seq_lens_per_token)
-        new_caches = []
-        for layer, cache in zip(self.layers, kv_caches):
-            x, cache = layer(x, positions, cache, metadata, cos, sin)
-            new_caches.append(cache)
+        x, new_caches = run_layers(self.layers, x, positions, kv_caches, metadata, cos, sin)
         return self.final_layer_norm(x), new_caches
 
 

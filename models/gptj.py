@@ -16,8 +16,7 @@ import jax.numpy as jnp
 
 from jaxpaged.attention_metadata import AttentionMetadata
 from models.config_utils import eos_token_id, hf_get, torch_dtype
-from models.layers import Bias, KVCache, LayerNorm, get_activation, paged_attention
-from models.llama import dense
+from models.layers import Bias, DenseMLP, KVCache, LayerNorm, dense, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
 from models.weight_table import WeightRule, rule, transpose
 
@@ -102,17 +101,6 @@ class GPTJAttention(nn.Module):
         return dense(c.hidden_size, False, self.dtype, "out_proj")(out.reshape(T, -1)), kv_cache
 
 
-class GPTJMLP(nn.Module):
-    config: GPTJConfig
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        h = get_activation(c.activation_function)(dense(c.intermediate_size, True, self.dtype, "fc_in")(x))
-        return dense(c.hidden_size, True, self.dtype, "fc_out")(h)
-
-
 class GPTJBlock(nn.Module):
     config: GPTJConfig
     dtype: Any = jnp.float32
@@ -125,7 +113,10 @@ class GPTJBlock(nn.Module):
         attn, kv_cache = GPTJAttention(c, self.dtype, self.attention_backend, name="attn")(
             h, positions, kv_cache, metadata, cos, sin
         )
-        return attn + GPTJMLP(c, self.dtype, name="mlp")(h) + x, kv_cache
+        mlp = DenseMLP(
+            c.intermediate_size, c.hidden_size, c.activation_function, True, "fc_in", "fc_out", self.dtype, name="mlp",
+        )
+        return attn + mlp(h) + x, kv_cache
 
 
 class GPTJModel(nn.Module):
@@ -142,10 +133,7 @@ class GPTJModel(nn.Module):
     def __call__(self, input_ids, positions, kv_caches: Sequence[KVCache], metadata: AttentionMetadata):
         x = self.wte(input_ids)
         cos, sin = rope_cos_sin(self.config.rope, positions)
-        new_caches = []
-        for block, cache in zip(self.h, kv_caches):
-            x, cache = block(x, positions, cache, metadata, cos, sin)
-            new_caches.append(cache)
+        x, new_caches = run_layers(self.h, x, positions, kv_caches, metadata, cos, sin)
         return self.ln_f(x), new_caches
 
 

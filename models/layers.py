@@ -1,8 +1,9 @@
-"""Building blocks shared by the model ports: norms, activations, and the paged-attention call."""
+"""Building blocks shared by the model ports: dense layers, norms, activations, the two-layer
+MLP, the decoder-layer loop and the paged-attention call."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -13,6 +14,38 @@ from pallas_kernels.kv_cache_write import write_kv
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 KVCache = tuple[jnp.ndarray, jnp.ndarray]  # (k, v), each [num_blocks, block_size, num_kv_heads, head_dim]
+
+
+def dense(features: int, bias: bool, dtype: Any, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
+
+
+class DenseMLP(nn.Module):
+    """``down(act(up(x)))``: the GPT-style MLP, its two layers named as in the HF checkpoint."""
+
+    intermediate_size: int
+    hidden_size: int
+    activation: str  # an HF ``hidden_act`` name
+    bias: bool
+    up_name: str
+    down_name: str
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        h = dense(self.intermediate_size, self.bias, self.dtype, self.up_name)(x)
+        return dense(self.hidden_size, self.bias, self.dtype, self.down_name)(get_activation(self.activation)(h))
+
+
+def run_layers(layers: Sequence[nn.Module], x: jnp.ndarray, positions, kv_caches: Sequence[Any],
+               metadata: AttentionMetadata, *extra) -> tuple[jnp.ndarray, list]:
+    """Runs the decoder layers in order, each ``layer(x, positions, cache, metadata, *extra)``
+    returning ``(x, updated cache)``; returns the last hidden states and the updated caches."""
+    new_caches = []
+    for layer, cache in zip(layers, kv_caches):
+        x, cache = layer(x, positions, cache, metadata, *extra)
+        new_caches.append(cache)
+    return x, new_caches
 
 
 class RMSNorm(nn.Module):

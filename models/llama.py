@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxpaged.attention_metadata import AttentionMetadata
-from models.layers import KVCache, RMSNorm, get_activation, paged_attention
+from models.layers import KVCache, RMSNorm, dense, get_activation, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
 from models.weight_table import WeightRule, rule, transpose
 
@@ -106,10 +106,6 @@ def llama_config_from_hf(
     )
 
 
-def dense(features: int, bias: bool, dtype: Any, name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
-
-
 class LlamaAttention(nn.Module):
     config: LlamaConfig
     layer_idx: int
@@ -185,10 +181,7 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         seq_lens_per_token = metadata.seq_lens[metadata.token_seq_ids()]
         cos, sin = rope_cos_sin(c.rope, positions, seq_lens_per_token)
-        new_caches = []
-        for layer, cache in zip(self.layers, kv_caches):
-            x, cache = layer(x, positions, cache, metadata, cos, sin)
-            new_caches.append(cache)
+        x, new_caches = run_layers(self.layers, x, positions, kv_caches, metadata, cos, sin)
         return self.norm(x), new_caches
 
 

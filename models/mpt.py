@@ -21,8 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxpaged.attention_metadata import AttentionMetadata
-from models.layers import KVCache, LayerNorm, paged_attention
-from models.llama import dense
+from models.layers import DenseMLP, KVCache, LayerNorm, dense, paged_attention, run_layers
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -126,17 +125,6 @@ class MptAttention(nn.Module):
         return dense(c.hidden_size, not c.no_bias, self.dtype, "out_proj")(out.reshape(T, -1)), kv_cache
 
 
-class MptMLP(nn.Module):
-    config: MptConfig
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        h = dense(c.expansion_ratio * c.hidden_size, not c.no_bias, self.dtype, "up_proj")(x)
-        return dense(c.hidden_size, not c.no_bias, self.dtype, "down_proj")(nn.gelu(h, approximate=False))
-
-
 class MptBlock(nn.Module):
     config: MptConfig
     dtype: Any = jnp.float32
@@ -150,7 +138,11 @@ class MptBlock(nn.Module):
             ln("norm_1")(x), positions, kv_cache, metadata, slopes
         )
         x = x + h
-        return x + MptMLP(c, self.dtype, name="ffn")(ln("norm_2")(x)), kv_cache
+        mlp = DenseMLP(
+            c.expansion_ratio * c.hidden_size, c.hidden_size, "gelu", not c.no_bias,
+            "up_proj", "down_proj", self.dtype, name="ffn",
+        )
+        return x + mlp(ln("norm_2")(x)), kv_cache
 
 
 class MptModel(nn.Module):
@@ -169,10 +161,7 @@ class MptModel(nn.Module):
         c = self.config
         x = self.wte(input_ids)
         slopes = mpt_alibi_slopes(c.num_attention_heads, c.alibi_bias_max)
-        new_caches = []
-        for block, cache in zip(self.blocks, kv_caches):
-            x, cache = block(x, positions, cache, metadata, slopes)
-            new_caches.append(cache)
+        x, new_caches = run_layers(self.blocks, x, positions, kv_caches, metadata, slopes)
         return self.norm_f(x), new_caches
 
 

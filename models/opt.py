@@ -16,8 +16,7 @@ import jax.numpy as jnp
 
 from jaxpaged.attention_metadata import AttentionMetadata
 from models.config_utils import eos_token_id, hf_get, torch_dtype
-from models.layers import KVCache, LayerNorm, get_activation, paged_attention
-from models.llama import dense
+from models.layers import KVCache, LayerNorm, dense, get_activation, paged_attention, run_layers
 from models.weight_table import WeightRule, rule, transpose
 
 # OPT's learned position table has two leading rows (a fairseq padding-index artefact).
@@ -161,10 +160,7 @@ class OPTDecoder(nn.Module):
         if c.word_embed_proj_dim != c.hidden_size:
             x = self.project_in(x)
         x = x + self.embed_positions(positions + POSITION_OFFSET)
-        new_caches = []
-        for layer, cache in zip(self.layers, kv_caches):
-            x, cache = layer(x, positions, cache, metadata)
-            new_caches.append(cache)
+        x, new_caches = run_layers(self.layers, x, positions, kv_caches, metadata)
         if c.has_final_layer_norm:
             x = self.final_layer_norm(x)
         if c.word_embed_proj_dim != c.hidden_size:

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 
 from jaxpaged.attention_metadata import AttentionMetadata
 from models.config_utils import eos_token_id, hf_get, partial_rotary_factor, torch_dtype
-from models.layers import Bias, KVCache, LayerNorm, get_activation, paged_attention
-from models.llama import dense
+from models.layers import Bias, DenseMLP, KVCache, LayerNorm, dense, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
 from models.weight_table import WeightRule, rule, transpose
 
@@ -94,17 +93,6 @@ class PhiAttention(nn.Module):
         return dense(c.hidden_size, True, self.dtype, "dense")(out.reshape(T, -1)), kv_cache
 
 
-class PhiMLP(nn.Module):
-    config: PhiConfig
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        h = get_activation(c.hidden_act)(dense(c.intermediate_size, True, self.dtype, "fc1")(x))
-        return dense(c.hidden_size, True, self.dtype, "fc2")(h)
-
-
 class PhiDecoderLayer(nn.Module):
     config: PhiConfig
     dtype: Any = jnp.float32
@@ -117,7 +105,10 @@ class PhiDecoderLayer(nn.Module):
         attn, kv_cache = PhiAttention(c, self.dtype, self.attention_backend, name="self_attn")(
             h, positions, kv_cache, metadata, cos, sin
         )
-        return attn + PhiMLP(c, self.dtype, name="mlp")(h) + x, kv_cache
+        mlp = DenseMLP(
+            c.intermediate_size, c.hidden_size, c.hidden_act, True, "fc1", "fc2", self.dtype, name="mlp",
+        )
+        return attn + mlp(h) + x, kv_cache
 
 
 class PhiModel(nn.Module):
@@ -138,10 +129,7 @@ class PhiModel(nn.Module):
         x = self.embed_tokens(input_ids)
         seq_lens_per_token = metadata.seq_lens[metadata.token_seq_ids()]
         cos, sin = rope_cos_sin(self.config.rope, positions, seq_lens_per_token)
-        new_caches = []
-        for layer, cache in zip(self.layers, kv_caches):
-            x, cache = layer(x, positions, cache, metadata, cos, sin)
-            new_caches.append(cache)
+        x, new_caches = run_layers(self.layers, x, positions, kv_caches, metadata, cos, sin)
         return self.final_layernorm(x), new_caches
 
 

@@ -23,8 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxpaged.attention_metadata import AttentionMetadata
-from models.layers import KVCache, RMSNorm, paged_attention
-from models.llama import dense
+from models.layers import KVCache, RMSNorm, dense, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
 from models.weight_table import WeightRule, rule, transpose
 
@@ -145,10 +144,7 @@ class QWenModel(nn.Module):
     def __call__(self, input_ids, positions, kv_caches: Sequence[KVCache], metadata: AttentionMetadata):
         x = self.wte(input_ids)
         cos, sin = rope_cos_sin(self.config.rope, positions)
-        new_caches = []
-        for block, cache in zip(self.h, kv_caches):
-            x, cache = block(x, positions, cache, metadata, cos, sin)
-            new_caches.append(cache)
+        x, new_caches = run_layers(self.h, x, positions, kv_caches, metadata, cos, sin)
         return self.ln_f(x), new_caches
 
 
