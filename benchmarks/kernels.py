@@ -150,24 +150,28 @@ def run_decode(copy_bw, args, results, sweep):
 
 
 def run_decode_variants(copy_bw, args, results):
-    """Decode-kernel variants at the shapes where the KV read dominates: register prefetch of the
-    next KV tile, warps, keys per step, pipelining stages, and the head-major cache layout
-    ``[blocks, Hkv, bs, D]`` against the engine's token-major ``[blocks, bs, Hkv, D]``."""
+    """Decode-kernel variants at the shapes where the KV read dominates (block ids read a step
+    ahead of their K/V, warps, keys per step, prefetch depth), then the context-split count at
+    the small batches where one program per (sequence, KV head) cannot fill the GPU."""
     d = 128
-    variants = [dict(), dict(head_major=True), dict(prefetch=1, blocks_per_iter=2),
-                dict(prefetch=2, blocks_per_iter=2), dict(prefetch=1, blocks_per_iter=1),
-                dict(prefetch=2, blocks_per_iter=1), dict(prefetch=4, blocks_per_iter=1),
-                dict(prefetch=2, blocks_per_iter=4), dict(prefetch=2, blocks_per_iter=2, num_warps=8),
-                dict(prefetch=3, blocks_per_iter=2)]
-    for S, ctx, hq, hkv, bs in [(64, 2048, 32, 32, 16), (256, 512, 32, 32, 16), (64, 2048, 32, 8, 16),
-                                (8, 8192, 32, 8, 16), (1, 512, 32, 32, 16), (1, 2048, 32, 8, 16)]:
+    variants = [dict(), dict(ids_ahead=True), dict(ids_ahead=True, blocks_per_iter=4),
+                dict(ids_ahead=True, prefetch=2), dict(num_warps=2), dict(ids_ahead=True, num_warps=2),
+                dict(head_major=True)]
+    shapes = [(64, 2048, 32, 32), (256, 512, 32, 32), (64, 2048, 32, 8), (8, 8192, 32, 8), (64, 8192, 32, 32)]
+    split_shapes = [(1, 512, 32, 32), (1, 2048, 32, 32), (1, 8192, 32, 32), (1, 512, 32, 8), (1, 2048, 32, 8),
+                    (1, 8192, 32, 8), (8, 512, 32, 8), (8, 2048, 32, 32), (8, 8192, 32, 32), (8, 8192, 32, 8)]
+    if args.quick:
+        shapes, split_shapes = shapes[:1], split_shapes[:2]
+    plan = [(sh, variants) for sh in shapes]
+    plan += [(sh, [dict(ids_ahead=True, num_splits=k) for k in (1, 2, 4, 8, 16, 32, 64) if k <= sh[1] // 32])
+             for sh in split_shapes]
+    bs = 16
+    for (S, ctx, hq, hkv), vs in plan:
         q, kc, vc, sl, tables, kv_bytes = make_decode_inputs(jax.random.key(S + ctx), S, ctx, hq, hkv, d, bs)
         khm, vhm = jnp.transpose(kc, (0, 2, 1, 3)), jnp.transpose(vc, (0, 2, 1, 3))
         moved = kv_bytes + 2 * q.nbytes
         ref = None
-        # Batch 1 is latency-bound: how finely to split the context (default: >= 512 keys a split).
-        extra = [dict(num_splits=k) for k in (1, 2, 4, 8, 16) if S == 1 and k <= ctx // 32]
-        for v in variants + extra:
+        for v in vs:
             caches = (khm, vhm) if v.get("head_major") else (kc, vc)
             fn = jax.jit(lambda q, kc, vc, sl, bts, v=v: [
                 paged_attention_decode(q, kc, vc, sl, bt, scale=d**-0.5, **v) for bt in bts])

@@ -29,8 +29,6 @@ from pallas_kernels.kernel_shapes import (
     cdiv,
     group_slopes,
     next_pow2,
-    pad_block_tables,
-    pad_group_queries,
     validate_kernel_inputs,
 )
 from pallas_kernels.online_softmax import log2_logits, online_softmax_step, tile_loop
@@ -78,6 +76,7 @@ def _decode_kernel(
     block_size: int, blocks_per_iter: int, blocks_per_split: int, num_splits: int,
     head_dim: int, scale: float, sliding_window: int | None, soft_cap: float | None,
     has_alibi: bool, exact_dot: bool, heads_fastest: bool, head_major: bool, prefetch: int,
+    ids_ahead: bool, group_pad: int, head_dim_pad: int,
 ):
     if has_alibi:
         slopes_ref, *out_refs = rest
@@ -89,8 +88,10 @@ def _decode_kernel(
     split = pl.program_id(2)
     bs, bpi = block_size, blocks_per_iter
     n = bpi * bs
-    gp, dp = q_ref.shape
+    gp, dp = group_pad, head_dim_pad
+    group = q_ref.shape[2]
     pad_d = dp != head_dim
+    max_blocks = bt_ref.shape[1]
 
     seq_len = sl_ref[s]
     num_blocks = (seq_len + bs - 1) // bs
@@ -103,7 +104,12 @@ def _decode_kernel(
     end_tok = jnp.minimum(seq_len, hi * bs)
     num_iters = (jnp.maximum(hi - lo, 0) + bpi - 1) // bpi
 
-    q = q_ref[...]
+    # q [S, Hkv, G, D] and the output are read and written in place with masks, not padded by
+    # XLA: at batch 1 the extra pad / slice kernels cost as much as the attention itself.
+    qrow = jax.lax.broadcasted_iota(jnp.int32, (gp, dp), 0)
+    qcol = jax.lax.broadcasted_iota(jnp.int32, (gp, dp), 1)
+    qmask = (qrow < group) & (qcol < head_dim)
+    q = plgpu.load(q_ref.at[s, h, qrow, qcol], mask=qmask, other=0)
     precision = jax.lax.Precision.HIGHEST if exact_dot else None
     if has_alibi:
         slopes = slopes_ref[...]  # [gp] float32
@@ -129,9 +135,14 @@ def _decode_kernel(
             valid2 = valid2 & (tok2 >= start_tok)
         return blk0, tok2, valid2
 
-    def fetch(i):
-        blk0, _, valid2 = tile_keys(i)
-        ids = bt_ref[s, pl.ds(blk0, bpi)]
+    def block_ids(i):
+        # Masked instead of a padded table: tiles past the end (prefetch, window overhang) read none.
+        col = lo + i * bpi + jax.lax.broadcasted_iota(jnp.int32, (bpi,), 0)
+        return plgpu.load(bt_ref.at[s, col], mask=col < max_blocks, other=0)
+
+    def fetch(i, ids=None):
+        _, _, valid2 = tile_keys(i)
+        ids = block_ids(i) if ids is None else ids
         return load_tile(k_ref, ids, valid2), load_tile(v_ref, ids, valid2)
 
     def attend(i, k, v, acc, m_prev, l_prev):
@@ -148,12 +159,14 @@ def _decode_kernel(
 
     state = (jnp.zeros((gp, dp), jnp.float32), jnp.full((gp,), MASK_VALUE, jnp.float32), jnp.zeros((gp,), jnp.float32))
     # Fetches past the end are fully masked (valid2) and move no data.
-    (acc, m, l), _ = tile_loop(0, num_iters, fetch, lambda i, kv, st: attend(i, *kv, *st), state, prefetch=prefetch)
+    (acc, m, l), _ = tile_loop(0, num_iters, fetch, lambda i, kv, st: attend(i, *kv, *st), state,
+                               prefetch=prefetch, index=block_ids if ids_ahead and prefetch else None)
 
     if num_splits == 1:
         (o_ref,) = out_refs
         safe_l = jnp.where(l > 0, l, 1.0)
-        o_ref[...] = jnp.where(l[:, None] > 0, acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
+        out = jnp.where(l[:, None] > 0, acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
+        plgpu.store(o_ref.at[s, h, qrow, qcol], out, mask=qmask)
     else:
         o_ref, m_ref, l_ref = out_refs
         o_ref[...] = acc
@@ -176,12 +189,13 @@ def merge_splits(o: jnp.ndarray, m: jnp.ndarray, l: jnp.ndarray) -> jnp.ndarray:
     static_argnames=(
         "scale", "sliding_window", "logits_soft_cap", "blocks_per_iter", "num_splits",
         "num_warps", "num_stages", "interpret", "heads_fastest", "head_major", "prefetch",
+        "ids_ahead",
     ),
 )
 def _decode_call(
     q, k_cache, v_cache, seq_lens, block_tables, alibi_slopes, *,
     scale, sliding_window, logits_soft_cap, blocks_per_iter, num_splits, num_warps, num_stages,
-    interpret, heads_fastest, head_major, prefetch,
+    interpret, heads_fastest, head_major, prefetch, ids_ahead,
 ):
     S, Hq, D = q.shape
     _, bs, hkv, _ = k_cache.shape
@@ -193,18 +207,16 @@ def _decode_call(
     mb = block_tables.shape[1]
     bpi = blocks_per_iter
     blocks_per_split = cdiv(cdiv(mb, num_splits), bpi) * bpi
-    # + bpi: a sliding window starts the loop off the tile grid, so the last tile may overhang;
-    # prefetching reads ``prefetch`` tiles of ids past the end.
-    extra = bpi * (int(sliding_window is not None) + prefetch)
-    bt = pad_block_tables(block_tables, blocks_per_split * num_splits + extra)
-    qg = pad_group_queries(q, hkv, gp, dp)
+    bt = block_tables.astype(jnp.int32)
+    qg = q.reshape(S, hkv, G, D)
     has_alibi = alibi_slopes is not None
 
     kernel = functools.partial(
         _decode_kernel, block_size=bs, blocks_per_iter=bpi, blocks_per_split=blocks_per_split,
         num_splits=num_splits, head_dim=D, scale=scale, sliding_window=sliding_window,
         soft_cap=logits_soft_cap, has_alibi=has_alibi, exact_dot=q.dtype == jnp.float32,
-        heads_fastest=heads_fastest, head_major=head_major, prefetch=prefetch,
+        heads_fastest=heads_fastest, head_major=head_major, prefetch=prefetch, ids_ahead=ids_ahead,
+        group_pad=gp, head_dim_pad=dp,
     )
     # Grid axis 0 launches fastest; index maps below take (sequence, kv head, split).
     if heads_fastest:
@@ -215,16 +227,15 @@ def _decode_call(
         im = lambda f: f  # noqa: E731
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)  # noqa: E731
     in_specs = [
-        pl.BlockSpec((None, None, gp, dp), im(lambda s, h, c: (s, h, 0, 0))),
-        whole(k_cache), whole(v_cache), whole(bt), whole(seq_lens),
+        whole(qg), whole(k_cache), whole(v_cache), whole(bt), whole(seq_lens),
     ]
     args = [qg, k_cache, v_cache, bt, seq_lens.astype(jnp.int32)]
     if has_alibi:
         in_specs.append(pl.BlockSpec((None, gp), im(lambda s, h, c: (h, 0))))
         args.append(group_slopes(alibi_slopes, hkv, gp))
     if num_splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((S, hkv, gp, dp), q.dtype)]
-        out_specs = [pl.BlockSpec((None, None, gp, dp), im(lambda s, h, c: (s, h, 0, 0)))]
+        out_shape = [jax.ShapeDtypeStruct((S, hkv, G, D), q.dtype)]
+        out_specs = [whole(out_shape[0])]
     else:
         out_shape = [
             jax.ShapeDtypeStruct((S, hkv, num_splits, gp, dp), jnp.float32),
@@ -246,8 +257,9 @@ def _decode_call(
         interpret=interpret,
         name="paged_attention_decode",
     )(*args)
-    o = outs[0] if num_splits == 1 else merge_splits(*outs)
-    return o[:, :, :G, :D].reshape(S, Hq, D).astype(q.dtype)
+    if num_splits == 1:
+        return outs[0].reshape(S, Hq, D)
+    return merge_splits(*outs)[:, :, :G, :D].reshape(S, Hq, D).astype(q.dtype)
 
 
 def paged_attention_decode(
@@ -268,6 +280,7 @@ def paged_attention_decode(
     heads_fastest: bool = False,
     head_major: bool = False,
     prefetch: int = 1,
+    ids_ahead: bool = False,
     interpret: bool = False,
 ) -> jnp.ndarray:
     """Decode attention: q [S, Hq, D] (one token per sequence) over the paged caches -> [S, Hq, D].
@@ -276,8 +289,9 @@ def paged_attention_decode(
     ``blocks_per_iter`` (KV blocks loaded per loop step; default: 32 keys a step), ``prefetch``
     (how many tiles ahead the loads are issued; 0 = none), ``num_splits`` (context splits;
     default: :func:`choose_num_splits`), ``num_warps``, ``num_stages``, ``heads_fastest``
-    (launch the KV heads of one sequence next to each other) and ``head_major`` (caches laid out
-    ``[num_blocks, num_kv_heads, block_size, head_dim]``; an ablation, measured no faster).
+    (launch the KV heads of one sequence next to each other), ``head_major`` (caches laid out
+    ``[num_blocks, num_kv_heads, block_size, head_dim]``; an ablation, measured no faster) and
+    ``ids_ahead`` (with ``prefetch``: read a tile's block ids one loop step before its K/V).
     """
     if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}: expected [S, Hq, D] and equal 4-D caches")
@@ -310,5 +324,5 @@ def paged_attention_decode(
         scale=float(scale), sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
         blocks_per_iter=bpi, num_splits=splits, num_warps=num_warps, num_stages=num_stages,
         interpret=interpret, heads_fastest=heads_fastest, head_major=head_major,
-        prefetch=int(prefetch),
+        prefetch=int(prefetch), ids_ahead=bool(ids_ahead),
     )

@@ -348,7 +348,7 @@ def ragged_paged_attention(
     logits_soft_cap: float | None = None,
     backend: str = "reference",
     decode_only: bool = False,
-    split_decode_rows: bool = False,
+    split_decode_rows: bool | None = None,
     interpret: bool = False,
 ) -> jnp.ndarray:
     """Validated public entry point; ``backend`` picks the implementation.
@@ -359,7 +359,10 @@ def ragged_paged_attention(
     ``seq_lens[s] - 1`` (T == S; padding sequences have ``seq_lens == 0``); the pallas backend
     then uses the decode kernel. ``split_decode_rows`` (static, pallas only) runs a mixed step's
     single-token sequences through the decode kernel and the rest through the ragged kernel (whose
-    query tiles would carry one real row each for them); not yet measured on the GPU, so off.
+    query tiles would carry one real row each for them). ``None`` splits when every query head
+    has its own KV head: measured on the H200 (a 2048-token mixed step, 255 decodes at 512 keys),
+    splitting took MHA 32:32 from 1.455 to 1.152 ms but GQA 32:8 from 0.519 to 0.673 ms, where the
+    ragged kernel's query tiles already hold a whole group per KV read.
     """
     if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}: bad ranks")
@@ -397,6 +400,8 @@ def ragged_paged_attention(
         from pallas_kernels.paged_attention_decode import paged_attention_decode
 
         return paged_attention_decode(q, k_cache, v_cache, seq_lens, block_tables, interpret=interpret, **kwargs)
+    if split_decode_rows is None:
+        split_decode_rows = q.shape[1] == k_cache.shape[2]
     if split_decode_rows:
         return _split_decode_rows(
             q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, interpret=interpret, **kwargs

@@ -90,9 +90,10 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("prefetch", [1, 0, 2], ids=lambda p: f"prefetch{p}")
+@pytest.mark.parametrize("prefetch,ids_ahead", [(1, False), (0, False), (2, False), (1, True), (2, True)],
+                         ids=lambda p: f"ids_ahead{int(p)}" if isinstance(p, bool) else f"prefetch{p}")
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-bs{c[3]}-{jnp.dtype(c[4]).name}")
-def test_decode_kernel_matches_reference_interpret(case, prefetch):
+def test_decode_kernel_matches_reference_interpret(case, prefetch, ids_ahead):
     hq, hkv, d, bs, dtype, window, alibi, cap, splits = case
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
     ctx = [int(x) for x in rng.integers(0, 70, 4)] + [0]
@@ -102,7 +103,7 @@ def test_decode_kernel_matches_reference_interpret(case, prefetch):
     args = (c["q"], c["k_cache"], c["v_cache"], c["seq_lens"], c["block_tables"])
     out = paged_attention_decode(
         *args, scale=d**-0.5, sliding_window=window, num_splits=splits, interpret=True,
-        heads_fastest=splits is None, prefetch=prefetch, **feats,
+        heads_fastest=splits is None, prefetch=prefetch, ids_ahead=ids_ahead, **feats,
     )
     ref = paged_attention_decode_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
     assert out.shape == c["q"].shape and out.dtype == c["q"].dtype
