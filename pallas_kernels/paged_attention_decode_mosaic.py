@@ -36,6 +36,7 @@ MOSAIC_HEAD_DIMS = (64, 128)
 MOSAIC_BLOCK_SIZES = (16, 32)
 MOSAIC_KEYS_PER_STEP = (64, 128)
 LOG2E = math.log2(math.e)
+SMEM_BYTES = 227 * 1024 - 1024  # Hopper's per-block shared memory, less room for barriers
 
 
 def _query_window(num_rows: int, hq: int, group: int, s, h):
@@ -284,9 +285,19 @@ def paged_attention_decode_mosaic(
     splits = num_splits or choose_num_splits(S, hkv, block_tables.shape[1], bs, keys_per_step // bs)
     if splits < 1:
         raise ValueError(f"num_splits {splits}: expected >= 1")
+    itemsize = jnp.dtype(q.dtype).itemsize
+    p_in_smem = bool(p_in_smem or interpret)
+    out_bytes = ROWS * d * itemsize if splits == 1 else ROWS * (d + 1) * 4
+    p_bytes = ROWS * keys_per_step * itemsize if p_in_smem else 0
+    smem = (ROWS + 2 * num_stages * keys_per_step) * d * itemsize + out_bytes + p_bytes
+    if smem > SMEM_BYTES:
+        raise ValueError(
+            f"num_stages {num_stages} x keys_per_step {keys_per_step} needs {smem} bytes of shared memory "
+            f"(> {SMEM_BYTES}); lower num_stages or keys_per_step"
+        )
     if interpret is True:
         interpret = plgpu.InterpretGPUParams()
     return _decode_call(
         q, k_cache, v_cache, seq_lens, block_tables, scale=float(scale), keys_per_step=keys_per_step,
-        num_splits=splits, num_stages=num_stages, p_in_smem=bool(p_in_smem or interpret), interpret=interpret or None,
+        num_splits=splits, num_stages=num_stages, p_in_smem=p_in_smem, interpret=interpret or None,
     )

@@ -61,6 +61,7 @@ def test_mosaic_decode_validation_names_the_field():
         "num_q_heads": ((q[:, :3], kc, vc, sl, bt), {}),
         "keys_per_step": (args, dict(keys_per_step=32)),
         "num_stages": (args, dict(num_stages=0)),
+        "shared memory": (args, dict(keys_per_step=128, num_stages=4)),
         "block_tables": ((q, kc, vc, sl, bt[0]), {}),
     }
     for field, (a, kw) in bad.items():
@@ -71,7 +72,7 @@ def test_mosaic_decode_validation_names_the_field():
 GPU_CASES = [
     (32, 8, 128, 16, BF16, [0, 1, 15, 16, 17, 1000, 2049], {}),
     (32, 32, 128, 16, BF16, [1, 63, 64, 65, 700, 0], dict(num_stages=4)),
-    (32, 8, 128, 32, F16, [3, 333, 4097], dict(keys_per_step=128, num_splits=3)),
+    (32, 8, 128, 32, F16, [3, 333, 4097], dict(keys_per_step=128, num_splits=3, num_stages=2)),
     (16, 2, 64, 16, BF16, [5, 130, 900], dict(p_in_smem=True, num_stages=2)),
     (64, 1, 128, 16, BF16, [1, 2, 3000], dict(num_splits=1)),
     (8, 8, 128, 16, F16, [7] * 40 + [0, 515], {}),
