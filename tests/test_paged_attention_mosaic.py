@@ -40,7 +40,7 @@ def _check(args, scale, tol, **kw):
 INTERPRET_CASES = [
     (32, 8, 64, 16, BF16, [0, 1, 37], {}),  # GQA 32:8, lengths 0 / 1 / not a block multiple
     (4, 4, 64, 32, F16, [70, 1, 0, 33], dict(num_splits=2, num_stages=2)),  # MHA, split context
-    (8, 1, 128, 16, BF16, [17, 140], dict(keys_per_step=128)),  # MQA, head_dim 128
+    (8, 1, 128, 16, BF16, [17, 140], dict(keys_per_step=128, num_stages=2)),  # MQA, head_dim 128
 ]
 
 
@@ -61,7 +61,7 @@ def test_mosaic_decode_validation_names_the_field():
         "num_q_heads": ((q[:, :3], kc, vc, sl, bt), {}),
         "keys_per_step": (args, dict(keys_per_step=32)),
         "num_stages": (args, dict(num_stages=0)),
-        "shared memory": (args, dict(keys_per_step=128, num_stages=4)),
+        "shared memory": (args, dict(keys_per_step=128, num_stages=8)),
         "block_tables": ((q, kc, vc, sl, bt[0]), {}),
     }
     for field, (a, kw) in bad.items():
