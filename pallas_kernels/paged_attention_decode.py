@@ -64,10 +64,13 @@ def choose_num_splits(
     num_seqs: int, num_kv_heads: int, max_blocks: int, block_size: int, blocks_per_iter: int,
     num_sms: int = DEFAULT_NUM_SMS,
 ) -> int:
-    """Splits the context so that small batches still fill the GPU, keeping >= 512 keys a split."""
+    """Splits the context so that small batches still fill the GPU (about two programs per SM),
+    keeping >= 128 keys a split. Measured on the H200 (benchmarks/RESULTS.md, split sweep): batch 1
+    at 8192 keys goes from 0.23 ms unsplit to 0.02-0.05 ms; splits of fewer keys than that lose
+    to the cost of merging them."""
     base = num_seqs * num_kv_heads
     want = cdiv(2 * num_sms, base)
-    min_blocks = max(blocks_per_iter, 512 // block_size)
+    min_blocks = max(blocks_per_iter, 128 // block_size)
     return max(1, min(want, cdiv(max_blocks, min_blocks)))
 
 
@@ -280,7 +283,7 @@ def paged_attention_decode(
     heads_fastest: bool = False,
     head_major: bool = False,
     prefetch: int = 1,
-    ids_ahead: bool = False,
+    ids_ahead: bool = True,
     interpret: bool = False,
 ) -> jnp.ndarray:
     """Decode attention: q [S, Hq, D] (one token per sequence) over the paged caches -> [S, Hq, D].
