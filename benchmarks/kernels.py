@@ -2,7 +2,7 @@
 
 Run on the GPU machine from the repository root::
 
-    PYTHONPATH=. python3 benchmarks/kernels.py --out $OUT [--sweep] [--quick]
+    PYTHONPATH=. python3 benchmarks/kernels.py --out $OUT [--sweep] [--quick] [--ablations triton,mosaic]
 
 Ceilings are measured in the same run: device-to-device copy bandwidth (bytes read + written) and
 the bf16 matmul rate. Decode is reported as achieved bandwidth (KV bytes read + q + out) next to
@@ -91,6 +91,34 @@ def make_decode_inputs(key, S, ctx, hq, hkv, d, bs, dtype=jnp.bfloat16):
     return q, kc, vc, seq_lens, tables, kv_bytes
 
 
+def ablation_kernel(name: str):
+    """The decode-kernel ablations beside the shipped Pallas (Triton lowering) kernel: the same
+    algorithm in the Triton language through jax-triton, and the Mosaic GPU (TMA + wgmma) one."""
+    if name == "triton":
+        from pallas_kernels.paged_attention_decode_triton import paged_attention_decode_triton  # noqa: PLC0415
+
+        return paged_attention_decode_triton
+    if name == "mosaic":
+        from pallas_kernels.paged_attention_decode_mosaic import paged_attention_decode_mosaic  # noqa: PLC0415
+
+        return paged_attention_decode_mosaic
+    raise ValueError(f"ablation {name!r}: allowed 'triton', 'mosaic'")
+
+
+def time_ablation(name, row, ref, inputs, moved, d):
+    q, kc, vc, sl, tables = inputs
+    try:
+        kern = ablation_kernel(name)
+        fn = jax.jit(lambda q, kc, vc, sl, bts: [kern(q, kc, vc, sl, bt, scale=d**-0.5) for bt in bts])
+        out = fn(q, kc, vc, sl, tables)[0]
+        err = float(jnp.linalg.norm((out - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32)))
+        t, _ = bench(fn, [(q, kc, vc, sl, tables)])
+        t /= len(tables)
+        row.update({f"{name}_ms": t * 1e3, f"{name}_TBps": moved / t / 1e12, f"{name}_rel_diff": err})
+    except Exception as e:  # noqa: BLE001
+        row[f"{name}_skipped"] = f"{type(e).__name__}: {str(e)[:300]}"
+
+
 def run_decode(copy_bw, args, results, sweep):
     from jax.experimental.pallas.ops.gpu import paged_attention as jax_pa  # noqa: PLC0415
 
@@ -144,6 +172,8 @@ def run_decode(copy_bw, args, results, sweep):
                     del kt, vt
                 except Exception as e:  # noqa: BLE001
                     row["jax_skipped"] = f"{type(e).__name__}: {str(e)[:200]}"
+                for name in args.ablations:
+                    time_ablation(name, row, ref, (q, kc, vc, sl, tables), moved, d)
                 results.append(row)
                 print(json.dumps(row), flush=True)
                 del q, kc, vc, tables
@@ -304,12 +334,17 @@ def table(results, copy_bw, mm_rate):
     lines = [f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write), read-only {CEILINGS.get('read_sum', 0) / 1e12:.2f} TB/s, "
              f"bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s",
              "decode (bf16, D=128, bs=16): batch ctx heads | ours ms TB/s %copy | jax ms TB/s | speedup"]
+    ablations = [a for a in ("triton", "mosaic") if any(f"{a}_ms" in r or f"{a}_skipped" in r for r in results)]
+    if ablations:
+        lines[-1] += "".join(f" | {a} ms TB/s" for a in ablations)
     for r in results:
         if r["kind"] == "decode":
             lines.append(
                 f"  {r['batch']:>4} {r['ctx']:>5} {r['hq']}:{r['hkv']:<3}| {r['pallas_ms']:8.3f} {r['pallas_TBps']:5.2f} "
                 f"{100 * r['pallas_frac_copy']:5.1f}% | " + (
                     f"{r['jax_ms']:8.3f} {r['jax_TBps']:5.2f} | {r['speedup_vs_jax']:5.2f}x" if "jax_ms" in r else "jax skipped")
+                + "".join(f" | {r[a + '_ms']:8.3f} {r[a + '_TBps']:5.2f}" if f"{a}_ms" in r else " | failed"
+                          for a in ablations)
             )
     lines.append("prefill (one causal sequence, bf16, D=128, bs=16): tokens heads | ours ms TFLOP/s %mm | cudnn contiguous")
     for r in results:
@@ -342,7 +377,9 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="also time tuning variants at key shapes")
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--only", default="decode,prefill,kv_write")
+    p.add_argument("--ablations", default="", help="also time these decode kernels: triton (needs jax-triton), mosaic")
     args = p.parse_args()
+    args.ablations = [a for a in args.ablations.split(",") if a]
     warnings.simplefilter("ignore")
     print(jax.devices(), jax.__version__, flush=True)
     copy_bw, mm_rate = measure_ceilings()
