@@ -31,6 +31,7 @@ from pallas_kernels.kernel_shapes import MASK_VALUE, cdiv
 from pallas_kernels.paged_attention_decode import choose_num_splits
 
 ROWS = 64  # wgmma M: the GQA group is padded to one 64-row tile
+Q_ALIGN = 8  # rows of the (8, 128 bytes) shared-memory tile the query window is copied into
 MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MOSAIC_HEAD_DIMS = (64, 128)
 MOSAIC_BLOCK_SIZES = (16, 32)
@@ -39,12 +40,23 @@ LOG2E = math.log2(math.e)
 SMEM_BYTES = 227 * 1024 - 1024  # Hopper's per-block shared memory, less room for barriers
 
 
-def _query_window(num_rows: int, hq: int, group: int, s, h):
-    """First row of the group, and the start of the 64-row window copied for it: clamped so the
-    copy never leaves ``q`` (the wrapper guarantees ``num_rows >= 64``)."""
+def _query_window(num_rows: int, hq: int, group: int, s, h, xnp=jnp):
+    """First row of the group, and the start of the 64-row window copied for it.
+
+    The window starts on a multiple of ``Q_ALIGN`` rows: the TMA copy lands in a tiled shared-memory
+    buffer, and Mosaic GPU only lowers a dynamic GMEM slice into it when the start is a provable
+    multiple of the tile's rows. It is clamped so the copy never leaves ``q`` (the wrapper pads
+    ``q`` to ``num_rows >= 64``, a multiple of ``Q_ALIGN``). ``xnp=np`` gives the wrapper the same
+    windows as static arrays."""
     row0 = s * hq + h * group
-    start = jnp.minimum(row0, num_rows - ROWS)
+    start = xnp.minimum(row0 // Q_ALIGN * Q_ALIGN, num_rows - ROWS)
     return row0, start
+
+
+def _max_window_offset(group: int) -> int:
+    """Largest ``row0 - start`` over all programs: ``row0`` is a multiple of ``group``, so its
+    remainder mod ``Q_ALIGN`` is a multiple of ``gcd(group, Q_ALIGN)``."""
+    return Q_ALIGN - math.gcd(group, Q_ALIGN)
 
 
 def _decode_kernel(
@@ -76,7 +88,7 @@ def _decode_kernel(
     steps = (jnp.maximum(hi - lo, 0) + bps - 1) // bps
 
     row0, start = _query_window(num_rows, hq, group, s, h)
-    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(start, ROWS)], q_smem, q_bar)
+    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(pl.multiple_of(start, Q_ALIGN), ROWS)], q_smem, q_bar)
 
     def issue(step):
         slot = lax.rem(step, num_stages)
@@ -191,9 +203,9 @@ def _decode_call(
     mb = block_tables.shape[1]
     blocks_per_split = cdiv(cdiv(mb, num_splits), bps) * bps
     q2 = q.reshape(S * hq, d)
-    if S * hq < ROWS:  # the 64-row query window must fit inside q
-        q2 = jnp.pad(q2, ((0, ROWS - S * hq), (0, 0)))
-    num_rows = q2.shape[0]
+    num_rows = max(ROWS, cdiv(S * hq, Q_ALIGN) * Q_ALIGN)  # see _query_window
+    if num_rows > S * hq:
+        q2 = jnp.pad(q2, ((0, num_rows - S * hq), (0, 0)))
 
     tile = plgpu.TilingTransform((8, 128 // q.dtype.itemsize))
     swizzle = plgpu.SwizzleTransform(128)
@@ -229,8 +241,8 @@ def _decode_call(
     if num_splits == 1:
         return out.reshape(S, hq, d)
     sh = np.arange(S * hkv)
-    row0 = (sh // hkv) * hq + (sh % hkv) * group
-    offsets = row0 - np.minimum(row0, num_rows - ROWS)
+    row0, start = _query_window(num_rows, hq, group, sh // hkv, sh % hkv, xnp=np)
+    offsets = row0 - start
     return _merge_splits(*out, offsets, group).reshape(S, hq, d).astype(q.dtype)
 
 
@@ -274,8 +286,11 @@ def paged_attention_decode_mosaic(
         raise ValueError(f"head_dim {d} is not supported by the mosaic kernel; allowed: {MOSAIC_HEAD_DIMS}")
     if bs not in MOSAIC_BLOCK_SIZES:
         raise ValueError(f"block_size {bs} is not supported by the mosaic kernel; allowed: {MOSAIC_BLOCK_SIZES}")
-    if hq % hkv or hq // hkv > ROWS:
-        raise ValueError(f"num_q_heads {hq} / num_kv_heads {hkv}: expected a multiple with at most {ROWS} query heads per KV head")
+    if hq % hkv or hq // hkv + _max_window_offset(hq // hkv) > ROWS:
+        raise ValueError(
+            f"num_q_heads {hq} / num_kv_heads {hkv}: expected a multiple with at most {ROWS} query heads per KV head "
+            f"(and not 59, 61, 62 or 63: the group's rows must fit an {Q_ALIGN}-row-aligned {ROWS}-row window)"
+        )
     if block_tables.ndim != 2 or block_tables.shape[0] != S or seq_lens.shape != (S,):
         raise ValueError(f"block_tables {block_tables.shape}, seq_lens {seq_lens.shape}: expected [{S}, max_blocks] and [{S}]")
     if keys_per_step not in MOSAIC_KEYS_PER_STEP:
