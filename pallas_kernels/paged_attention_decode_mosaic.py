@@ -37,7 +37,8 @@ MOSAIC_HEAD_DIMS = (64, 128)
 MOSAIC_BLOCK_SIZES = (16, 32)
 MOSAIC_KEYS_PER_STEP = (64, 128)
 LOG2E = math.log2(math.e)
-SMEM_BYTES = 227 * 1024 - 1024  # Hopper's per-block shared memory, less room for barriers
+SMEM_BYTES = 227 * 1024  # Hopper's per-block shared memory (opt-in maximum)
+SMEM_ALIGN = 1024  # Pallas starts every shared-memory scratch buffer on a 1024-byte boundary
 
 
 def _query_window(num_rows: int, hq: int, group: int, s, h, xnp=jnp):
@@ -70,9 +71,9 @@ def _decode_kernel(
     else:
         o_ref, lse_ref = out_and_scratch[:2]
         scratch = out_and_scratch[2:]
-    q_smem, k_smem, v_smem, o_smem, q_bar, k_bar, v_bar, p_smem, *lse_smem = scratch
-    lse_smem = lse_smem[0] if lse_smem else None
-    p_smem = p_smem if p_in_smem else None
+    q_smem, k_smem, v_smem, o_smem, q_bar, k_bar, v_bar, *rest = scratch
+    p_smem = rest.pop(0) if p_in_smem else None
+    lse_smem = rest.pop(0) if lse_ref is not None else None
     h, s, c = lax.axis_index("h"), lax.axis_index("s"), lax.axis_index("c")
     bs, n = block_size, keys_per_step
     bps = n // bs  # blocks per step
@@ -181,6 +182,22 @@ def _decode_kernel(
     plgpu.wait_smem_to_gmem(0)
 
 
+def _smem_bytes(d: int, itemsize: int, keys_per_step: int, num_stages: int, num_splits: int, p_in_smem: bool) -> int:
+    """Shared memory as Mosaic GPU lays it out: the scratch buffers (each 1024-byte aligned), then
+    Pallas' reduction scratch, then the barriers (q, and a K and a V barrier per stage)."""
+    buffers = [ROWS * d * itemsize, *[num_stages * keys_per_step * d * itemsize] * 2]
+    buffers.append(ROWS * d * itemsize if num_splits == 1 else ROWS * d * 4)
+    if p_in_smem:
+        buffers.append(ROWS * keys_per_step * itemsize)
+    if num_splits > 1:
+        buffers.append(ROWS * 4)
+    total = 0
+    for b in buffers:
+        total = cdiv(total, SMEM_ALIGN) * SMEM_ALIGN + b
+    total = cdiv(total, SMEM_ALIGN) * SMEM_ALIGN + plgpu.CompilerParams().reduction_scratch_bytes
+    return total + 8 * (1 + 2 * num_stages)
+
+
 def _merge_splits(o_part: jnp.ndarray, lse_part: jnp.ndarray, offsets: np.ndarray, group: int) -> jnp.ndarray:
     """o_part [C, P, 64, D] (normalised), lse_part [C, P, 64] (log2) -> [P, G, D] float32, taking
     rows ``offsets[p] .. offsets[p] + G`` of each program's window."""
@@ -224,8 +241,9 @@ def _decode_call(
         plgpu.Barrier(),
         plgpu.Barrier(num_arrivals=bps, num_barriers=num_stages),
         plgpu.Barrier(num_arrivals=bps, num_barriers=num_stages),
-        # P goes to wgmma from registers; the interpreter only takes shared-memory operands.
-        plgpu.SMEM((ROWS, keys_per_step) if p_in_smem else (8,), q.dtype, transforms=(tile, swizzle) if p_in_smem else ()),
+        # No placeholder when P stays in registers: even a tiny buffer takes a 1024-byte-aligned
+        # slot, which pushes keys_per_step 128 x num_stages 3 past the limit.
+        *([plgpu.SMEM((ROWS, keys_per_step), q.dtype, transforms=(tile, swizzle))] if p_in_smem else []),
         *([] if lse_smem is None else [lse_smem]),
     ]
     kernel = functools.partial(
@@ -302,9 +320,7 @@ def paged_attention_decode_mosaic(
         raise ValueError(f"num_splits {splits}: expected >= 1")
     itemsize = jnp.dtype(q.dtype).itemsize
     p_in_smem = bool(p_in_smem or interpret)
-    out_bytes = ROWS * d * itemsize if splits == 1 else ROWS * (d + 1) * 4
-    p_bytes = ROWS * keys_per_step * itemsize if p_in_smem else 0
-    smem = (ROWS + 2 * num_stages * keys_per_step) * d * itemsize + out_bytes + p_bytes
+    smem = _smem_bytes(d, itemsize, keys_per_step, num_stages, splits, p_in_smem)
     if smem > SMEM_BYTES:
         raise ValueError(
             f"num_stages {num_stages} x keys_per_step {keys_per_step} needs {smem} bytes of shared memory "
