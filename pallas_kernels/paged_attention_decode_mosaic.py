@@ -31,20 +31,33 @@ from pallas_kernels.kernel_shapes import MASK_VALUE, cdiv
 from pallas_kernels.paged_attention_decode import choose_num_splits
 
 ROWS = 64  # wgmma M: the GQA group is padded to one 64-row tile
+Q_ALIGN = 8  # rows of the (8, 128 bytes) shared-memory tile the query window is copied into
 MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MOSAIC_HEAD_DIMS = (64, 128)
 MOSAIC_BLOCK_SIZES = (16, 32)
 MOSAIC_KEYS_PER_STEP = (64, 128)
 LOG2E = math.log2(math.e)
-SMEM_BYTES = 227 * 1024 - 1024  # Hopper's per-block shared memory, less room for barriers
+SMEM_BYTES = 227 * 1024  # Hopper's per-block shared memory (opt-in maximum)
+SMEM_ALIGN = 1024  # Pallas starts every shared-memory scratch buffer on a 1024-byte boundary
 
 
-def _query_window(num_rows: int, hq: int, group: int, s, h):
-    """First row of the group, and the start of the 64-row window copied for it: clamped so the
-    copy never leaves ``q`` (the wrapper guarantees ``num_rows >= 64``)."""
+def _query_window(num_rows: int, hq: int, group: int, s, h, xnp=jnp):
+    """First row of the group, and the start of the 64-row window copied for it.
+
+    The window starts on a multiple of ``Q_ALIGN`` rows: the TMA copy lands in a tiled shared-memory
+    buffer, and Mosaic GPU only lowers a dynamic GMEM slice into it when the start is a provable
+    multiple of the tile's rows. It is clamped so the copy never leaves ``q`` (the wrapper pads
+    ``q`` to ``num_rows >= 64``, a multiple of ``Q_ALIGN``). ``xnp=np`` gives the wrapper the same
+    windows as static arrays."""
     row0 = s * hq + h * group
-    start = jnp.minimum(row0, num_rows - ROWS)
+    start = xnp.minimum(row0 // Q_ALIGN * Q_ALIGN, num_rows - ROWS)
     return row0, start
+
+
+def _max_window_offset(group: int) -> int:
+    """Largest ``row0 - start`` over all programs: ``row0`` is a multiple of ``group``, so its
+    remainder mod ``Q_ALIGN`` is a multiple of ``gcd(group, Q_ALIGN)``."""
+    return Q_ALIGN - math.gcd(group, Q_ALIGN)
 
 
 def _decode_kernel(
@@ -58,9 +71,9 @@ def _decode_kernel(
     else:
         o_ref, lse_ref = out_and_scratch[:2]
         scratch = out_and_scratch[2:]
-    q_smem, k_smem, v_smem, o_smem, q_bar, k_bar, v_bar, p_smem, *lse_smem = scratch
-    lse_smem = lse_smem[0] if lse_smem else None
-    p_smem = p_smem if p_in_smem else None
+    q_smem, k_smem, v_smem, o_smem, q_bar, k_bar, v_bar, *rest = scratch
+    p_smem = rest.pop(0) if p_in_smem else None
+    lse_smem = rest.pop(0) if lse_ref is not None else None
     h, s, c = lax.axis_index("h"), lax.axis_index("s"), lax.axis_index("c")
     bs, n = block_size, keys_per_step
     bps = n // bs  # blocks per step
@@ -76,7 +89,7 @@ def _decode_kernel(
     steps = (jnp.maximum(hi - lo, 0) + bps - 1) // bps
 
     row0, start = _query_window(num_rows, hq, group, s, h)
-    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(start, ROWS)], q_smem, q_bar)
+    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(pl.multiple_of(start, Q_ALIGN), ROWS)], q_smem, q_bar)
 
     def issue(step):
         slot = lax.rem(step, num_stages)
@@ -169,6 +182,22 @@ def _decode_kernel(
     plgpu.wait_smem_to_gmem(0)
 
 
+def _smem_bytes(d: int, itemsize: int, keys_per_step: int, num_stages: int, num_splits: int, p_in_smem: bool) -> int:
+    """Shared memory as Mosaic GPU lays it out: the scratch buffers (each 1024-byte aligned), then
+    Pallas' reduction scratch, then the barriers (q, and a K and a V barrier per stage)."""
+    buffers = [ROWS * d * itemsize, *[num_stages * keys_per_step * d * itemsize] * 2]
+    buffers.append(ROWS * d * itemsize if num_splits == 1 else ROWS * d * 4)
+    if p_in_smem:
+        buffers.append(ROWS * keys_per_step * itemsize)
+    if num_splits > 1:
+        buffers.append(ROWS * 4)
+    total = 0
+    for b in buffers:
+        total = cdiv(total, SMEM_ALIGN) * SMEM_ALIGN + b
+    total = cdiv(total, SMEM_ALIGN) * SMEM_ALIGN + plgpu.CompilerParams().reduction_scratch_bytes
+    return total + 8 * (1 + 2 * num_stages)
+
+
 def _merge_splits(o_part: jnp.ndarray, lse_part: jnp.ndarray, offsets: np.ndarray, group: int) -> jnp.ndarray:
     """o_part [C, P, 64, D] (normalised), lse_part [C, P, 64] (log2) -> [P, G, D] float32, taking
     rows ``offsets[p] .. offsets[p] + G`` of each program's window."""
@@ -191,9 +220,9 @@ def _decode_call(
     mb = block_tables.shape[1]
     blocks_per_split = cdiv(cdiv(mb, num_splits), bps) * bps
     q2 = q.reshape(S * hq, d)
-    if S * hq < ROWS:  # the 64-row query window must fit inside q
-        q2 = jnp.pad(q2, ((0, ROWS - S * hq), (0, 0)))
-    num_rows = q2.shape[0]
+    num_rows = max(ROWS, cdiv(S * hq, Q_ALIGN) * Q_ALIGN)  # see _query_window
+    if num_rows > S * hq:
+        q2 = jnp.pad(q2, ((0, num_rows - S * hq), (0, 0)))
 
     tile = plgpu.TilingTransform((8, 128 // q.dtype.itemsize))
     swizzle = plgpu.SwizzleTransform(128)
@@ -212,8 +241,9 @@ def _decode_call(
         plgpu.Barrier(),
         plgpu.Barrier(num_arrivals=bps, num_barriers=num_stages),
         plgpu.Barrier(num_arrivals=bps, num_barriers=num_stages),
-        # P goes to wgmma from registers; the interpreter only takes shared-memory operands.
-        plgpu.SMEM((ROWS, keys_per_step) if p_in_smem else (8,), q.dtype, transforms=(tile, swizzle) if p_in_smem else ()),
+        # No placeholder when P stays in registers: even a tiny buffer takes a 1024-byte-aligned
+        # slot, which pushes keys_per_step 128 x num_stages 3 past the limit.
+        *([plgpu.SMEM((ROWS, keys_per_step), q.dtype, transforms=(tile, swizzle))] if p_in_smem else []),
         *([] if lse_smem is None else [lse_smem]),
     ]
     kernel = functools.partial(
@@ -229,8 +259,8 @@ def _decode_call(
     if num_splits == 1:
         return out.reshape(S, hq, d)
     sh = np.arange(S * hkv)
-    row0 = (sh // hkv) * hq + (sh % hkv) * group
-    offsets = row0 - np.minimum(row0, num_rows - ROWS)
+    row0, start = _query_window(num_rows, hq, group, sh // hkv, sh % hkv, xnp=np)
+    offsets = row0 - start
     return _merge_splits(*out, offsets, group).reshape(S, hq, d).astype(q.dtype)
 
 
@@ -274,8 +304,11 @@ def paged_attention_decode_mosaic(
         raise ValueError(f"head_dim {d} is not supported by the mosaic kernel; allowed: {MOSAIC_HEAD_DIMS}")
     if bs not in MOSAIC_BLOCK_SIZES:
         raise ValueError(f"block_size {bs} is not supported by the mosaic kernel; allowed: {MOSAIC_BLOCK_SIZES}")
-    if hq % hkv or hq // hkv > ROWS:
-        raise ValueError(f"num_q_heads {hq} / num_kv_heads {hkv}: expected a multiple with at most {ROWS} query heads per KV head")
+    if hq % hkv or hq // hkv + _max_window_offset(hq // hkv) > ROWS:
+        raise ValueError(
+            f"num_q_heads {hq} / num_kv_heads {hkv}: expected a multiple with at most {ROWS} query heads per KV head "
+            f"(and not 59, 61, 62 or 63: the group's rows must fit an {Q_ALIGN}-row-aligned {ROWS}-row window)"
+        )
     if block_tables.ndim != 2 or block_tables.shape[0] != S or seq_lens.shape != (S,):
         raise ValueError(f"block_tables {block_tables.shape}, seq_lens {seq_lens.shape}: expected [{S}, max_blocks] and [{S}]")
     if keys_per_step not in MOSAIC_KEYS_PER_STEP:
@@ -287,9 +320,7 @@ def paged_attention_decode_mosaic(
         raise ValueError(f"num_splits {splits}: expected >= 1")
     itemsize = jnp.dtype(q.dtype).itemsize
     p_in_smem = bool(p_in_smem or interpret)
-    out_bytes = ROWS * d * itemsize if splits == 1 else ROWS * (d + 1) * 4
-    p_bytes = ROWS * keys_per_step * itemsize if p_in_smem else 0
-    smem = (ROWS + 2 * num_stages * keys_per_step) * d * itemsize + out_bytes + p_bytes
+    smem = _smem_bytes(d, itemsize, keys_per_step, num_stages, splits, p_in_smem)
     if smem > SMEM_BYTES:
         raise ValueError(
             f"num_stages {num_stages} x keys_per_step {keys_per_step} needs {smem} bytes of shared memory "

@@ -41,6 +41,8 @@ INTERPRET_CASES = [
     (32, 8, 64, 16, BF16, [0, 1, 37], {}),  # GQA 32:8, lengths 0 / 1 / not a block multiple
     (4, 4, 64, 32, F16, [70, 1, 0, 33], dict(num_splits=2, num_stages=2)),  # MHA, split context
     (8, 1, 128, 16, BF16, [17, 140], dict(keys_per_step=128, num_stages=2)),  # MQA, head_dim 128
+    # Group 3: windows start 8-aligned, so groups sit 0..7 rows in; the last ones clamp at q's end.
+    (6, 2, 64, 16, BF16, [3, 0, 20, 1, 9, 33, 2, 17, 5, 40, 1, 12], dict(num_splits=1, num_stages=2)),
 ]
 
 
@@ -67,6 +69,9 @@ def test_mosaic_decode_validation_names_the_field():
     for field, (a, kw) in bad.items():
         with pytest.raises(ValueError, match=field):
             paged_attention_decode_mosaic(*a, scale=scale, **kw)
+    # 62 heads can start 6 rows into their 8-aligned window: they do not fit 64 rows.
+    with pytest.raises(ValueError, match="num_q_heads"):
+        paged_attention_decode_mosaic(jnp.zeros((1, 62, 64), BF16), kc[:, :, :1], vc[:, :, :1], sl[:1], bt[:1], scale=scale)
 
 
 GPU_CASES = [
@@ -76,6 +81,7 @@ GPU_CASES = [
     (16, 2, 64, 16, BF16, [5, 130, 900], dict(p_in_smem=True, num_stages=2)),
     (64, 1, 128, 16, BF16, [1, 2, 3000], dict(num_splits=1)),
     (8, 8, 128, 16, F16, [7] * 40 + [0, 515], {}),
+    (24, 8, 128, 16, BF16, [9, 300, 0, 64, 1, 2000, 77], dict(num_splits=1)),  # group 3: unaligned windows
 ]
 
 
