@@ -273,7 +273,7 @@ def paged_attention_decode_mosaic(
     *,
     scale: float,
     keys_per_step: int = 64,
-    num_stages: int = 3,
+    num_stages: int = 2,
     num_splits: int | None = None,
     p_in_smem: bool = False,
     interpret: bool | plgpu.InterpretGPUParams = False,
@@ -286,6 +286,9 @@ def paged_attention_decode_mosaic(
     ``num_stages`` (shared-memory ring depth: steps whose copies are in flight) and ``num_splits``
     (context splits; default :func:`choose_num_splits`) and ``p_in_smem`` (stage the
     probabilities in shared memory for ``P V`` instead of feeding wgmma from registers).
+    Defaults: the fastest of the H200 probe (2 stages of 64 keys; 3 or 4 stages and 128 keys were
+    slower). Even so this kernel measured slower than the Triton-lowered one at every decode
+    shape (benchmarks/RESULTS.md), so the engine does not use it.
     ``interpret`` runs Mosaic GPU's CPU interpreter (True, or an ``InterpretGPUParams``), which
     needs ``p_in_smem`` and turns it on.
     """
