@@ -44,6 +44,27 @@ def validate_kernel_inputs(q: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.nd
         raise ValueError(f"block_size {block_size} must be a power of two <= 256 for the pallas kernels")
 
 
+def validate_decode_shapes(
+    q: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.ndarray, seq_lens: jnp.ndarray, block_tables: jnp.ndarray,
+    *, head_major: bool = False,
+) -> tuple[int, int, int, int, int]:
+    """The decode kernels' common shape checks (ValueError naming the shapes); returns
+    ``(num_seqs, num_q_heads, head_dim, block_size, num_kv_heads)``."""
+    if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}: expected [S, Hq, D] and equal 4-D caches")
+    S, Hq, D = q.shape
+    _, bs, hkv, dk = k_cache.shape
+    if head_major:
+        hkv, bs = bs, hkv
+    if dk != D:
+        raise ValueError(f"head_dim mismatch: q {D} vs cache {dk}")
+    if Hq % hkv:
+        raise ValueError(f"num_q_heads {Hq} is not a multiple of num_kv_heads {hkv}")
+    if block_tables.ndim != 2 or block_tables.shape[0] != S or seq_lens.shape != (S,):
+        raise ValueError(f"block_tables {block_tables.shape}, seq_lens {seq_lens.shape}: expected [{S}, max_blocks] and [{S}]")
+    return S, Hq, D, bs, hkv
+
+
 def pad_group_queries(q: jnp.ndarray, num_kv_heads: int, group_pad: int, head_dim_pad: int) -> jnp.ndarray:
     """[T, Hq, D] -> [T, Hkv, Gp, Dp], zero padded (no copy when nothing needs padding)."""
     T, Hq, D = q.shape

@@ -29,6 +29,7 @@ from pallas_kernels.kernel_shapes import (
     cdiv,
     group_slopes,
     next_pow2,
+    validate_decode_shapes,
     validate_kernel_inputs,
 )
 from pallas_kernels.online_softmax import log2_logits, online_softmax_step, tile_loop
@@ -296,20 +297,7 @@ def paged_attention_decode(
     ``[num_blocks, num_kv_heads, block_size, head_dim]``; an ablation, measured no faster) and
     ``ids_ahead`` (with ``prefetch``: read a tile's block ids one loop step before its K/V).
     """
-    if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}: expected [S, Hq, D] and equal 4-D caches")
-    S, Hq, D = q.shape
-    _, bs, hkv, dk = k_cache.shape
-    if head_major:
-        hkv, bs = bs, hkv
-    if dk != D:
-        raise ValueError(f"head_dim mismatch: q {D} vs cache {dk}")
-    if Hq % hkv:
-        raise ValueError(f"num_q_heads {Hq} is not a multiple of num_kv_heads {hkv}")
-    if block_tables.ndim != 2 or block_tables.shape[0] != S or seq_lens.shape != (S,):
-        raise ValueError(
-            f"block_tables {block_tables.shape}, seq_lens {seq_lens.shape}: expected [{S}, max_blocks] and [{S}]"
-        )
+    S, Hq, D, bs, hkv = validate_decode_shapes(q, k_cache, v_cache, seq_lens, block_tables, head_major=head_major)
     if alibi_slopes is not None and alibi_slopes.shape != (Hq,):
         raise ValueError(f"alibi_slopes {alibi_slopes.shape}: expected ({Hq},)")
     if sliding_window is not None and sliding_window < 1:

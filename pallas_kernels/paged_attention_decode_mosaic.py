@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.kernel_shapes import MASK_VALUE, cdiv
+from pallas_kernels.kernel_shapes import MASK_VALUE, cdiv, validate_decode_shapes
 from pallas_kernels.paged_attention_decode import choose_num_splits
 
 ROWS = 64  # wgmma M: the GQA group is padded to one 64-row tile
@@ -292,28 +292,21 @@ def paged_attention_decode_mosaic(
     ``interpret`` runs Mosaic GPU's CPU interpreter (True, or an ``InterpretGPUParams``), which
     needs ``p_in_smem`` and turns it on.
     """
-    if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}: expected [S, Hq, D] and equal 4-D caches")
-    S, hq, d = q.shape
-    _, bs, hkv, dk = k_cache.shape
+    S, hq, d, bs, hkv = validate_decode_shapes(q, k_cache, v_cache, seq_lens, block_tables)
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if jnp.dtype(x.dtype) not in MOSAIC_DTYPES:
             raise ValueError(f"{name} dtype {x.dtype} is not supported by the mosaic kernel; allowed: bfloat16, float16")
     if not q.dtype == k_cache.dtype == v_cache.dtype:
         raise ValueError(f"dtype mismatch: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
-    if dk != d:
-        raise ValueError(f"head_dim mismatch: q {d} vs cache {dk}")
     if d not in MOSAIC_HEAD_DIMS:
         raise ValueError(f"head_dim {d} is not supported by the mosaic kernel; allowed: {MOSAIC_HEAD_DIMS}")
     if bs not in MOSAIC_BLOCK_SIZES:
         raise ValueError(f"block_size {bs} is not supported by the mosaic kernel; allowed: {MOSAIC_BLOCK_SIZES}")
-    if hq % hkv or hq // hkv + _max_window_offset(hq // hkv) > ROWS:
+    if hq // hkv + _max_window_offset(hq // hkv) > ROWS:
         raise ValueError(
             f"num_q_heads {hq} / num_kv_heads {hkv}: expected a multiple with at most {ROWS} query heads per KV head "
             f"(and not 59, 61, 62 or 63: the group's rows must fit an {Q_ALIGN}-row-aligned {ROWS}-row window)"
         )
-    if block_tables.ndim != 2 or block_tables.shape[0] != S or seq_lens.shape != (S,):
-        raise ValueError(f"block_tables {block_tables.shape}, seq_lens {seq_lens.shape}: expected [{S}, max_blocks] and [{S}]")
     if keys_per_step not in MOSAIC_KEYS_PER_STEP:
         raise ValueError(f"keys_per_step {keys_per_step} is not supported; allowed: {MOSAIC_KEYS_PER_STEP}")
     if num_stages < 1:

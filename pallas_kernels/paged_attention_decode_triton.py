@@ -27,6 +27,7 @@ from pallas_kernels.kernel_shapes import (
     is_pow2,
     next_pow2,
     pad_group_queries,
+    validate_decode_shapes,
     validate_kernel_inputs,
 )
 from pallas_kernels.paged_attention_decode import choose_num_splits, merge_splits
@@ -234,16 +235,7 @@ def paged_attention_decode_triton(
     """
     if alibi_slopes is not None or logits_soft_cap is not None:
         raise ValueError("alibi_slopes / logits_soft_cap are not supported by the triton variant; use the pallas kernel")
-    if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}: expected [S, Hq, D] and equal 4-D caches")
-    S, Hq, D = q.shape
-    _, bs, hkv, dk = k_cache.shape
-    if dk != D:
-        raise ValueError(f"head_dim mismatch: q {D} vs cache {dk}")
-    if Hq % hkv:
-        raise ValueError(f"num_q_heads {Hq} is not a multiple of num_kv_heads {hkv}")
-    if block_tables.ndim != 2 or block_tables.shape[0] != S or seq_lens.shape != (S,):
-        raise ValueError(f"block_tables {block_tables.shape}, seq_lens {seq_lens.shape}: expected [{S}, max_blocks] and [{S}]")
+    S, Hq, D, bs, hkv = validate_decode_shapes(q, k_cache, v_cache, seq_lens, block_tables)
     validate_kernel_inputs(q, k_cache, v_cache)
     if not is_pow2(bs) or not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE:
         raise ValueError(f"block_size {bs}: the triton variant allows 8, 16, 32")
