@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 PREEMPTION_MODES = ("recompute", "swap")
-ATTENTION_BACKENDS = ("reference", "pallas")
+ATTENTION_BACKENDS = ("reference", "pallas", "mosaic")
 
 
 @dataclasses.dataclass

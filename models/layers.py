@@ -154,7 +154,7 @@ def paged_attention(
     """
     if decode_only is None:  # the runner marks decode-only buckets in the (static) metadata
         decode_only = metadata.decode_only
-    write_backend = "pallas" if backend == "pallas" else "reference"
+    write_backend = "reference" if backend == "reference" else "pallas"
     k_cache, v_cache = write_kv(kv_cache[0], kv_cache[1], k, v, metadata.slot_mapping, backend=write_backend)
     out = ragged_paged_attention(
         q, k_cache, v_cache, positions, metadata.query_start_loc, metadata.seq_lens,

@@ -33,7 +33,7 @@ from pallas_kernels.kernel_shapes import (
 )
 from pallas_kernels.online_softmax import log2_logits, online_softmax_step, tile_loop
 
-ATTENTION_BACKENDS = ("reference", "pallas")
+ATTENTION_BACKENDS = ("reference", "pallas", "mosaic")
 
 _MASK_VALUE = -1e30  # finite, so fully-masked padding rows give garbage, not NaN
 
@@ -353,8 +353,10 @@ def ragged_paged_attention(
 ) -> jnp.ndarray:
     """Validated public entry point; ``backend`` picks the implementation.
 
-    ``backend``: "reference" (plain jnp) or "pallas" (Triton-lowered kernels; ``interpret=True``
-    runs them in the Pallas interpreter, e.g. on CPU). ``decode_only`` (static) promises that
+    ``backend``: "reference" (plain jnp), "pallas" (Triton-lowered kernels; ``interpret=True``
+    runs them in the Pallas interpreter, e.g. on CPU) or "mosaic" (decode-only steps through the
+    Mosaic GPU decode kernel, an ablation that measured slower on the H200; everything else as
+    "pallas"). ``decode_only`` (static) promises that
     every sequence has exactly one query token, token s belonging to sequence s at position
     ``seq_lens[s] - 1`` (T == S; padding sequences have ``seq_lens == 0``); the pallas backend
     then uses the decode kernel. ``split_decode_rows`` (static, pallas only) runs a mixed step's
@@ -394,6 +396,17 @@ def ragged_paged_attention(
     if backend == "reference":
         return ragged_paged_attention_reference(
             q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, **kwargs
+        )
+    if decode_only and backend == "mosaic":
+        from pallas_kernels.paged_attention_decode_mosaic import paged_attention_decode_mosaic
+
+        if sliding_window is not None or alibi_slopes is not None or logits_soft_cap is not None:
+            raise ValueError(
+                "attention backend 'mosaic' supports no sliding_window, alibi_slopes or logits_soft_cap; "
+                "use attention_backend='pallas' for this model"
+            )
+        return paged_attention_decode_mosaic(
+            q, k_cache, v_cache, seq_lens, block_tables, scale=scale, interpret=interpret
         )
     if decode_only:
         # Imported here: the decode module imports this module's reference as its oracle.
