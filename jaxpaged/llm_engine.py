@@ -7,7 +7,6 @@ check stop conditions → detokenize incrementally and check stop strings → em
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -23,8 +22,6 @@ from jaxpaged.detokenizer import IncrementalDetokenizer, check_stop, decode_logp
 
 logger = logging.getLogger("jaxpaged")
 
-# CPU has no memory to size the pool from; this many bytes of KV cache unless overridden.
-CPU_KV_CACHE_BYTES = 1 << 30
 # Sampling parameters for a row whose sequence finished after it was scheduled (async scheduling).
 _DROPPED_ROW_PARAMS = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
 
@@ -52,6 +49,7 @@ class LLMEngine:
         from jaxpaged.compilation_counter import CompilationCounter
         from jaxpaged.default_model import DEFAULT_MODEL_NOTE, ensure_default_model
         from jaxpaged.kv_cache import KVCache
+        from jaxpaged.kv_pool_sizing import num_kv_blocks
         from jaxpaged.model_loader import load_model, read_hf_config
         from jaxpaged.model_runner import ModelRunner
         from jaxpaged.scheduler import Scheduler
@@ -89,7 +87,8 @@ class LLMEngine:
 
         block_bytes = KVCache.bytes_per_block(config.num_hidden_layers, args.block_size,
                                               config.num_key_value_heads, config.head_dim, self.lm.dtype)
-        num_blocks = self._num_device_blocks(args, block_bytes, on_gpu, max_num_seqs, max_tokens)
+        num_blocks = num_kv_blocks(self.lm, args, max_model_len=self.max_model_len, block_bytes=block_bytes,
+                                   on_gpu=on_gpu, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens)
         num_host_blocks = int(args.swap_space * (1 << 30) // block_bytes)
         self.kv = KVCache(num_layers=config.num_hidden_layers, num_blocks=num_blocks, num_host_blocks=num_host_blocks,
                           block_size=args.block_size, num_kv_heads=config.num_key_value_heads,
@@ -164,55 +163,6 @@ class LLMEngine:
             raise ValueError(f"max_model_len must be <= {limit} (the model's max_position_embeddings), "
                              f"got {args.max_model_len}")
         return args.max_model_len
-
-    def _num_device_blocks(self, args: EngineArgs, block_bytes: int, on_gpu: bool, max_num_seqs: int,
-                           max_tokens: int) -> int:
-        if args.num_gpu_blocks_override is not None:
-            return args.num_gpu_blocks_override
-        blocks_per_seq = -(-self.max_model_len // args.block_size)
-        if not on_gpu:
-            cap = max_num_seqs * blocks_per_seq
-            return max(blocks_per_seq, min(cap, CPU_KV_CACHE_BYTES // block_bytes))
-        import jax
-
-        stats = jax.devices()[0].memory_stats() or {}
-        limit, in_use = stats.get("bytes_limit", 0), stats.get("bytes_in_use", 0)
-        # JAX's pool is XLA_PYTHON_CLIENT_MEM_FRACTION of the device (we set it to
-        # gpu_memory_utilization unless the user did): our budget is that fraction of the device.
-        pool_fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
-        budget = min(limit, limit / pool_fraction * args.gpu_memory_utilization)
-        # Activations of the largest step, measured by compiling it against a one-block cache.
-        peak = self._activation_peak_bytes(args.block_size, max_tokens, min(max_tokens, max_num_seqs))
-        # Headroom for what the step's own analysis does not show: the sampler and prompt-logprobs
-        # programs, XLA's autotuning scratch at compile time, cuBLAS workspaces.
-        margin = max(2 << 30, int(0.03 * budget))
-        free = budget - in_use - peak - margin
-        num = int(free // block_bytes)
-        logger.info("GPU memory: limit %.1f GiB, weights etc. %.1f GiB, activation peak %.2f GiB -> %d KV blocks",
-                    limit / 2**30, in_use / 2**30, peak / 2**30, num)
-        if num < blocks_per_seq:
-            raise ValueError(f"not enough GPU memory for one sequence of max_model_len={self.max_model_len}: "
-                             f"{num} blocks available; lower max_model_len or raise gpu_memory_utilization")
-        return num
-
-    def _activation_peak_bytes(self, block_size: int, T: int, S: int) -> int:
-        import jax
-        import jax.numpy as jnp
-
-        from jaxpaged.attention_metadata import AttentionMetadata
-        from jaxpaged.model_runner import forward_step
-
-        cfg = self.lm.config
-        MB = -(-self.max_model_len // block_size)
-        shape = (1, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        caches = [(jax.ShapeDtypeStruct(shape, self.lm.dtype),) * 2 for _ in range(cfg.num_hidden_layers)]
-        i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
-        md = AttentionMetadata(i32(T), i32(S + 1), i32(S), i32(S, MB), i32(S))
-
-        fwd = functools.partial(forward_step, self.lm.model)  # the runner's step, before its KV pool exists
-        compiled = jax.jit(fwd, donate_argnums=(1,)).lower(self.lm.params, caches, i32(T), i32(T), md).compile()
-        mem = compiled.memory_analysis()
-        return int(getattr(mem, "temp_size_in_bytes", 0) + getattr(mem, "output_size_in_bytes", 0))
 
     def _warm_up(self) -> None:
         from tqdm.auto import tqdm
