@@ -1,6 +1,6 @@
 """Runs one scheduled step on the device.
 
-The runner packs a :class:`~jaxpaged.scheduler.SchedulerOutput` into NumPy arrays padded to a
+The runner packs a :class:`~jaxpaged.scheduler_output.SchedulerOutput` into NumPy arrays padded to a
 bucket (tokens, positions, slot mapping, block tables, sequence lengths), runs the bucket's
 jit-compiled step with the KV cache donated (updated in place), and samples on the device. Every
 program it can run is compiled in :meth:`ModelRunner.warm_up`; the engine's compilation counter
@@ -274,7 +274,7 @@ class ModelRunner:
         """Enqueues ``sched`` on the device and returns without waiting for it.
 
         ``prev``: the step before, still in flight, whose sampled tokens fill this step's
-        ``PENDING_TOKEN`` inputs (async scheduling); every pending input must belong to a
+        ``PENDING_TOKEN`` (negative) inputs (async scheduling); every pending input must belong to a
         sequence ``prev`` sampled.
         """
         self.kv.swap_out(sched.blocks_to_swap_out)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jaxpaged.scheduler import SchedulerOutput
+from jaxpaged.scheduler_output import SchedulerOutput
 
 
 def default_token(seq_id: int, position: int) -> int:

@@ -1,0 +1,53 @@
+"""The contract between the scheduler and the model runner: one step's ragged batch as plain
+dataclasses (vLLM v1's ``SchedulerOutput`` idea), plus the scheduler's counters. No JAX, no logic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PENDING_TOKEN = -1  # a row's input id that the previous (in-flight) step samples
+
+
+@dataclass
+class ScheduledSequence:
+    """One row of the step's ragged batch."""
+
+    seq_id: int
+    token_ids: list[int]  # the tokens computed this step (a prompt chunk, or the last token;
+    #   PENDING_TOKEN where the previous, in-flight step samples it)
+    num_computed_tokens: int  # tokens of this sequence already in the KV cache (= position of token_ids[0])
+    block_table: list[int]  # physical block ids covering num_computed_tokens + len(token_ids)
+    sample_seq_ids: list[int]  # sequences that draw a token from this row's last-token logits:
+    #   [] for a non-final prefill chunk; [seq_id] normally; all n sequences of a request when its
+    #   prompt finishes and it forks
+    want_prompt_logprobs: bool  # this chunk's tokens need prompt logprobs
+
+
+@dataclass
+class SchedulerOutput:
+    """One step. The runner applies swap-outs, then swap-ins, then copies, then runs the step:
+    a block freed by a swap-out may be handed out again (as a copy target or a new block) in the
+    same step, so it must be read before anything writes it."""
+
+    scheduled: list[ScheduledSequence] = field(default_factory=list)  # prefill chunks and decodes together
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src device block, dst device block)
+    preempted_seq_ids: list[int] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.scheduled or self.blocks_to_swap_out or self.blocks_to_swap_in or self.blocks_to_copy)
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    num_running_reqs: int
+    num_waiting_reqs: int
+    num_swapped_reqs: int
+    num_running_seqs: int
+    num_preemptions: int  # total since construction (requests preempted, either mode)
+    kv_cache_usage: float  # fraction of device blocks in use
+    num_free_blocks: int
+    num_kv_cache_tokens: int  # tokens whose K/V sit in device blocks, summed over sequences
