@@ -180,14 +180,19 @@ def run_decode(copy_bw, args, results, sweep):
 
 
 def run_decode_variants(copy_bw, args, results):
-    """Decode-kernel variants at the shapes where the KV read dominates (block ids read a step
-    ahead of their K/V, warps, keys per step, prefetch depth), then the context-split count at
-    the small batches where one program per (sequence, KV head) cannot fill the GPU."""
+    """Decode-kernel variants at the shapes where the KV read dominates (register prefetch with
+    block ids a step ahead vs a flat per-key gather left to Triton's pipeliner), then the
+    context-split count at the small batches where one program per (sequence, KV head) cannot
+    fill the GPU."""
     d = 128
-    variants = [dict(), dict(ids_ahead=True), dict(ids_ahead=True, blocks_per_iter=4),
-                dict(ids_ahead=True, prefetch=2), dict(num_warps=2), dict(ids_ahead=True, num_warps=2),
-                dict(head_major=True)]
-    shapes = [(64, 2048, 32, 32), (256, 512, 32, 32), (64, 2048, 32, 8), (8, 8192, 32, 8), (64, 8192, 32, 32)]
+    # The default is ids_ahead with register prefetch; flat_gather with prefetch=0 is the form
+    # Triton pipelines with cp.async (as in the faster Triton-language ablation).
+    variants = [dict(), dict(ids_ahead=False), dict(flat_gather=True, prefetch=0, num_stages=2),
+                dict(flat_gather=True, prefetch=0, num_stages=3), dict(flat_gather=True, prefetch=0, num_stages=4),
+                dict(flat_gather=True, prefetch=0, num_stages=3, blocks_per_iter=4), dict(prefetch=0, num_stages=3),
+                dict(flat_gather=True)]
+    shapes = [(64, 2048, 32, 32), (256, 512, 32, 32), (64, 2048, 32, 8), (8, 8192, 32, 8), (64, 8192, 32, 32),
+              (256, 8192, 32, 32), (8, 8192, 32, 32)]
     split_shapes = [(1, 512, 32, 32), (1, 2048, 32, 32), (1, 8192, 32, 32), (1, 512, 32, 8), (1, 2048, 32, 8),
                     (1, 8192, 32, 8), (8, 512, 32, 8), (8, 2048, 32, 32), (8, 8192, 32, 32), (8, 8192, 32, 8)]
     if args.quick:
@@ -198,7 +203,9 @@ def run_decode_variants(copy_bw, args, results):
     bs = 16
     for (S, ctx, hq, hkv), vs in plan:
         q, kc, vc, sl, tables, kv_bytes = make_decode_inputs(jax.random.key(S + ctx), S, ctx, hq, hkv, d, bs)
-        khm, vhm = jnp.transpose(kc, (0, 2, 1, 3)), jnp.transpose(vc, (0, 2, 1, 3))
+        khm = vhm = None
+        if any(v.get("head_major") for v in vs):
+            khm, vhm = jnp.transpose(kc, (0, 2, 1, 3)), jnp.transpose(vc, (0, 2, 1, 3))
         moved = kv_bytes + 2 * q.nbytes
         ref = None
         for v in vs:

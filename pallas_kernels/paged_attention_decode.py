@@ -80,7 +80,7 @@ def _decode_kernel(
     block_size: int, blocks_per_iter: int, blocks_per_split: int, num_splits: int,
     head_dim: int, scale: float, sliding_window: int | None, soft_cap: float | None,
     has_alibi: bool, exact_dot: bool, heads_fastest: bool, head_major: bool, prefetch: int,
-    ids_ahead: bool, group_pad: int, head_dim_pad: int,
+    ids_ahead: bool, flat_gather: bool, group_pad: int, head_dim_pad: int,
 ):
     if has_alibi:
         slopes_ref, *out_refs = rest
@@ -117,23 +117,34 @@ def _decode_kernel(
     precision = jax.lax.Precision.HIGHEST if exact_dot else None
     if has_alibi:
         slopes = slopes_ref[...]  # [gp] float32
-    row = jax.lax.broadcasted_iota(jnp.int32, (bpi, bs), 1)
-    blk = jax.lax.broadcasted_iota(jnp.int32, (bpi, bs), 0)
-    row3 = jax.lax.broadcasted_iota(jnp.int32, (bpi, bs, dp), 1)
-    dcol = jax.lax.broadcasted_iota(jnp.int32, (bpi, bs, dp), 2)
+    # A tile's keys as [blocks, block_size] (one id per block, the default) or, with flat_gather,
+    # as [keys] with one block id per key: a 2-D [keys, D] gather with no reshape after it, which
+    # Triton's pipeliner can turn into asynchronous copies (cp.async) when nothing rides in
+    # registers (prefetch=0).
+    tile = (n,) if flat_gather else (bpi, bs)
+    if flat_gather:
+        key = jax.lax.broadcasted_iota(jnp.int32, tile, 0)
+        rowk = jax.lax.broadcasted_iota(jnp.int32, (n, dp), 0) % bs
+        dcol = jax.lax.broadcasted_iota(jnp.int32, (n, dp), 1)
+    else:
+        row = jax.lax.broadcasted_iota(jnp.int32, tile, 1)
+        blk = jax.lax.broadcasted_iota(jnp.int32, tile, 0)
+        rowk = jax.lax.broadcasted_iota(jnp.int32, (bpi, bs, dp), 1)
+        dcol = jax.lax.broadcasted_iota(jnp.int32, (bpi, bs, dp), 2)
 
     def load_tile(ref, ids, valid):
         # Every index is a full-shape array: the same gather lowers on Triton and in interpret mode.
-        bid = jnp.broadcast_to(ids[:, None, None], (bpi, bs, dp))
-        idx = (bid, h, row3, dcol) if head_major else (bid, row3, h, dcol)
-        mask = jnp.broadcast_to(valid[:, :, None], (bpi, bs, dp))
+        shape = rowk.shape
+        bid = jnp.broadcast_to(ids[..., None] if flat_gather else ids[:, None, None], shape)
+        idx = (bid, h, rowk, dcol) if head_major else (bid, rowk, h, dcol)
+        mask = jnp.broadcast_to(valid[..., None], shape)
         if pad_d:
             mask = mask & (dcol < head_dim)
         return plgpu.load(ref.at[idx], mask=mask, other=0).reshape(n, dp)
 
     def tile_keys(i):
         blk0 = lo + i * bpi
-        tok2 = (blk0 + blk) * bs + row  # [bpi, bs]
+        tok2 = blk0 * bs + key if flat_gather else (blk0 + blk) * bs + row  # token positions, [n] / [bpi, bs]
         valid2 = tok2 < end_tok
         if sliding_window is not None:
             valid2 = valid2 & (tok2 >= start_tok)
@@ -141,7 +152,10 @@ def _decode_kernel(
 
     def block_ids(i):
         # Masked instead of a padded table: tiles past the end (prefetch, window overhang) read none.
-        col = lo + i * bpi + jax.lax.broadcasted_iota(jnp.int32, (bpi,), 0)
+        if flat_gather:
+            col = lo + i * bpi + key // bs
+        else:
+            col = lo + i * bpi + jax.lax.broadcasted_iota(jnp.int32, (bpi,), 0)
         return plgpu.load(bt_ref.at[s, col], mask=col < max_blocks, other=0)
 
     def fetch(i, ids=None):
@@ -193,13 +207,13 @@ def merge_splits(o: jnp.ndarray, m: jnp.ndarray, l: jnp.ndarray) -> jnp.ndarray:
     static_argnames=(
         "scale", "sliding_window", "logits_soft_cap", "blocks_per_iter", "num_splits",
         "num_warps", "num_stages", "interpret", "heads_fastest", "head_major", "prefetch",
-        "ids_ahead",
+        "ids_ahead", "flat_gather",
     ),
 )
 def _decode_call(
     q, k_cache, v_cache, seq_lens, block_tables, alibi_slopes, *,
     scale, sliding_window, logits_soft_cap, blocks_per_iter, num_splits, num_warps, num_stages,
-    interpret, heads_fastest, head_major, prefetch, ids_ahead,
+    interpret, heads_fastest, head_major, prefetch, ids_ahead, flat_gather,
 ):
     S, Hq, D = q.shape
     _, bs, hkv, _ = k_cache.shape
@@ -220,7 +234,7 @@ def _decode_call(
         num_splits=num_splits, head_dim=D, scale=scale, sliding_window=sliding_window,
         soft_cap=logits_soft_cap, has_alibi=has_alibi, exact_dot=q.dtype == jnp.float32,
         heads_fastest=heads_fastest, head_major=head_major, prefetch=prefetch, ids_ahead=ids_ahead,
-        group_pad=gp, head_dim_pad=dp,
+        flat_gather=flat_gather, group_pad=gp, head_dim_pad=dp,
     )
     # Grid axis 0 launches fastest; index maps below take (sequence, kv head, split).
     if heads_fastest:
@@ -285,6 +299,7 @@ def paged_attention_decode(
     head_major: bool = False,
     prefetch: int = 1,
     ids_ahead: bool = True,
+    flat_gather: bool = False,
     interpret: bool = False,
 ) -> jnp.ndarray:
     """Decode attention: q [S, Hq, D] (one token per sequence) over the paged caches -> [S, Hq, D].
@@ -295,7 +310,10 @@ def paged_attention_decode(
     default: :func:`choose_num_splits`), ``num_warps``, ``num_stages``, ``heads_fastest``
     (launch the KV heads of one sequence next to each other), ``head_major`` (caches laid out
     ``[num_blocks, num_kv_heads, block_size, head_dim]``; an ablation, measured no faster) and
-    ``ids_ahead`` (with ``prefetch``: read a tile's block ids one loop step before its K/V).
+    ``ids_ahead`` (with ``prefetch``: read a tile's block ids one loop step before its K/V) and
+    ``flat_gather`` (gather a tile as [keys, D] with one block id per key; with ``prefetch=0`` this
+    is the form Triton pipelines with asynchronous copies, as it does the Triton-language variant,
+    which measured faster at large MHA batches; not yet measured on the GPU, so off).
     """
     S, Hq, D, bs, hkv = validate_decode_shapes(q, k_cache, v_cache, seq_lens, block_tables, head_major=head_major)
     if alibi_slopes is not None and alibi_slopes.shape != (Hq,):
@@ -315,5 +333,5 @@ def paged_attention_decode(
         scale=float(scale), sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
         blocks_per_iter=bpi, num_splits=splits, num_warps=num_warps, num_stages=num_stages,
         interpret=interpret, heads_fastest=heads_fastest, head_major=head_major,
-        prefetch=int(prefetch), ids_ahead=bool(ids_ahead),
+        prefetch=int(prefetch), ids_ahead=bool(ids_ahead), flat_gather=bool(flat_gather),
     )

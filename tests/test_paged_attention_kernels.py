@@ -90,10 +90,15 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("prefetch,ids_ahead", [(1, False), (0, False), (2, False), (1, True), (2, True)],
-                         ids=lambda p: f"ids_ahead{int(p)}" if isinstance(p, bool) else f"prefetch{p}")
+# (prefetch, ids_ahead, flat_gather)
+DECODE_LOOPS = [(1, False, False), (0, False, False), (2, False, False), (1, True, False), (2, True, False),
+                (0, False, True), (1, True, True)]
+
+
+@pytest.mark.parametrize("loop", DECODE_LOOPS, ids=lambda p: f"prefetch{p[0]}-ids_ahead{int(p[1])}-flat{int(p[2])}")
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-bs{c[3]}-{jnp.dtype(c[4]).name}")
-def test_decode_kernel_matches_reference_interpret(case, prefetch, ids_ahead):
+def test_decode_kernel_matches_reference_interpret(case, loop):
+    prefetch, ids_ahead, flat_gather = loop
     hq, hkv, d, bs, dtype, window, alibi, cap, splits = case
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
     ctx = [int(x) for x in rng.integers(0, 70, 4)] + [0]
@@ -103,7 +108,7 @@ def test_decode_kernel_matches_reference_interpret(case, prefetch, ids_ahead):
     args = (c["q"], c["k_cache"], c["v_cache"], c["seq_lens"], c["block_tables"])
     out = paged_attention_decode(
         *args, scale=d**-0.5, sliding_window=window, num_splits=splits, interpret=True,
-        heads_fastest=splits is None, prefetch=prefetch, ids_ahead=ids_ahead, **feats,
+        heads_fastest=splits is None, prefetch=prefetch, ids_ahead=ids_ahead, flat_gather=flat_gather, **feats,
     )
     ref = paged_attention_decode_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
     assert out.shape == c["q"].shape and out.dtype == c["q"].dtype
@@ -120,9 +125,11 @@ def test_decode_kernel_head_major_layout_interpret():
     args = (c["q"], c["k_cache"], c["v_cache"], c["seq_lens"], c["block_tables"])
     ref = paged_attention_decode_reference(*args, scale=d**-0.5, sliding_window=13)
     kh, vh = (jnp.transpose(x, (0, 2, 1, 3)) for x in (c["k_cache"], c["v_cache"]))
-    out = paged_attention_decode(c["q"], kh, vh, c["seq_lens"], c["block_tables"], scale=d**-0.5,
-                                 sliding_window=13, head_major=True, num_splits=2, interpret=True)
-    assert _rel_err(out, ref) < TOL[F32]
+    for flat_gather in (False, True):
+        out = paged_attention_decode(c["q"], kh, vh, c["seq_lens"], c["block_tables"], scale=d**-0.5,
+                                     sliding_window=13, head_major=True, num_splits=2, flat_gather=flat_gather,
+                                     interpret=True)
+        assert _rel_err(out, ref) < TOL[F32]
 
 
 # (hq, hkv, head_dim, block_size, dtype, sliding_window, alibi, soft_cap, block_m, blocks_per_iter)
