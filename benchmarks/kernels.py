@@ -269,8 +269,10 @@ def run_prefill(mm_rate, args, results, sweep):
     d, bs = 128, 16
     variants = [dict()]
     if sweep:
-        variants = [dict(), dict(prefetch=True), dict(prefetch=True, blocks_per_iter=4),
-                    dict(prefetch=True, num_warps=4)]
+        # flat_gather: the [keys, D] gather Triton can pipeline with cp.async (see the decode kernel).
+        variants = [dict(), dict(flat_gather=True), dict(flat_gather=True, num_stages=2),
+                    dict(flat_gather=True, num_stages=4), dict(flat_gather=True, blocks_per_iter=4),
+                    dict(flat_gather=True, num_warps=4)]
     for hq, hkv in [(32, 32), (32, 8)]:
         for T in ([4096] if args.quick else [1024, 4096, 8192]):
             mb = T // bs

@@ -90,7 +90,7 @@ def _ragged_kernel(
     *rest,
     num_tiles: int, block_q: int, group: int, group_pad: int, head_dim: int, block_size: int,
     blocks_per_iter: int, scale: float, sliding_window: int | None, soft_cap: float | None,
-    has_alibi: bool, exact_dot: bool, heads_fastest: bool, prefetch: bool,
+    has_alibi: bool, exact_dot: bool, heads_fastest: bool, prefetch: bool, flat_gather: bool,
 ):
     if has_alibi:
         slopes_ref, o_ref = rest
@@ -144,13 +144,22 @@ def _ragged_kernel(
     if has_alibi:
         slopes = plgpu.load(slopes_ref.at[h, g], mask=g < group, other=0.0)  # [M]
 
-    kb = jax.lax.broadcasted_iota(jnp.int32, (bpi, bs, dp), 0)
-    kr = jax.lax.broadcasted_iota(jnp.int32, (bpi, bs, dp), 1)
-    kd = jax.lax.broadcasted_iota(jnp.int32, (bpi, bs, dp), 2)
+    # A KV tile as [blocks, block_size, D] (one id per block) or, with flat_gather, as [keys, D]
+    # with one id per key: no reshape after the gather, the form Triton's pipeliner can turn into
+    # asynchronous copies (see the decode kernel).
+    kshape = (bk, dp) if flat_gather else (bpi, bs, dp)
+    if flat_gather:
+        kr = jax.lax.broadcasted_iota(jnp.int32, kshape, 0) % bs
+        kd = jax.lax.broadcasted_iota(jnp.int32, kshape, 1)
+    else:
+        kb = jax.lax.broadcasted_iota(jnp.int32, kshape, 0)
+        kr = jax.lax.broadcasted_iota(jnp.int32, kshape, 1)
+        kd = jax.lax.broadcasted_iota(jnp.int32, kshape, 2)
     key_in_tile = jax.lax.broadcasted_iota(jnp.int32, (bk,), 0)
 
     def load_kv(ref, ids, mask):
-        idx = (jnp.broadcast_to(ids[:, None, None], (bpi, bs, dp)), kr, h, kd)
+        bid = ids[:, None] if flat_gather else ids[:, None, None]
+        idx = (jnp.broadcast_to(bid, kshape), kr, h, kd)
         if mask is None and pad_d:
             mask = kd < head_dim
         elif mask is not None and pad_d:
@@ -160,7 +169,10 @@ def _ragged_kernel(
         return plgpu.load(ref.at[idx], mask=mask, other=0).reshape(bk, dp)
 
     def tile_mask(blk0):
-        key3 = (blk0 + kb) * bs + kr
+        if flat_gather:
+            key3 = jnp.broadcast_to((blk0 * bs + key_in_tile)[:, None], kshape)
+        else:
+            key3 = (blk0 + kb) * bs + kr
         ld_mask = key3 < kv_end
         if sliding_window is not None:
             ld_mask = ld_mask & (key3 >= kv_start)
@@ -168,7 +180,10 @@ def _ragged_kernel(
 
     def fetch(j, masked=True):
         blk0 = lo_tok // bs + j * bpi
-        ids = bt_ref[seq, pl.ds(blk0, bpi)]
+        if flat_gather:  # columns blk0 .. blk0 + bpi - 1, inside the padded table like pl.ds
+            ids = plgpu.load(bt_ref.at[seq, blk0 + key_in_tile // bs])
+        else:
+            ids = bt_ref[seq, pl.ds(blk0, bpi)]
         mask = tile_mask(blk0) if masked else None
         return load_kv(k_ref, ids, mask), load_kv(v_ref, ids, mask)
 
@@ -238,13 +253,13 @@ def _tile_schedule(query_start_loc, seq_lens, num_tokens: int, block_q: int, num
     jax.jit,
     static_argnames=(
         "scale", "sliding_window", "logits_soft_cap", "block_q", "blocks_per_iter", "num_warps",
-        "num_stages", "interpret", "heads_fastest", "prefetch",
+        "num_stages", "interpret", "heads_fastest", "prefetch", "flat_gather",
     ),
 )
 def _ragged_call(
     q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, alibi_slopes, *,
     scale, sliding_window, logits_soft_cap, block_q, blocks_per_iter, num_warps, num_stages,
-    interpret, heads_fastest, prefetch,
+    interpret, heads_fastest, prefetch, flat_gather,
 ):
     T, Hq, D = q.shape
     _, bs, hkv, _ = k_cache.shape
@@ -263,7 +278,7 @@ def _ragged_call(
         _ragged_kernel, num_tiles=num_tiles, block_q=block_q, group=G, group_pad=gp, head_dim=D,
         block_size=bs, blocks_per_iter=bpi, scale=scale, sliding_window=sliding_window,
         soft_cap=logits_soft_cap, has_alibi=has_alibi, exact_dot=q.dtype == jnp.float32,
-        heads_fastest=heads_fastest, prefetch=prefetch,
+        heads_fastest=heads_fastest, prefetch=prefetch, flat_gather=flat_gather,
     )
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)  # noqa: E731
     args = [t0, t1, tseq, tlen, qg, positions.astype(jnp.int32), k_cache, v_cache, bt]
@@ -301,6 +316,7 @@ def ragged_paged_attention_pallas(
     num_stages: int | None = None,
     heads_fastest: bool = True,
     prefetch: bool = False,
+    flat_gather: bool = False,
     interpret: bool = False,
 ) -> jnp.ndarray:
     """The Pallas kernel for a mixed step (shapes as the reference). Expects validated inputs.
@@ -309,7 +325,8 @@ def ragged_paged_attention_pallas(
     group``); ``blocks_per_iter`` KV blocks are loaded per step (default: 128 keys a step, 64
     when head_dim > 128, where ``num_stages`` also drops to 2 to fit shared memory).
     ``heads_fastest`` launches the KV heads of one query tile next to each other (measured
-    faster on the H200 than tiles first, see benchmarks/RESULTS.md).
+    faster on the H200 than tiles first, see benchmarks/RESULTS.md). ``flat_gather`` gathers a
+    KV tile as [keys, D], one block id per key (not yet measured on the GPU, so off).
     """
     validate_kernel_inputs(q, k_cache, v_cache)
     G = q.shape[1] // k_cache.shape[2]
@@ -329,7 +346,7 @@ def ragged_paged_attention_pallas(
         q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, alibi_slopes,
         scale=float(scale), sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
         block_q=block_q, blocks_per_iter=bpi, num_warps=num_warps, num_stages=num_stages,
-        interpret=interpret, heads_fastest=heads_fastest, prefetch=prefetch,
+        interpret=interpret, heads_fastest=heads_fastest, prefetch=prefetch, flat_gather=bool(flat_gather),
     )
 
 

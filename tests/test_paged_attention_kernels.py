@@ -144,9 +144,11 @@ RAGGED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("prefetch", [False, True], ids=lambda p: f"prefetch{int(p)}")
+@pytest.mark.parametrize("loop", [(False, False), (True, False), (False, True)],
+                         ids=lambda p: f"prefetch{int(p[0])}-flat{int(p[1])}")
 @pytest.mark.parametrize("case", RAGGED_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-bs{c[3]}-{jnp.dtype(c[4]).name}")
-def test_ragged_kernel_matches_reference_interpret(case, prefetch):
+def test_ragged_kernel_matches_reference_interpret(case, loop):
+    prefetch, flat_gather = loop
     hq, hkv, d, bs, dtype, window, alibi, cap, block_m, bpi = case
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
     # prefill from scratch, chunked prefill on a context, decode tokens, an empty sequence
@@ -158,7 +160,7 @@ def test_ragged_kernel_matches_reference_interpret(case, prefetch):
     args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
     out = ragged_paged_attention_pallas(
         *args, scale=d**-0.5, sliding_window=window, block_m=block_m, blocks_per_iter=bpi,
-        heads_fastest=bpi == 1, prefetch=prefetch, interpret=True, **feats,
+        heads_fastest=bpi == 1, prefetch=prefetch, flat_gather=flat_gather, interpret=True, **feats,
     )
     ref = ragged_paged_attention_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
     assert out.shape == c["q"].shape and out.dtype == c["q"].dtype
