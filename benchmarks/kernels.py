@@ -188,7 +188,7 @@ def run_decode_variants(copy_bw, args, results):
     # The default is ids_ahead with register prefetch; flat_gather with prefetch=0 is the form
     # Triton pipelines with cp.async (as in the faster Triton-language ablation).
     variants = [dict(), dict(ids_ahead=False), dict(flat_gather=True, prefetch=0, num_stages=2),
-                dict(flat_gather=True, prefetch=0, num_stages=3), dict(flat_gather=True, prefetch=0, num_stages=4),
+                dict(flat_gather=True, prefetch=0, num_stages=3), dict(flat_gather=True, prefetch=0, num_stages=2, blocks_per_iter=4),
                 dict(flat_gather=True, prefetch=0, num_stages=3, blocks_per_iter=4), dict(prefetch=0, num_stages=3),
                 dict(flat_gather=True)]
     shapes = [(64, 2048, 32, 32), (256, 512, 32, 32), (64, 2048, 32, 8), (8, 8192, 32, 8), (64, 8192, 32, 32),
@@ -271,8 +271,7 @@ def run_prefill(mm_rate, args, results, sweep):
     if sweep:
         # flat_gather: the [keys, D] gather Triton can pipeline with cp.async (see the decode kernel).
         variants = [dict(), dict(flat_gather=True), dict(flat_gather=True, num_stages=2),
-                    dict(flat_gather=True, num_stages=4), dict(flat_gather=True, blocks_per_iter=4),
-                    dict(flat_gather=True, num_warps=4)]
+                    dict(blocks_per_iter=4), dict(flat_gather=True, blocks_per_iter=4)]
     for hq, hkv in [(32, 32), (32, 8)]:
         for T in ([4096] if args.quick else [1024, 4096, 8192]):
             mb = T // bs
