@@ -209,8 +209,8 @@ def test_validation_errors_name_the_field():
     rng = np.random.default_rng(3)
     c = _paged_case(rng, [3, 1], [4, 9], hq=4, hkv=2, d=32, bs=8, dtype=F32)
     args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
-    with pytest.raises(ValueError, match="backend 'mosaic'"):
-        ragged_paged_attention(*args, scale=1.0, backend="mosaic")
+    with pytest.raises(ValueError, match="backend 'cudnn' is not available; allowed: 'reference', 'pallas', 'mosaic'"):
+        ragged_paged_attention(*args, scale=1.0, backend="cudnn")
     with pytest.raises(ValueError, match="decode_only"):
         ragged_paged_attention(*args, scale=1.0, backend="pallas", decode_only=True)
     with pytest.raises(ValueError, match="alibi_slopes"):
