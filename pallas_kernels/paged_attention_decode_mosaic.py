@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.kernel_shapes import MASK_VALUE, cdiv, validate_decode_shapes
+from pallas_kernels.kernel_shapes import LOG2E, MASK_VALUE, cdiv, validate_decode_shapes
 from pallas_kernels.paged_attention_decode import choose_num_splits
 
 ROWS = 64  # wgmma M: the GQA group is padded to one 64-row tile
@@ -36,7 +36,6 @@ MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MOSAIC_HEAD_DIMS = (64, 128)
 MOSAIC_BLOCK_SIZES = (16, 32)
 MOSAIC_KEYS_PER_STEP = (64, 128)
-LOG2E = math.log2(math.e)
 SMEM_BYTES = 227 * 1024  # Hopper's per-block shared memory (opt-in maximum)
 SMEM_ALIGN = 1024  # Pallas starts every shared-memory scratch buffer on a 1024-byte boundary
 

@@ -35,8 +35,6 @@ from pallas_kernels.online_softmax import log2_logits, online_softmax_step, tile
 
 ATTENTION_BACKENDS = ("reference", "pallas", "mosaic")
 
-_MASK_VALUE = -1e30  # finite, so fully-masked padding rows give garbage, not NaN
-
 
 def ragged_paged_attention_reference(
     q: jnp.ndarray,
@@ -77,7 +75,7 @@ def ragged_paged_attention_reference(
     mask = (kv_pos < seq_lens[tok_seq][:, None]) & (kv_pos <= qpos) & tok_valid[:, None]
     if sliding_window is not None:
         mask = mask & (qpos - kv_pos < sliding_window)
-    s = jnp.where(mask[:, None, None, :], s, _MASK_VALUE)
+    s = jnp.where(mask[:, None, None, :], s, MASK_VALUE)  # finite: all-masked padding rows stay NaN-free
     p = jax.nn.softmax(s, axis=-1)
     # Zero masked values too: unwritten slots may hold anything (NaN included) and 0 * NaN = NaN.
     v = jnp.where(mask[:, :, None, None], v.astype(jnp.float32), 0.0)
