@@ -226,6 +226,14 @@ def test_validation_errors_name_the_field():
                                scale=1.0, blocks_per_iter=3)
 
 
+def test_engine_args_allow_exactly_the_kernel_backends():
+    """engine_args keeps its own copy (it must import without JAX); the two lists must agree."""
+    from jaxpaged.engine_args import ATTENTION_BACKENDS as ENGINE_BACKENDS
+    from pallas_kernels.ragged_paged_attention import ATTENTION_BACKENDS
+
+    assert ENGINE_BACKENDS == ATTENTION_BACKENDS
+
+
 def test_default_backend():
     assert default_attention_backend("cpu") == "reference"
     assert default_attention_backend("gpu") == "pallas"
