@@ -130,7 +130,12 @@ def run_decode(copy_bw, args, results, sweep):
     d, bs = 128, 16
     variants = [dict()]
     if sweep:
-        variants = [dict(), dict(blocks_per_iter=8, num_stages=2), dict(num_stages=4)]
+        # Candidates: the default (register prefetch, block ids a step ahead, 32 keys a step) and the
+        # flat per-key gather that Triton pipelines with cp.async (prefetch 0), over keys per step
+        # and pipeline depth.
+        flat = dict(flat_gather=True, prefetch=0)
+        variants = [dict(), dict(flat, num_stages=3, blocks_per_iter=4), dict(flat, num_stages=4, blocks_per_iter=4),
+                    dict(flat, num_stages=2, blocks_per_iter=4), dict(flat, num_stages=3, blocks_per_iter=8)]
     for hq, hkv in heads:
         for S in batches:
             for ctx in ctxs:
@@ -141,7 +146,7 @@ def run_decode(copy_bw, args, results, sweep):
                 moved = kv_bytes + 2 * q.nbytes
                 row = dict(kind="decode", batch=S, ctx=ctx, hq=hq, hkv=hkv, d=d, block_size=bs, bytes=moved)
                 ref = None
-                for v in (variants if (sweep and S == 64 and ctx == 2048) else [dict()]):
+                for v in (variants if (sweep and (args.sweep_all or (S == 64 and ctx == 2048))) else [dict()]):
                     # One jit runs the kernel once per rotated table: no host dispatch per call.
                     fn = jax.jit(lambda q, kc, vc, sl, bts, v=v: [
                         paged_attention_decode(q, kc, vc, sl, bt, scale=d**-0.5, **v) for bt in bts])
@@ -153,7 +158,7 @@ def run_decode(copy_bw, args, results, sweep):
                     row[name + "_ms"] = t * 1e3
                     row[name + "_TBps"] = moved / t / 1e12
                     row[name + "_frac_copy"] = moved / t / copy_bw
-                row["splits"] = choose_num_splits(S, hkv, ctx // bs, bs, 2)
+                row["splits"] = choose_num_splits(S, hkv, ctx // bs, bs, 4)
                 # JAX's own kernel: [Hkv, NB, bs, D] layout, same data.
                 try:
                     kt = jnp.transpose(kc, (2, 0, 1, 3))
@@ -187,18 +192,18 @@ def run_decode_variants(copy_bw, args, results):
     d = 128
     # The default is ids_ahead with register prefetch; flat_gather with prefetch=0 is the form
     # Triton pipelines with cp.async (as in the faster Triton-language ablation).
-    variants = [dict(), dict(ids_ahead=False), dict(flat_gather=True, prefetch=0, num_stages=2),
-                dict(flat_gather=True, prefetch=0, num_stages=3), dict(flat_gather=True, prefetch=0, num_stages=2, blocks_per_iter=4),
-                dict(flat_gather=True, prefetch=0, num_stages=3, blocks_per_iter=4), dict(prefetch=0, num_stages=3),
-                dict(flat_gather=True)]
+    variants = [dict(), dict(flat_gather=True, prefetch=0, num_stages=2), dict(flat_gather=True, prefetch=0, num_stages=3),
+                dict(flat_gather=True, prefetch=0, num_stages=3, blocks_per_iter=4), dict(flat_gather=True)]
     shapes = [(64, 2048, 32, 32), (256, 512, 32, 32), (64, 2048, 32, 8), (8, 8192, 32, 8), (64, 8192, 32, 32),
               (256, 8192, 32, 32), (8, 8192, 32, 32)]
     split_shapes = [(1, 512, 32, 32), (1, 2048, 32, 32), (1, 8192, 32, 32), (1, 512, 32, 8), (1, 2048, 32, 8),
                     (1, 8192, 32, 8), (8, 512, 32, 8), (8, 2048, 32, 32), (8, 8192, 32, 32), (8, 8192, 32, 8)]
     if args.quick:
         shapes, split_shapes = shapes[:1], split_shapes[:2]
-    plan = [(sh, variants) for sh in shapes]
-    plan += [(sh, [dict(ids_ahead=True, num_splits=k) for k in (1, 2, 4, 8, 16, 32, 64) if k <= sh[1] // 32])
+    plan = [] if args.sweep_all else [(sh, variants) for sh in shapes]  # --sweep-all: the decode table has them
+    flat = dict(flat_gather=True, prefetch=0, num_stages=3, blocks_per_iter=4)
+    plan += [(sh, [dict(num_splits=k, **fv) for fv in (dict(), flat)
+                   for k in (1, 2, 4, 8, 16, 32, 64) if k <= sh[1] // 32])
              for sh in split_shapes]
     bs = 16
     for (S, ctx, hq, hkv), vs in plan:
@@ -307,6 +312,20 @@ def run_prefill(mm_rate, args, results, sweep):
                 row["cudnn_contiguous_TFLOPs"] = flops / t / 1e12
             except Exception as e:  # noqa: BLE001
                 row["cudnn_skipped"] = f"{type(e).__name__}: {str(e)[:200]}"
+            # Second reference point: JAX's own FlashAttention-3 in Mosaic GPU (warp-specialised,
+            # TMA + wgmma), contiguous K/V; its scratch buffers are float16, so it runs in float16.
+            for block_kv in (128, 64):
+                try:
+                    from jax.experimental.pallas.ops.gpu import attention_mgpu as fa3
+
+                    cfg = fa3.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=2, causal=True)
+                    q16, k16, v16 = (x.astype(jnp.float16) for x in (q[None], kk, vv))
+                    ffn = jax.jit(lambda q, k, v, cfg=cfg: fa3.attention(q, k, v, cfg))
+                    t, _ = bench(ffn, [(q16, k16, v16)])
+                    row[f"fa3_mgpu_contiguous_kv{block_kv}_ms"] = t * 1e3
+                    row[f"fa3_mgpu_contiguous_kv{block_kv}_TFLOPs"] = flops / t / 1e12
+                except Exception as e:  # noqa: BLE001
+                    row[f"fa3_mgpu_kv{block_kv}_skipped"] = f"{type(e).__name__}: {str(e)[:300]}"
             results.append(row)
             print(json.dumps(row), flush=True)
 
@@ -384,6 +403,7 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--sweep", action="store_true", help="also time tuning variants at key shapes")
     p.add_argument("--quick", action="store_true", help="fewer shapes")
+    p.add_argument("--sweep-all", action="store_true", help="with --sweep: decode variants at every shape, not only 64 x 2048")
     p.add_argument("--only", default="decode,prefill,kv_write")
     p.add_argument("--ablations", default="", help="also time these decode kernels: triton (needs jax-triton), mosaic")
     args = p.parse_args()
@@ -406,7 +426,13 @@ def main() -> None:
     if "decode_variants" in only:
         run_decode_variants(copy_bw, args, results)
     txt = table(results, copy_bw, mm_rate)
-    meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, argv=sys.argv,
+    try:
+        from jax._src.lib import cuda_versions
+
+        cuda_runtime = cuda_versions.cuda_runtime_get_version() if cuda_versions else None
+    except Exception:  # noqa: BLE001
+        cuda_runtime = None
+    meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, argv=sys.argv, cuda_runtime=cuda_runtime,
                 copy_TBps=copy_bw / 1e12, matmul_TFLOPs=mm_rate / 1e12, seconds=time.time() - t0,
                 bandwidths_TBps={k: v / 1e12 for k, v in CEILINGS.items()})
     with open(os.path.join(args.out, "kernels.json"), "w") as f:

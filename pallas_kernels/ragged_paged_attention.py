@@ -314,7 +314,7 @@ def ragged_paged_attention_pallas(
     num_stages: int | None = None,
     heads_fastest: bool = True,
     prefetch: bool = False,
-    flat_gather: bool = False,
+    flat_gather: bool = True,
     interpret: bool = False,
 ) -> jnp.ndarray:
     """The Pallas kernel for a mixed step (shapes as the reference). Expects validated inputs.
@@ -324,7 +324,9 @@ def ragged_paged_attention_pallas(
     when head_dim > 128, where ``num_stages`` also drops to 2 to fit shared memory).
     ``heads_fastest`` launches the KV heads of one query tile next to each other (measured
     faster on the H200 than tiles first, see benchmarks/RESULTS.md). ``flat_gather`` gathers a
-    KV tile as [keys, D], one block id per key (not yet measured on the GPU, so off).
+    KV tile as [keys, D], one block id per key, with no reshape after the gather: measured 6 %
+    faster than [blocks, block_size, D] on the H200 (4k prefill, 0.530 vs 0.565 ms MHA, 0.512 vs
+    0.544 GQA).
     """
     validate_kernel_inputs(q, k_cache, v_cache)
     G = q.shape[1] // k_cache.shape[2]

@@ -307,9 +307,14 @@ GPU_DECODE = [
 ]
 
 
+# The default loop (flat per-key gather pipelined by Triton) and the register-prefetch one.
+GPU_DECODE_LOOPS = {"default": {}, "register_prefetch": dict(prefetch=1, ids_ahead=True, flat_gather=False)}
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("loop", list(GPU_DECODE_LOOPS))
 @pytest.mark.parametrize("case", GPU_DECODE, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-bs{c[3]}-{jnp.dtype(c[4]).name}")
-def test_decode_kernel_gpu(case):
+def test_decode_kernel_gpu(case, loop):
     hq, hkv, d, bs, dtype, window, alibi, cap = case
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
     ctx = [int(x) for x in rng.integers(0, 3000, 11)] + [0, 2047, 1]
@@ -318,7 +323,9 @@ def test_decode_kernel_gpu(case):
     args = (c["q"], c["k_cache"], c["v_cache"], c["seq_lens"], c["block_tables"])
     ref = paged_attention_decode_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
     for splits in (None, 1, 5):
-        out = paged_attention_decode(*args, scale=d**-0.5, sliding_window=window, num_splits=splits, **feats)
+        out = paged_attention_decode(
+            *args, scale=d**-0.5, sliding_window=window, num_splits=splits, **GPU_DECODE_LOOPS[loop], **feats
+        )
         assert _rel_err(out, ref) < TOL[dtype], splits
         np.testing.assert_array_equal(np.asarray(out[14], np.float32), 0.0)
 
