@@ -31,6 +31,7 @@ import numpy as np
 from pallas_kernels.kv_cache_write import write_kv
 from pallas_kernels.paged_attention_decode import choose_num_splits, paged_attention_decode
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_pallas
+from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic
 
 L2_BYTES = 50 * 2**20
 CEILINGS: dict = {}
@@ -266,6 +267,15 @@ def run_mixed(args, results, *, S=256, ctx=512, T=2048, heads=((32, 32), (32, 8)
             t, _ = bench(fn, [inputs])
             row[f"split{int(split)}_ms"] = t * 1e3
         row["max_abs_diff"] = float(jnp.max(jnp.abs((outs[True] - outs[False]).astype(jnp.float32))))
+        if not interpret:  # backend "mosaic": decode rows on the decode kernel, the chunk on Mosaic GPU
+            try:
+                fn = jax.jit(lambda *x: ragged_paged_attention(*x, scale=d**-0.5, backend="mosaic"))
+                out = fn(*inputs)
+                t, _ = bench(fn, [inputs])
+                row["mosaic_ms"] = t * 1e3
+                row["mosaic_max_abs_diff"] = float(jnp.max(jnp.abs((out - outs[False]).astype(jnp.float32))))
+            except Exception as e:  # noqa: BLE001
+                row["mosaic_skipped"] = f"{type(e).__name__}: {str(e)[:300]}"
         results.append(row)
         print(json.dumps(row), flush=True)
 
@@ -278,7 +288,7 @@ def run_prefill(mm_rate, args, results, sweep):
         variants = [dict(), dict(flat_gather=True), dict(flat_gather=True, num_stages=2),
                     dict(blocks_per_iter=4), dict(flat_gather=True, blocks_per_iter=4)]
     for hq, hkv in [(32, 32), (32, 8)]:
-        for T in ([4096] if args.quick else [1024, 4096, 8192]):
+        for T in ([4096] if args.quick else [1024, 2048, 4096, 8192]):
             mb = T // bs
             key = jax.random.key(T)
             k1, k2, k3 = jax.random.split(key, 3)
@@ -301,6 +311,25 @@ def run_prefill(mm_rate, args, results, sweep):
                 row[name + "_ms"] = t * 1e3
                 row[name + "_TFLOPs"] = flops / t / 1e12
                 row[name + "_frac_mm"] = flops / t / mm_rate
+            # The Mosaic GPU (warp-specialised, TMA per block) kernel on the same paged data.
+            mosaic_variants = [dict()]
+            if sweep and T == 4096:
+                mosaic_variants += [dict(block_kv=64), dict(block_kv=64, num_stages=3), dict(num_stages=3)]
+            for v in mosaic_variants:
+                name = "mosaic" + ("" if not v else "[" + ",".join(f"{k}={x}" for k, x in v.items()) + "]")
+                try:
+                    mfn = jax.jit(lambda q, kc, vc, qsl, sl, bt, v=v: ragged_paged_attention_mosaic(
+                        q, kc, vc, qsl, sl, bt, scale=d**-0.5, **v)[0])
+                    mout = mfn(q, kc, vc, qsl, sl, tables[0])
+                    pout = ragged_paged_attention_pallas(q, kc, vc, pos, qsl, sl, tables[0], scale=d**-0.5)
+                    row[name + "_rel_diff"] = float(jnp.linalg.norm((mout - pout).astype(jnp.float32))
+                                                    / jnp.linalg.norm(pout.astype(jnp.float32)))
+                    t, _ = bench(mfn, [(q, kc, vc, qsl, sl, bt) for bt in tables])
+                    row[name + "_ms"] = t * 1e3
+                    row[name + "_TFLOPs"] = flops / t / 1e12
+                    row[name + "_frac_mm"] = flops / t / mm_rate
+                except Exception as e:  # noqa: BLE001
+                    row[name + "_skipped"] = f"{type(e).__name__}: {str(e)[:400]}"
             # Reference point: cuDNN flash attention on contiguous (unpaged) K/V, same data volume.
             try:
                 kk = jax.random.normal(k1, (1, T, hkv, d), jnp.bfloat16)
@@ -373,13 +402,17 @@ def table(results, copy_bw, mm_rate):
                 + "".join(f" | {r[a + '_ms']:8.3f} {r[a + '_TBps']:5.2f}" if f"{a}_ms" in r else " | failed"
                           for a in ablations)
             )
-    lines.append("prefill (one causal sequence, bf16, D=128, bs=16): tokens heads | ours ms TFLOP/s %mm | cudnn contiguous")
+    lines.append("prefill (one causal sequence, bf16, D=128, bs=16): tokens heads | pallas ms TFLOP/s %mm | "
+                 "mosaic ms TFLOP/s %mm | contiguous TFLOP/s: cudnn, jax fa3")
     for r in results:
         if r["kind"] == "prefill":
+            mos = (f"{r['mosaic_ms']:8.3f} {r['mosaic_TFLOPs']:6.1f} {100 * r['mosaic_frac_mm']:5.1f}%"
+                   if "mosaic_ms" in r else "  mosaic skipped")
             lines.append(
                 f"  {r['tokens']:>5} {r['hq']}:{r['hkv']:<3}| {r['pallas_ms']:8.3f} {r['pallas_TFLOPs']:6.1f} "
-                f"{100 * r['pallas_frac_mm']:5.1f}% | " + (
-                    f"{r['cudnn_contiguous_TFLOPs']:6.1f}" if "cudnn_contiguous_TFLOPs" in r else "skipped")
+                f"{100 * r['pallas_frac_mm']:5.1f}% | {mos} | "
+                + " ".join(f"{r[k]:6.1f}" if k in r else "  -   " for k in ("cudnn_contiguous_TFLOPs",
+                                                                        "fa3_mgpu_contiguous_kv128_TFLOPs"))
             )
     for r in results:
         if r["kind"] == "kv_write":
@@ -388,7 +421,8 @@ def table(results, copy_bw, mm_rate):
     for r in results:
         if r["kind"] == "mixed":
             lines.append(f"mixed step {r['hq']}:{r['hkv']} ({r['decodes']} decodes x {r['ctx']} + {r['prefill_tokens']}-token "
-                         f"prefill): ragged only {r['split0_ms']:.3f} ms, decode rows split off {r['split1_ms']:.3f} ms")
+                         f"prefill): ragged only {r['split0_ms']:.3f} ms, decode rows split off {r['split1_ms']:.3f} ms, "
+                         + (f"mosaic {r['mosaic_ms']:.3f} ms" if "mosaic_ms" in r else "mosaic skipped"))
     sweeps = [(r, k) for r in results for k in r if k.startswith("pallas[") and k.endswith("_ms")]
     if sweeps:
         lines.append("sweep (ms):")

@@ -371,9 +371,13 @@ def ragged_paged_attention(
     """Validated public entry point; ``backend`` picks the implementation.
 
     ``backend``: "reference" (plain jnp), "pallas" (Triton-lowered kernels; ``interpret=True``
-    runs them in the Pallas interpreter, e.g. on CPU) or "mosaic" (decode-only steps through the
-    Mosaic GPU decode kernel, an ablation that measured slower on the H200; everything else as
-    "pallas"). ``decode_only`` (static) promises that
+    runs them in the Pallas interpreter, e.g. on CPU) or "mosaic" ("pallas", except that mixed
+    steps of at least ``mixed_step.MOSAIC_MIN_TOKENS`` tokens run their prefill chunks through the
+    warp-specialised Mosaic GPU kernel of :mod:`pallas_kernels.ragged_paged_attention_mosaic`,
+    Hopper only, when the model needs none of sliding window, ALiBi or soft cap and the dtype,
+    head_dim and block size are ones it supports; the Mosaic decode kernel measured slower than
+    the Pallas one and is not used). The Mosaic path relies on the engine's contract that a
+    sequence's query tokens are its last ``q_len`` positions. ``decode_only`` (static) promises that
     every sequence has exactly one query token, token s belonging to sequence s at position
     ``seq_lens[s] - 1`` (T == S; padding sequences have ``seq_lens == 0``); the pallas backend
     then uses the decode kernel. ``split_decode_rows`` (static, pallas only) runs a mixed step's
@@ -414,17 +418,15 @@ def ragged_paged_attention(
         return ragged_paged_attention_reference(
             q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, **kwargs
         )
-    if decode_only and backend == "mosaic":
-        from pallas_kernels.paged_attention_decode_mosaic import paged_attention_decode_mosaic
+    if backend == "mosaic" and not decode_only:
+        from pallas_kernels.mixed_step import mosaic_mixed_step, mosaic_prefill_applies
 
-        if sliding_window is not None or alibi_slopes is not None or logits_soft_cap is not None:
-            raise ValueError(
-                "attention backend 'mosaic' supports no sliding_window, alibi_slopes or logits_soft_cap; "
-                "use attention_backend='pallas' for this model"
+        if mosaic_prefill_applies(q, k_cache, sliding_window=sliding_window, alibi_slopes=alibi_slopes,
+                                  logits_soft_cap=logits_soft_cap):
+            return mosaic_mixed_step(
+                q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, scale=scale,
+                interpret=interpret,
             )
-        return paged_attention_decode_mosaic(
-            q, k_cache, v_cache, seq_lens, block_tables, scale=scale, interpret=interpret
-        )
     if decode_only:
         # Imported here: the decode module imports this module's reference as its oracle.
         from pallas_kernels.paged_attention_decode import paged_attention_decode
@@ -433,33 +435,12 @@ def ragged_paged_attention(
     if split_decode_rows is None:
         split_decode_rows = q.shape[1] == k_cache.shape[2]
     if split_decode_rows:
-        return _split_decode_rows(
+        from pallas_kernels.mixed_step import split_decode_rows as split
+
+        return split(
             q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, interpret=interpret, **kwargs
         )
     return ragged_paged_attention_pallas(
         q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables,
         interpret=interpret, **kwargs,
     )
-
-
-def _split_decode_rows(q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, *, interpret, **kwargs):
-    """A mixed step as two kernel calls: sequences with one query token at position
-    ``seq_len - 1`` through the decode kernel, every other sequence through the ragged kernel.
-    Each kernel sees the other's sequences with ``seq_lens == 0`` (zero output, no KV read)."""
-    from pallas_kernels.paged_attention_decode import paged_attention_decode
-
-    T, S = q.shape[0], seq_lens.shape[0]
-    qsl = query_start_loc.astype(jnp.int32)
-    first = jnp.minimum(qsl[:-1], T - 1)  # each sequence's first query token
-    single = (qsl[1:] - qsl[:-1] == 1) & (positions[first] == seq_lens - 1)  # [S]
-    out_dec = paged_attention_decode(
-        q[first], k_cache, v_cache, jnp.where(single, seq_lens, 0), block_tables, interpret=interpret, **kwargs
-    )
-    out_rag = ragged_paged_attention_pallas(
-        q, k_cache, v_cache, positions, qsl, jnp.where(single, 0, seq_lens), block_tables,
-        interpret=interpret, **kwargs,
-    )
-    t = jnp.arange(T, dtype=jnp.int32)
-    tok_seq = jnp.clip(jnp.searchsorted(qsl, t, side="right").astype(jnp.int32) - 1, 0, S - 1)
-    from_dec = single[tok_seq] & (t < qsl[-1])
-    return jnp.where(from_dec[:, None, None], out_dec[tok_seq], out_rag)

@@ -91,32 +91,3 @@ def test_mosaic_decode_matches_reference_gpu(case):
     hq, hkv, d, bs, dtype, lens, kw = case
     args, scale = _decode_case(zlib.crc32(repr(case).encode()), lens, hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype)
     _check(args, scale, 2e-2, **kw)
-
-
-def test_mosaic_backend_dispatch_interpret():
-    """attention_backend "mosaic": decode-only steps go to the Mosaic kernel; a mixed step and the
-    features it lacks stay with (or are refused in favour of) the Pallas path."""
-    from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
-
-    args, scale = _decode_case(3, [0, 9, 40, 1], hq=8, hkv=2, d=64, bs=16, dtype=BF16)
-    q, kc, vc, sl, bt = args
-    S = q.shape[0]
-    positions = jnp.maximum(sl - 1, 0)
-    qsl = jnp.arange(S + 1, dtype=jnp.int32)
-    full = (q, kc, vc, positions, qsl, sl, bt)
-    ref = ragged_paged_attention_reference(*full, scale=scale)
-    out = ragged_paged_attention(*full, scale=scale, backend="mosaic", decode_only=True, interpret=True)
-    assert _rel_err(out, ref) < 2e-2
-    # The same rows as a mixed step (not decode_only): the Pallas ragged kernel.
-    out = ragged_paged_attention(*full, scale=scale, backend="mosaic", interpret=True)
-    assert _rel_err(out, ref) < 2e-2
-    with pytest.raises(ValueError, match="sliding_window"):
-        ragged_paged_attention(*full, scale=scale, backend="mosaic", decode_only=True, sliding_window=8, interpret=True)
-    # Routed to the Mosaic kernel (not silently to another): its own head_dim limit applies.
-    args80, scale80 = _decode_case(4, [5, 9], hq=4, hkv=2, d=80, bs=16, dtype=BF16)
-    q80, kc80, vc80, sl80, bt80 = args80
-    full80 = (q80, kc80, vc80, jnp.maximum(sl80 - 1, 0), jnp.arange(3, dtype=jnp.int32), sl80, bt80)
-    with pytest.raises(ValueError, match="head_dim 80"):
-        ragged_paged_attention(*full80, scale=scale80, backend="mosaic", decode_only=True, interpret=True)
-    assert _rel_err(ragged_paged_attention(*full80, scale=scale80, backend="mosaic", interpret=True),
-                    ragged_paged_attention_reference(*full80, scale=scale80)) < 2e-2

@@ -1,0 +1,82 @@
+"""A mixed step (decode tokens and prefill chunks) split across kernels by sequence kind.
+
+Single-token sequences (a decode token at position ``seq_len - 1``) go to the decode kernel; the
+others to a prefill kernel: the Pallas ragged kernel, or on Hopper the Mosaic GPU one. Each
+kernel sees the other kernels' sequences with ``seq_lens == 0`` (no KV read, zero output), and
+the outputs are merged per token.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels.kernel_shapes import next_pow2
+
+# The Mosaic prefill kernel measured slower than the Pallas ragged one on 1k-token steps and
+# faster from 4k (benchmarks/RESULTS.md): below this many tokens a step stays on Pallas.
+MOSAIC_MIN_TOKENS = 2048
+# Prefill sequences per step given to the Mosaic kernel; any beyond go to the Pallas ragged one.
+MOSAIC_MAX_SEQS = 16
+
+
+def _sequence_kinds(q, positions, query_start_loc, seq_lens):
+    T, S = q.shape[0], seq_lens.shape[0]
+    qsl = query_start_loc.astype(jnp.int32)
+    first = jnp.minimum(qsl[:-1], T - 1)  # each sequence's first query token
+    single = (qsl[1:] - qsl[:-1] == 1) & (positions[first] == seq_lens - 1)  # [S]
+    t = jnp.arange(T, dtype=jnp.int32)
+    tok_seq = jnp.clip(jnp.searchsorted(qsl, t, side="right").astype(jnp.int32) - 1, 0, S - 1)
+    return qsl, first, single, tok_seq, t < qsl[-1]
+
+
+def split_decode_rows(q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, *, interpret, **kwargs):
+    """Decode kernel for single-token sequences, Pallas ragged kernel for the rest."""
+    from pallas_kernels.paged_attention_decode import paged_attention_decode
+    from pallas_kernels.ragged_paged_attention import ragged_paged_attention_pallas
+
+    qsl, first, single, tok_seq, valid = _sequence_kinds(q, positions, query_start_loc, seq_lens)
+    out_dec = paged_attention_decode(
+        q[first], k_cache, v_cache, jnp.where(single, seq_lens, 0), block_tables, interpret=interpret, **kwargs
+    )
+    out_rag = ragged_paged_attention_pallas(
+        q, k_cache, v_cache, positions, qsl, jnp.where(single, 0, seq_lens), block_tables,
+        interpret=interpret, **kwargs,
+    )
+    return jnp.where((single[tok_seq] & valid)[:, None, None], out_dec[tok_seq], out_rag)
+
+
+def mosaic_prefill_applies(q, k_cache, *, sliding_window, alibi_slopes, logits_soft_cap) -> bool:
+    """Whether a mixed step of this (static) shape and these features can use the Mosaic kernel."""
+    from pallas_kernels.ragged_paged_attention_mosaic import MOSAIC_BLOCK_SIZES, MOSAIC_DTYPES, MOSAIC_HEAD_DIMS
+
+    return (
+        sliding_window is None and alibi_slopes is None and logits_soft_cap is None
+        and jnp.dtype(q.dtype) in MOSAIC_DTYPES and q.dtype == k_cache.dtype
+        and q.shape[-1] in MOSAIC_HEAD_DIMS and next_pow2(q.shape[-1]) == q.shape[-1]
+        and k_cache.shape[1] in MOSAIC_BLOCK_SIZES and q.shape[0] >= MOSAIC_MIN_TOKENS
+    )
+
+
+def mosaic_mixed_step(q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, *, scale, interpret):
+    """Decode kernel for single-token sequences, the Mosaic GPU kernel for up to
+    ``MOSAIC_MAX_SEQS`` prefill chunks, the Pallas ragged kernel for any more."""
+    from pallas_kernels.paged_attention_decode import paged_attention_decode
+    from pallas_kernels.ragged_paged_attention import ragged_paged_attention_pallas
+    from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic
+
+    S = seq_lens.shape[0]
+    qsl, first, single, tok_seq, valid = _sequence_kinds(q, positions, query_start_loc, seq_lens)
+    out_dec = paged_attention_decode(
+        q[first], k_cache, v_cache, jnp.where(single, seq_lens, 0), block_tables, scale=scale, interpret=interpret
+    )
+    out, taken = ragged_paged_attention_mosaic(
+        q, k_cache, v_cache, qsl, jnp.where(single, 0, seq_lens), block_tables, scale=scale,
+        max_seqs=MOSAIC_MAX_SEQS, interpret=interpret,
+    )
+    if S > MOSAIC_MAX_SEQS:  # static: only steps that can hold more prefill chunks pay for this call
+        rest = ragged_paged_attention_pallas(
+            q, k_cache, v_cache, positions, qsl, jnp.where(single | taken, 0, seq_lens), block_tables,
+            scale=scale, interpret=interpret,
+        )
+        out = jnp.where(taken[tok_seq][:, None, None], out, rest)
+    return jnp.where((single[tok_seq] & valid)[:, None, None], out_dec[tok_seq], out)
