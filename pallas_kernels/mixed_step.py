@@ -12,9 +12,11 @@ import jax.numpy as jnp
 
 from pallas_kernels.kernel_shapes import next_pow2
 
-# The Mosaic prefill kernel measured slower than the Pallas ragged one on 1k-token steps and
-# faster from 4k (benchmarks/RESULTS.md): below this many tokens a step stays on Pallas.
-MOSAIC_MIN_TOKENS = 2048
+# Measured on the H200 (benchmarks/RESULTS.md): a lone prefill runs faster on the Mosaic kernel
+# from 2k tokens (0.138 vs 0.162 ms; 4k 0.370 vs 0.525), but a 2048-token mixed step of 255
+# decodes and one 1,793-token chunk ran slower split three ways (MHA 1.087 vs 0.981 ms, GQA 0.605
+# vs 0.506): below this many tokens a step stays on Pallas.
+MOSAIC_MIN_TOKENS = 4096
 # Prefill sequences per step given to the Mosaic kernel; any beyond go to the Pallas ragged one.
 MOSAIC_MAX_SEQS = 16
 
