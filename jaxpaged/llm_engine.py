@@ -53,7 +53,7 @@ class LLMEngine:
         from jaxpaged.model_loader import load_model, read_hf_config
         from jaxpaged.model_runner import ModelRunner
         from jaxpaged.scheduler import Scheduler
-        from pallas_kernels import default_attention_backend
+        from pallas_kernels import check_attention_backend, default_attention_backend
 
         self.args = args
         self.compilations = CompilationCounter()
@@ -70,6 +70,7 @@ class LLMEngine:
         self.tokenizer = None if args.skip_tokenizer_init else self._load_tokenizer(args.tokenizer or self.model_path)
 
         backend = args.attention_backend or default_attention_backend()
+        check_attention_backend(backend)
         t0 = time.perf_counter()
         self.lm = load_model(self.model_path, dtype=args.dtype, load_format=args.load_format,
                              attention_backend=backend, seed=args.seed)

@@ -15,3 +15,26 @@ def default_attention_backend(platform: str | None = None) -> str:
     """
     platform = platform or jax.default_backend()
     return "pallas" if platform in ("gpu", "cuda", "rocm") else "reference"
+
+
+def check_attention_backend(backend: str, platform: str | None = None, compute_capability: str | None = None) -> None:
+    """Raises ValueError naming ``attention_backend`` when ``backend`` cannot run here: the Pallas
+    kernels need a GPU (on CPU they run only in the interpreter, which tests use directly) and the
+    Mosaic GPU prefill kernel a Hopper one (compute capability 9.x).
+
+    ``platform`` / ``compute_capability`` default to JAX's default backend and its first device."""
+    if backend == "reference":
+        return
+    platform = platform or jax.default_backend()
+    if platform not in ("gpu", "cuda"):
+        raise ValueError(
+            f"attention_backend={backend!r} needs an NVIDIA GPU (JAX platform here: {platform!r}); "
+            "use 'reference' or leave attention_backend unset"
+        )
+    if backend == "mosaic":
+        cc = compute_capability or getattr(jax.devices()[0], "compute_capability", "")
+        if not str(cc).startswith("9"):
+            raise ValueError(
+                f"attention_backend='mosaic' needs a Hopper GPU (compute capability 9.x, here {cc!r}); "
+                "use 'pallas' or leave attention_backend unset"
+            )

@@ -240,6 +240,19 @@ def test_default_backend():
     assert default_attention_backend() == ("pallas" if ON_GPU else "reference")
 
 
+def test_attention_backend_refused_where_it_cannot_run():
+    from pallas_kernels import check_attention_backend
+
+    check_attention_backend("reference", "cpu")
+    check_attention_backend("pallas", "gpu", "8.0")
+    check_attention_backend("mosaic", "gpu", "9.0")
+    for backend in ("pallas", "mosaic"):
+        with pytest.raises(ValueError, match=f"attention_backend='{backend}' needs an NVIDIA GPU"):
+            check_attention_backend(backend, "cpu")
+    with pytest.raises(ValueError, match="attention_backend='mosaic' needs a Hopper GPU .*'8.6'"):
+        check_attention_backend("mosaic", "gpu", "8.6")
+
+
 def _kv_write_case(rng, dtype=F32, hkv=3, d=24):
     kc = jnp.asarray(rng.standard_normal((10, 4, hkv, d)), dtype)
     vc = jnp.asarray(rng.standard_normal((10, 4, hkv, d)), dtype)
