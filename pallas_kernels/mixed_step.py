@@ -14,11 +14,10 @@ from pallas_kernels.kernel_shapes import next_pow2
 
 # Measured on the H200 (benchmarks/RESULTS.md): a lone prefill runs faster on the Mosaic kernel
 # from 2k tokens (0.138 vs 0.162 ms; 4k 0.370 vs 0.525), but a 2048-token mixed step of 255
-# decodes and one 1,793-token chunk ran slower split three ways (MHA 1.087 vs 0.981 ms, GQA 0.605
-# vs 0.506): below this many tokens a step stays on Pallas.
+# decodes and one 1,793-token chunk ran slower (MHA 1.087 vs 0.981 ms, GQA 0.605 vs 0.506) in the
+# measured version, which also made a mostly empty Pallas call (see mosaic_mixed_step). Until the
+# version without it is measured, steps below this many tokens stay on Pallas.
 MOSAIC_MIN_TOKENS = 4096
-# Prefill sequences per step given to the Mosaic kernel; any beyond go to the Pallas ragged one.
-MOSAIC_MAX_SEQS = 16
 
 
 def _sequence_kinds(q, positions, query_start_loc, seq_lens):
@@ -60,25 +59,23 @@ def mosaic_prefill_applies(q, k_cache, *, sliding_window, alibi_slopes, logits_s
 
 
 def mosaic_mixed_step(q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, *, scale, interpret):
-    """Decode kernel for single-token sequences, the Mosaic GPU kernel for up to
-    ``MOSAIC_MAX_SEQS`` prefill chunks, the Pallas ragged kernel for any more."""
+    """Decode kernel for single-token sequences, the Mosaic GPU kernel for every prefill chunk.
+
+    The Mosaic kernel takes all of the step's sequences (``max_seqs = S``): its tile-major output
+    buffer then holds up to ``(T + 7 S) / 128 + S + 1`` tiles of 128 rows (about 320 MB at 4096
+    tokens x 256 sequences x 32 heads x 128, bf16). The alternative, a cap of 16 sequences with a
+    Pallas ragged call for any beyond, launched that call on every step with more than 16
+    sequences, mostly empty (one program per 128-token tile and KV head, 8,736 at 2048 tokens x 256
+    sequences): the likely cause of the 0.1 ms by which such a step measured slower on the H200
+    than the decode + Pallas split (RESULTS.md, mixed step; not timed separately)."""
     from pallas_kernels.paged_attention_decode import paged_attention_decode
-    from pallas_kernels.ragged_paged_attention import ragged_paged_attention_pallas
     from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic
 
-    S = seq_lens.shape[0]
     qsl, first, single, tok_seq, valid = _sequence_kinds(q, positions, query_start_loc, seq_lens)
     out_dec = paged_attention_decode(
         q[first], k_cache, v_cache, jnp.where(single, seq_lens, 0), block_tables, scale=scale, interpret=interpret
     )
-    out, taken = ragged_paged_attention_mosaic(
-        q, k_cache, v_cache, qsl, jnp.where(single, 0, seq_lens), block_tables, scale=scale,
-        max_seqs=MOSAIC_MAX_SEQS, interpret=interpret,
+    out, _ = ragged_paged_attention_mosaic(
+        q, k_cache, v_cache, qsl, jnp.where(single, 0, seq_lens), block_tables, scale=scale, interpret=interpret,
     )
-    if S > MOSAIC_MAX_SEQS:  # static: only steps that can hold more prefill chunks pay for this call
-        rest = ragged_paged_attention_pallas(
-            q, k_cache, v_cache, positions, qsl, jnp.where(single | taken, 0, seq_lens), block_tables,
-            scale=scale, interpret=interpret,
-        )
-        out = jnp.where(taken[tok_seq][:, None, None], out, rest)
     return jnp.where((single[tok_seq] & valid)[:, None, None], out_dec[tok_seq], out)

@@ -92,9 +92,9 @@ def test_mosaic_prefill_matches_reference_gpu(case):
 
 
 def test_mosaic_backend_routes_a_mixed_step_interpret(monkeypatch):
-    """attention_backend "mosaic": a mixed step's prefill chunks reach the Mosaic kernel (up to
-    MOSAIC_MAX_SEQS of them, the rest the Pallas ragged kernel), its decode tokens the decode
-    kernel; features the Mosaic kernel lacks keep the step on Pallas."""
+    """attention_backend "mosaic": a mixed step's prefill chunks reach the Mosaic kernel (all of
+    them), its decode tokens the decode kernel; features the Mosaic kernel lacks keep the step on
+    Pallas."""
     import pallas_kernels.mixed_step as mixed_step
     import pallas_kernels.ragged_paged_attention_mosaic as mosaic
     from pallas_kernels.ragged_paged_attention import ragged_paged_attention
@@ -103,21 +103,21 @@ def test_mosaic_backend_routes_a_mixed_step_interpret(monkeypatch):
     real = mosaic.ragged_paged_attention_mosaic
 
     def spy(*a, **kw):
-        calls.append(kw.get("max_seqs"))
-        return real(*a, **kw)
+        out, taken = real(*a, **kw)
+        calls.append(np.asarray(taken).tolist())
+        return out, taken
 
     monkeypatch.setattr(mosaic, "ragged_paged_attention_mosaic", spy)
-    # The thresholds are the module's constants; smaller ones keep the interpreter quick.
+    # The threshold is the module's constant; a smaller one keeps the interpreter quick.
     monkeypatch.setattr(mixed_step, "MOSAIC_MIN_TOKENS", 16)
-    monkeypatch.setattr(mixed_step, "MOSAIC_MAX_SEQS", 2)
     rng = np.random.default_rng(7)
     q_lens, ctx = [1, 40, 1, 9, 70, 1], [30, 0, 65, 20, 3, 0]
     c = _paged_case(rng, q_lens, ctx, hq=4, hkv=2, d=64, bs=16, dtype=BF16, num_tokens=128)
     args = (c["q"], c["k_cache"], c["v_cache"], c["positions"], c["query_start_loc"], c["seq_lens"], c["block_tables"])
     ref = ragged_paged_attention_reference(*args, scale=0.125)
     out = ragged_paged_attention(*args, scale=0.125, backend="mosaic", interpret=True)
-    assert calls == [2]
-    # Two of the three prefill chunks went to Mosaic, the third to Pallas: all match.
+    # The three prefill chunks went to Mosaic (the decode rows reach it with seq_lens 0).
+    assert calls == [[False, True, False, True, True, False]]
     assert _rel_err(out, ref) < 2e-2
     assert not bool(jnp.any(out[sum(q_lens):] != 0))
     calls.clear()
