@@ -34,6 +34,8 @@ from pallas_kernels.ragged_paged_attention import ragged_paged_attention_pallas
 from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic
 
 L2_BYTES = 50 * 2**20
+# The decode loop that was the default until the fourth session's sweep (benchmarks/RESULTS.md).
+REGISTER_PREFETCH = dict(flat_gather=False, prefetch=1, ids_ahead=True, blocks_per_iter=2)
 CEILINGS: dict = {}
 
 
@@ -131,12 +133,10 @@ def run_decode(copy_bw, args, results, sweep):
     d, bs = 128, 16
     variants = [dict()]
     if sweep:
-        # Candidates: the default (register prefetch, block ids a step ahead, 32 keys a step) and the
-        # flat per-key gather that Triton pipelines with cp.async (prefetch 0), over keys per step
-        # and pipeline depth.
-        flat = dict(flat_gather=True, prefetch=0)
-        variants = [dict(), dict(flat, num_stages=3, blocks_per_iter=4), dict(flat, num_stages=4, blocks_per_iter=4),
-                    dict(flat, num_stages=2, blocks_per_iter=4), dict(flat, num_stages=3, blocks_per_iter=8)]
+        # The default (flat per-key gather pipelined by Triton, 64 keys a step, 3 stages) against
+        # its pipeline depth and keys per step, and the previous default (register prefetch, block
+        # ids a step ahead, 32 keys a step).
+        variants = [dict(), dict(num_stages=4), dict(num_stages=2), dict(blocks_per_iter=8), REGISTER_PREFETCH]
     for hq, hkv in heads:
         for S in batches:
             for ctx in ctxs:
@@ -191,10 +191,9 @@ def run_decode_variants(copy_bw, args, results):
     context-split count at the small batches where one program per (sequence, KV head) cannot
     fill the GPU."""
     d = 128
-    # The default is ids_ahead with register prefetch; flat_gather with prefetch=0 is the form
-    # Triton pipelines with cp.async (as in the faster Triton-language ablation).
-    variants = [dict(), dict(flat_gather=True, prefetch=0, num_stages=2), dict(flat_gather=True, prefetch=0, num_stages=3),
-                dict(flat_gather=True, prefetch=0, num_stages=3, blocks_per_iter=4), dict(flat_gather=True)]
+    # The default (flat per-key gather, no register prefetch: Triton pipelines it with cp.async)
+    # against the register-prefetch loop, with and without the flat gather.
+    variants = [dict(), REGISTER_PREFETCH, dict(REGISTER_PREFETCH, flat_gather=True), dict(num_stages=2)]
     shapes = [(64, 2048, 32, 32), (256, 512, 32, 32), (64, 2048, 32, 8), (8, 8192, 32, 8), (64, 8192, 32, 32),
               (256, 8192, 32, 32), (8, 8192, 32, 32)]
     split_shapes = [(1, 512, 32, 32), (1, 2048, 32, 32), (1, 8192, 32, 32), (1, 512, 32, 8), (1, 2048, 32, 8),
@@ -202,8 +201,7 @@ def run_decode_variants(copy_bw, args, results):
     if args.quick:
         shapes, split_shapes = shapes[:1], split_shapes[:2]
     plan = [] if args.sweep_all else [(sh, variants) for sh in shapes]  # --sweep-all: the decode table has them
-    flat = dict(flat_gather=True, prefetch=0, num_stages=3, blocks_per_iter=4)
-    plan += [(sh, [dict(num_splits=k, **fv) for fv in (dict(), flat)
+    plan += [(sh, [dict(num_splits=k, **fv) for fv in (dict(), REGISTER_PREFETCH)
                    for k in (1, 2, 4, 8, 16, 32, 64) if k <= sh[1] // 32])
              for sh in split_shapes]
     bs = 16
