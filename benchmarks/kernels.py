@@ -39,6 +39,11 @@ REGISTER_PREFETCH = dict(flat_gather=False, prefetch=1, ids_ahead=True, blocks_p
 CEILINGS: dict = {}
 
 
+def variant_name(prefix: str, variant: dict) -> str:
+    """``prefix[k=v,...]`` for a tuning variant's result keys (just ``prefix`` for the default)."""
+    return prefix + ("" if not variant else "[" + ",".join(f"{k}={x}" for k, x in variant.items()) + "]")
+
+
 def bench(fn, arg_sets, *, target_s=0.02, reps=15, warmup=2):
     """Median seconds per call of fn(*args) rotating over arg_sets."""
     for i in range(warmup):
@@ -155,7 +160,7 @@ def run_decode(copy_bw, args, results, sweep):
                         ref = fn(q, kc, vc, sl, tables)[0]
                     t, spread = bench(fn, [(q, kc, vc, sl, tables)])
                     t /= len(tables)
-                    name = "pallas" + ("" if not v else "[" + ",".join(f"{k}={x}" for k, x in v.items()) + "]")
+                    name = variant_name("pallas", v)
                     row[name + "_ms"] = t * 1e3
                     row[name + "_TBps"] = moved / t / 1e12
                     row[name + "_frac_copy"] = moved / t / copy_bw
@@ -305,7 +310,7 @@ def run_prefill(mm_rate, args, results, sweep):
                 fn = jax.jit(lambda q, kc, vc, pos, qsl, sl, bt, v=v: ragged_paged_attention_pallas(
                     q, kc, vc, pos, qsl, sl, bt, scale=d**-0.5, **v))
                 t, _ = bench(fn, [(q, kc, vc, pos, qsl, sl, bt) for bt in tables])
-                name = "pallas" + ("" if not v else "[" + ",".join(f"{k}={x}" for k, x in v.items()) + "]")
+                name = variant_name("pallas", v)
                 row[name + "_ms"] = t * 1e3
                 row[name + "_TFLOPs"] = flops / t / 1e12
                 row[name + "_frac_mm"] = flops / t / mm_rate
@@ -314,7 +319,7 @@ def run_prefill(mm_rate, args, results, sweep):
             if sweep and T == 4096:
                 mosaic_variants += [dict(block_kv=64), dict(block_kv=64, num_stages=3), dict(num_stages=3)]
             for v in mosaic_variants:
-                name = "mosaic" + ("" if not v else "[" + ",".join(f"{k}={x}" for k, x in v.items()) + "]")
+                name = variant_name("mosaic", v)
                 try:
                     mfn = jax.jit(lambda q, kc, vc, qsl, sl, bt, v=v: ragged_paged_attention_mosaic(
                         q, kc, vc, qsl, sl, bt, scale=d**-0.5, **v)[0])

@@ -44,6 +44,18 @@ def validate_kernel_inputs(q: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.nd
         raise ValueError(f"block_size {block_size} must be a power of two <= 256 for the pallas kernels")
 
 
+MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def validate_mosaic_dtypes(q: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.ndarray) -> None:
+    """The Mosaic GPU kernels' dtype checks: bf16/fp16 (wgmma operands), all three alike."""
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if jnp.dtype(x.dtype) not in MOSAIC_DTYPES:
+            raise ValueError(f"{name} dtype {x.dtype} is not supported by the mosaic kernel; allowed: bfloat16, float16")
+    if not q.dtype == k_cache.dtype == v_cache.dtype:
+        raise ValueError(f"dtype mismatch: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
+
+
 def validate_decode_shapes(
     q: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.ndarray, seq_lens: jnp.ndarray, block_tables: jnp.ndarray,
     *, head_major: bool = False,

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.kernel_shapes import next_pow2
-
 # Measured on the H200 (benchmarks/RESULTS.md): a lone prefill runs faster on the Mosaic kernel
 # from 2k tokens (0.138 vs 0.162 ms; 4k 0.370 vs 0.525), but a 2048-token mixed step of 255
 # decodes and one 1,793-token chunk ran slower (MHA 1.087 vs 0.981 ms, GQA 0.605 vs 0.506) in the
@@ -48,12 +46,13 @@ def split_decode_rows(q, k_cache, v_cache, positions, query_start_loc, seq_lens,
 
 def mosaic_prefill_applies(q, k_cache, *, sliding_window, alibi_slopes, logits_soft_cap) -> bool:
     """Whether a mixed step of this (static) shape and these features can use the Mosaic kernel."""
-    from pallas_kernels.ragged_paged_attention_mosaic import MOSAIC_BLOCK_SIZES, MOSAIC_DTYPES, MOSAIC_HEAD_DIMS
+    from pallas_kernels.kernel_shapes import MOSAIC_DTYPES
+    from pallas_kernels.ragged_paged_attention_mosaic import MOSAIC_BLOCK_SIZES, MOSAIC_HEAD_DIMS
 
     return (
         sliding_window is None and alibi_slopes is None and logits_soft_cap is None
         and jnp.dtype(q.dtype) in MOSAIC_DTYPES and q.dtype == k_cache.dtype
-        and q.shape[-1] in MOSAIC_HEAD_DIMS and next_pow2(q.shape[-1]) == q.shape[-1]
+        and q.shape[-1] in MOSAIC_HEAD_DIMS
         and k_cache.shape[1] in MOSAIC_BLOCK_SIZES and q.shape[0] >= MOSAIC_MIN_TOKENS
     )
 

@@ -27,12 +27,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.kernel_shapes import LOG2E, MASK_VALUE, cdiv, validate_decode_shapes
+from pallas_kernels.kernel_shapes import LOG2E, MASK_VALUE, cdiv, validate_decode_shapes, validate_mosaic_dtypes
 from pallas_kernels.paged_attention_decode import choose_num_splits
 
 ROWS = 64  # wgmma M: the GQA group is padded to one 64-row tile
 Q_ALIGN = 8  # rows of the (8, 128 bytes) shared-memory tile the query window is copied into
-MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MOSAIC_HEAD_DIMS = (64, 128)
 MOSAIC_BLOCK_SIZES = (16, 32)
 MOSAIC_KEYS_PER_STEP = (64, 128)
@@ -292,11 +291,7 @@ def paged_attention_decode_mosaic(
     needs ``p_in_smem`` and turns it on.
     """
     S, hq, d, bs, hkv = validate_decode_shapes(q, k_cache, v_cache, seq_lens, block_tables)
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if jnp.dtype(x.dtype) not in MOSAIC_DTYPES:
-            raise ValueError(f"{name} dtype {x.dtype} is not supported by the mosaic kernel; allowed: bfloat16, float16")
-    if not q.dtype == k_cache.dtype == v_cache.dtype:
-        raise ValueError(f"dtype mismatch: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
+    validate_mosaic_dtypes(q, k_cache, v_cache)
     if d not in MOSAIC_HEAD_DIMS:
         raise ValueError(f"head_dim {d} is not supported by the mosaic kernel; allowed: {MOSAIC_HEAD_DIMS}")
     if bs not in MOSAIC_BLOCK_SIZES:

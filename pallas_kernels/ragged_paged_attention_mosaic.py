@@ -31,12 +31,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.kernel_shapes import LOG2E, MASK_VALUE, cdiv
+from pallas_kernels.kernel_shapes import LOG2E, MASK_VALUE, cdiv, validate_mosaic_dtypes
 
 ROWS = 64  # query rows per compute warpgroup (wgmma M)
 TILE = 2 * ROWS  # query rows per block: two compute warpgroups
 ALIGN = 8  # a tile's first row: the query TMA lands in (8-row) tiled shared memory
-MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MOSAIC_HEAD_DIMS = (64, 128, 256)
 MOSAIC_BLOCK_SIZES = (8, 16, 32, 64)
 
@@ -338,15 +337,11 @@ def ragged_paged_attention_mosaic(
     bf16/fp16, head_dim 64/128/256, block_size 8-64. ``interpret`` runs Mosaic GPU's CPU
     interpreter (probabilities staged through shared memory, fresh accumulators).
     """
-    T, hq, d = q.shape
     if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}: bad ranks")
+    T, hq, d = q.shape
     _, bs, hkv, dk = k_cache.shape
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if jnp.dtype(x.dtype) not in MOSAIC_DTYPES:
-            raise ValueError(f"{name} dtype {x.dtype} is not supported by the mosaic kernel; allowed: bfloat16, float16")
-    if not q.dtype == k_cache.dtype == v_cache.dtype:
-        raise ValueError(f"dtype mismatch: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
+    validate_mosaic_dtypes(q, k_cache, v_cache)
     if d != dk or d not in MOSAIC_HEAD_DIMS:
         raise ValueError(f"head_dim {d} (cache {dk}) is not supported by the mosaic kernel; allowed: {MOSAIC_HEAD_DIMS}")
     if bs not in MOSAIC_BLOCK_SIZES:
