@@ -12,7 +12,9 @@ unit), so each KV block is read from memory once per step. Each loop iteration g
 ``blocks_per_iter`` block ids from the table and loads ``[blocks_per_iter * block_size, head_dim]``
 K and V tiles with masked loads (nothing outside the sequence's valid keys is read), accumulating
 in float32 with an online (base-2) softmax. Small batches split the context across programs
-(``num_splits``); a second, tiny jnp pass merges the partial results.
+(``num_splits``); a second Pallas kernel (one launch, one program per query head) merges the
+partial results: XLA's merge of the same arithmetic took two to four kernels of ~2.3 us each, as
+long as the attention kernel itself at batch 1 (benchmarks/RESULTS.md, device time).
 """
 
 from __future__ import annotations
@@ -192,8 +194,49 @@ def _decode_kernel(
         l_ref[...] = l
 
 
+def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, num_splits: int, group: int, head_dim: int,
+                  splits_pad: int, head_dim_pad: int):
+    s, r = pl.program_id(0), pl.program_id(1)  # sequence, query head
+    h, g = r // group, r % group
+    c = jax.lax.broadcasted_iota(jnp.int32, (splits_pad,), 0)
+    c2 = jax.lax.broadcasted_iota(jnp.int32, (splits_pad, head_dim_pad), 0)
+    d2 = jax.lax.broadcasted_iota(jnp.int32, (splits_pad, head_dim_pad), 1)
+    m = plgpu.load(m_ref.at[s, h, c, g], mask=c < num_splits, other=MASK_VALUE)
+    l = plgpu.load(l_ref.at[s, h, c, g], mask=c < num_splits, other=0)
+    o = plgpu.load(o_ref.at[s, h, c2, g, d2], mask=(c2 < num_splits) & (d2 < head_dim), other=0)
+    w = jnp.exp2(m - jnp.max(m))
+    l_all = jnp.sum(l * w)
+    o_all = jnp.sum(o * w[:, None], axis=0)
+    out = jnp.where(l_all > 0, o_all / jnp.where(l_all > 0, l_all, 1.0), 0.0)
+    d = jax.lax.broadcasted_iota(jnp.int32, (head_dim_pad,), 0)
+    plgpu.store(out_ref.at[s, r, d], out.astype(out_ref.dtype), mask=d < head_dim)
+
+
+def merge_splits_pallas(o, m, l, *, num_q_heads: int, head_dim: int, dtype, interpret: bool = False):
+    """The split merge as one Pallas launch: partials o [S, Hkv, splits, Gp, Dp], m/l [S, Hkv,
+    splits, Gp] (log2 domain, padded rows and columns ignored) -> [S, Hq, head_dim] in ``dtype``."""
+    S, hkv, splits, _, dp = o.shape
+    kernel = functools.partial(
+        _merge_kernel, num_splits=splits, group=num_q_heads // hkv, head_dim=head_dim,
+        splits_pad=next_pow2(splits), head_dim_pad=dp,
+    )
+    whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)  # noqa: E731
+    out_shape = jax.ShapeDtypeStruct((S, num_q_heads, head_dim), dtype)
+    return pl.pallas_call(
+        kernel,
+        grid=(S, num_q_heads),
+        in_specs=[whole(o), whole(m), whole(l)],
+        out_specs=whole(out_shape),
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="paged_attention_decode_merge",
+    )(o, m, l)
+
+
 def merge_splits(o: jnp.ndarray, m: jnp.ndarray, l: jnp.ndarray) -> jnp.ndarray:
-    """Merges split partials o [..., splits, G, D], m/l [..., splits, G] (log2 domain) -> [..., G, D]."""
+    """Merges split partials o [..., splits, G, D], m/l [..., splits, G] (log2 domain) -> [..., G, D].
+    The jnp form: the reference for :func:`merge_splits_pallas`, and the Triton ablation's merge."""
     m_all = jnp.max(m, axis=-2, keepdims=True)
     w = jnp.exp2(m - m_all)
     l_all = jnp.sum(l * w, axis=-2)
@@ -277,7 +320,7 @@ def _decode_call(
     )(*args)
     if num_splits == 1:
         return outs[0].reshape(S, Hq, D)
-    return merge_splits(*outs)[:, :, :G, :D].reshape(S, Hq, D).astype(q.dtype)
+    return merge_splits_pallas(*outs, num_q_heads=Hq, head_dim=D, dtype=q.dtype, interpret=interpret)
 
 
 def paged_attention_decode(

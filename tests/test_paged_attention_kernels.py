@@ -132,6 +132,35 @@ def test_decode_kernel_head_major_layout_interpret():
         assert _rel_err(out, ref) < TOL[F32]
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_merge_splits_kernel_matches_jnp_merge_interpret(dtype):
+    """The one-launch merge against the jnp merge: 5 splits (padded to 8), GQA 3 of 16 padded rows,
+    head_dim 80 of 128; some splits empty (l = 0, m = mask value), one head with every split empty."""
+    from pallas_kernels.kernel_shapes import MASK_VALUE
+    from pallas_kernels.paged_attention_decode import merge_splits, merge_splits_pallas
+
+    rng = np.random.default_rng(5)
+    S, hkv, splits, G, gp, D, dp = 2, 2, 5, 3, 16, 80, 128
+    o = rng.standard_normal((S, hkv, splits, gp, dp)).astype(np.float32) * 4
+    m = rng.uniform(-8, 8, (S, hkv, splits, gp)).astype(np.float32)
+    l = rng.uniform(0.5, 3, (S, hkv, splits, gp)).astype(np.float32)
+    empty = rng.random((S, hkv, splits)) < 0.3
+    empty[1, 0] = True  # sequence 1, KV head 0: no keys in any split
+    m = np.where(empty[..., None], MASK_VALUE, m)
+    l = np.where(empty[..., None], 0.0, l)
+    o = np.where(empty[..., None, None], 0.0, o)
+    # Padded rows / columns hold garbage the merge must not read into the output.
+    o[:, :, :, G:, :] = np.nan
+    o[:, :, :, :, D:] = np.nan
+    out = merge_splits_pallas(jnp.asarray(o), jnp.asarray(m), jnp.asarray(l), num_q_heads=hkv * G, head_dim=D,
+                              dtype=dtype, interpret=True)
+    ref = merge_splits(jnp.asarray(o[:, :, :, :G, :D]), jnp.asarray(m[..., :G]), jnp.asarray(l[..., :G]))
+    ref = ref.reshape(S, hkv * G, D)
+    assert out.shape == (S, hkv * G, D) and out.dtype == dtype
+    assert _rel_err(out, ref) < TOL[dtype]
+    np.testing.assert_array_equal(np.asarray(out[1, :G], np.float32), 0.0)
+
+
 # (hq, hkv, head_dim, block_size, dtype, sliding_window, alibi, soft_cap, block_m, blocks_per_iter)
 RAGGED_CASES = [
     (4, 2, 32, 8, F32, None, False, None, 16, 2),  # many q tiles, unmasked + masked KV tiles
