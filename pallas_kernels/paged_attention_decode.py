@@ -38,6 +38,7 @@ from pallas_kernels.online_softmax import log2_logits, online_softmax_step, tile
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 
 DEFAULT_NUM_SMS = 132  # H100/H200 SXM; only steers the split heuristic
+MAX_SPLITS = 64  # chosen splits: the merge holds a query head's partials in registers
 
 
 def paged_attention_decode_reference(
@@ -67,13 +68,17 @@ def choose_num_splits(
     num_seqs: int, num_kv_heads: int, max_blocks: int, block_size: int, blocks_per_iter: int,
     num_sms: int = DEFAULT_NUM_SMS,
 ) -> int:
-    """Splits the context so that small batches still fill the GPU (about two programs per SM),
-    keeping >= 128 keys a split. Measured on the H200 (benchmarks/RESULTS.md, split sweep): batch 1
-    at 8192 keys goes from 0.23 ms unsplit to 0.02-0.05 ms; splits of fewer keys than that lose
-    to the cost of merging them."""
+    """Splits the context when there are fewer than two (sequence, KV head) programs per SM:
+    then about four programs per SM, each split at least one loop step (64 keys) long. Set from
+    the device-time sweep on the H200 (benchmarks/RESULTS.md, fifth session) with the one-launch
+    merge: batch 1 GQA 8192 keys 18.3 -> 17.0 us (33 -> 64 splits), 512 keys 9.0 -> 7.6 us
+    (4 -> 8); batch 1 MHA 8192 43.0 -> 39.4 (9 -> 16); unsplit from 64 x 8 programs up, where
+    one split already streams at 4.3-4.4 TB/s."""
     base = num_seqs * num_kv_heads
-    want = cdiv(2 * num_sms, base)
-    min_blocks = max(blocks_per_iter, 128 // block_size)
+    if base >= 2 * num_sms:
+        return 1
+    want = min(cdiv(4 * num_sms, base), MAX_SPLITS)
+    min_blocks = max(blocks_per_iter, 64 // block_size)
     return max(1, min(want, cdiv(max_blocks, min_blocks)))
 
 
