@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.kernel_shapes import searchsorted_right
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +43,7 @@ class AttentionMetadata:
     def token_seq_ids(self) -> jnp.ndarray:
         """[T] index of the sequence each token belongs to (padding tokens: clamped, masked later)."""
         t = jnp.arange(self.num_tokens, dtype=jnp.int32)
-        s = jnp.searchsorted(self.query_start_loc, t, side="right").astype(jnp.int32) - 1
+        s = searchsorted_right(self.query_start_loc, t).astype(jnp.int32) - 1
         return jnp.clip(s, 0, self.num_seqs - 1)
 
     @staticmethod

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pallas_kernels.kernel_shapes import searchsorted_right
+
 # Measured on the H200 (benchmarks/RESULTS.md): a lone prefill runs faster on the Mosaic kernel
 # from 2k tokens (0.138 vs 0.162 ms; 4k 0.370 vs 0.525), but a 2048-token mixed step of 255
 # decodes and one 1,793-token chunk ran slower (MHA 1.087 vs 0.981 ms, GQA 0.605 vs 0.506) in the
@@ -24,7 +26,7 @@ def _sequence_kinds(q, positions, query_start_loc, seq_lens):
     first = jnp.minimum(qsl[:-1], T - 1)  # each sequence's first query token
     single = (qsl[1:] - qsl[:-1] == 1) & (positions[first] == seq_lens - 1)  # [S]
     t = jnp.arange(T, dtype=jnp.int32)
-    tok_seq = jnp.clip(jnp.searchsorted(qsl, t, side="right").astype(jnp.int32) - 1, 0, S - 1)
+    tok_seq = jnp.clip(searchsorted_right(qsl, t).astype(jnp.int32) - 1, 0, S - 1)
     return qsl, first, single, tok_seq, t < qsl[-1]
 
 

@@ -29,6 +29,7 @@ from pallas_kernels.kernel_shapes import (
     cdiv,
     next_pow2,
     pad_block_tables,
+    searchsorted_right,
     validate_kernel_inputs,
 )
 from pallas_kernels.online_softmax import log2_logits, online_softmax_step, tile_loop
@@ -57,7 +58,7 @@ def ragged_paged_attention_reference(
     G = Hq // Hkv
     L = MB * BS
     t = jnp.arange(T, dtype=jnp.int32)
-    tok_seq = jnp.clip(jnp.searchsorted(query_start_loc, t, side="right").astype(jnp.int32) - 1, 0, S - 1)
+    tok_seq = jnp.clip(searchsorted_right(query_start_loc, t).astype(jnp.int32) - 1, 0, S - 1)
     tok_valid = t < query_start_loc[-1]
 
     k = k_cache[block_tables].reshape(S, L, Hkv, D)[tok_seq]  # [T, L, Hkv, D]
@@ -237,7 +238,7 @@ def _tile_schedule(query_start_loc, seq_lens, num_tokens: int, block_q: int, num
     cum = jnp.cumsum(n_tiles)
     total = cum[-1]
     i = jnp.arange(num_tiles, dtype=jnp.int32)
-    seq = jnp.searchsorted(cum, i, side="right").astype(jnp.int32)
+    seq = searchsorted_right(cum, i).astype(jnp.int32)
     real = seq < S
     seq_c = jnp.minimum(seq, S - 1)
     first = cum[seq_c] - n_tiles[seq_c]
