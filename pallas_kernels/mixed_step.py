@@ -12,11 +12,14 @@ import jax.numpy as jnp
 
 from pallas_kernels.kernel_shapes import searchsorted_right
 
-# Measured on the H200 (benchmarks/RESULTS.md): a lone prefill runs faster on the Mosaic kernel
-# from 2k tokens (0.138 vs 0.162 ms; 4k 0.370 vs 0.525), but a 2048-token mixed step of 255
-# decodes and one 1,793-token chunk ran slower (MHA 1.087 vs 0.981 ms, GQA 0.605 vs 0.506) in the
-# measured version, which also made a mostly empty Pallas call (see mosaic_mixed_step). Until the
-# version without it is measured, steps below this many tokens stay on Pallas.
+# Measured on the H200 (benchmarks/RESULTS.md, fifth session): a lone prefill runs faster on the
+# Mosaic kernel from 2k tokens (4k: 0.374 vs 0.527 ms), and so does a mixed step's chunk alone
+# (3,841 tokens among 256 sequences: 0.447 vs 0.665 ms), but the whole mixed step of 255 decodes
+# and that chunk still ran slower on the Mosaic route than on the decode + Pallas split (MHA 1.378
+# vs 1.182 ms; 2048 tokens 0.895 vs 0.825), by more than its parts differ: the route's own
+# overhead (~0.2 ms) is not found yet. So at this threshold a prefill-only step gains and a step
+# carrying 255 decodes loses; the threshold stays where the fourth session put it (the backend is
+# opt-in, "pallas" is the GPU default) until a rule by sequence count is measured.
 MOSAIC_MIN_TOKENS = 4096
 
 
