@@ -25,8 +25,9 @@ def cdiv(a: int, b: int) -> int:
 def searchsorted_right(edges: jnp.ndarray, values: jnp.ndarray) -> jnp.ndarray:
     """``jnp.searchsorted(edges, values, side="right")`` unrolled: jnp's default method is a
     ``fori_loop``, an XLA while loop that on the GPU costs a kernel launch and a host round trip per
-    step. Measured on the H200: the Mosaic prefill kernel's call on a 256-sequence step 0.53 ms
-    against 0.12 ms for the same chunk given as one sequence (benchmarks/RESULTS.md, fifth session)."""
+    step. Measured on the H200: the Mosaic prefill kernel's call on a 256-sequence step took 0.53 ms
+    against 0.12 ms for the same chunk given as one sequence, and 0.18 ms once unrolled
+    (benchmarks/RESULTS.md, fifth session)."""
     return jnp.searchsorted(edges, values, side="right", method="scan_unrolled")
 
 

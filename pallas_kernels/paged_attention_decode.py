@@ -13,7 +13,7 @@ unit), so each KV block is read from memory once per step. Each loop iteration g
 K and V tiles with masked loads (nothing outside the sequence's valid keys is read), accumulating
 in float32 with an online (base-2) softmax. Small batches split the context across programs
 (``num_splits``); a second Pallas kernel (one launch, one program per query head) merges the
-partial results: XLA's merge of the same arithmetic took two to four kernels of ~2.3 us each, as
+partial results: XLA's merge of the same arithmetic took one to four kernels of ~2.3 us each, as
 long as the attention kernel itself at batch 1 (benchmarks/RESULTS.md, device time).
 """
 
@@ -220,7 +220,12 @@ def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, num_splits: int, group: int, 
 def merge_splits_pallas(o, m, l, *, num_q_heads: int, head_dim: int, dtype, interpret: bool = False):
     """The split merge as one Pallas launch: partials o [S, Hkv, splits, Gp, Dp], m/l [S, Hkv,
     splits, Gp] (log2 domain, padded rows and columns ignored) -> [S, Hq, head_dim] in ``dtype``."""
-    S, hkv, splits, _, dp = o.shape
+    if o.ndim != 5 or m.shape != o.shape[:4] or l.shape != o.shape[:4]:
+        raise ValueError(f"o {o.shape}, m {m.shape}, l {l.shape}: expected [S, Hkv, splits, Gp, Dp] and [S, Hkv, splits, Gp]")
+    S, hkv, splits, gp, dp = o.shape
+    if num_q_heads % hkv or num_q_heads // hkv > gp or head_dim > dp:
+        raise ValueError(f"num_q_heads {num_q_heads}, head_dim {head_dim}: expected a multiple of Hkv {hkv} with "
+                         f"at most {gp} per KV head, and head_dim <= {dp}")
     kernel = functools.partial(
         _merge_kernel, num_splits=splits, group=num_q_heads // hkv, head_dim=head_dim,
         splits_pad=next_pow2(splits), head_dim_pad=dp,

@@ -159,6 +159,9 @@ def test_merge_splits_kernel_matches_jnp_merge_interpret(dtype):
     assert out.shape == (S, hkv * G, D) and out.dtype == dtype
     assert _rel_err(out, ref) < TOL[dtype]
     np.testing.assert_array_equal(np.asarray(out[1, :G], np.float32), 0.0)
+    with pytest.raises(ValueError, match="num_q_heads"):
+        merge_splits_pallas(jnp.asarray(o), jnp.asarray(m), jnp.asarray(l), num_q_heads=hkv * 17, head_dim=D,
+                            dtype=dtype, interpret=True)
 
 
 # (hq, hkv, head_dim, block_size, dtype, sliding_window, alibi, soft_cap, block_m, blocks_per_iter)
