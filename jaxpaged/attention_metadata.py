@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.kernel_shapes import searchsorted_right
+from pallas_kernels.kernel_shapes import token_seq_ids
 
 
 @jax.tree_util.register_dataclass
@@ -42,9 +42,7 @@ class AttentionMetadata:
 
     def token_seq_ids(self) -> jnp.ndarray:
         """[T] index of the sequence each token belongs to (padding tokens: clamped, masked later)."""
-        t = jnp.arange(self.num_tokens, dtype=jnp.int32)
-        s = searchsorted_right(self.query_start_loc, t).astype(jnp.int32) - 1
-        return jnp.clip(s, 0, self.num_seqs - 1)
+        return token_seq_ids(self.query_start_loc, self.num_tokens)
 
     @staticmethod
     def build(

@@ -31,6 +31,14 @@ def searchsorted_right(edges: jnp.ndarray, values: jnp.ndarray) -> jnp.ndarray:
     return jnp.searchsorted(edges, values, side="right", method="scan_unrolled")
 
 
+def token_seq_ids(query_start_loc: jnp.ndarray, num_tokens: int) -> jnp.ndarray:
+    """[num_tokens] index of the sequence each token belongs to, from ``query_start_loc`` [S + 1];
+    tokens past ``query_start_loc[-1]`` (padding) are clamped into [0, S), for callers to mask."""
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    s = searchsorted_right(query_start_loc.astype(jnp.int32), t).astype(jnp.int32) - 1
+    return jnp.clip(s, 0, query_start_loc.shape[0] - 2)
+
+
 def is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.kernel_shapes import searchsorted_right
+from pallas_kernels.kernel_shapes import token_seq_ids
 
 # Measured on the H200 (benchmarks/RESULTS.md, fifth session): a lone prefill runs faster on the
 # Mosaic kernel from 2k tokens (4k: 0.374 vs 0.527 ms), and so does a mixed step's chunk alone
@@ -24,12 +24,12 @@ MOSAIC_MIN_TOKENS = 4096
 
 
 def _sequence_kinds(q, positions, query_start_loc, seq_lens):
-    T, S = q.shape[0], seq_lens.shape[0]
+    T = q.shape[0]
     qsl = query_start_loc.astype(jnp.int32)
     first = jnp.minimum(qsl[:-1], T - 1)  # each sequence's first query token
     single = (qsl[1:] - qsl[:-1] == 1) & (positions[first] == seq_lens - 1)  # [S]
     t = jnp.arange(T, dtype=jnp.int32)
-    tok_seq = jnp.clip(searchsorted_right(qsl, t).astype(jnp.int32) - 1, 0, S - 1)
+    tok_seq = token_seq_ids(qsl, T)
     return qsl, first, single, tok_seq, t < qsl[-1]
 
 

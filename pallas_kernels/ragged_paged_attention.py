@@ -30,6 +30,7 @@ from pallas_kernels.kernel_shapes import (
     next_pow2,
     pad_block_tables,
     searchsorted_right,
+    token_seq_ids,
     validate_kernel_inputs,
 )
 from pallas_kernels.online_softmax import log2_logits, online_softmax_step, tile_loop
@@ -58,7 +59,7 @@ def ragged_paged_attention_reference(
     G = Hq // Hkv
     L = MB * BS
     t = jnp.arange(T, dtype=jnp.int32)
-    tok_seq = jnp.clip(searchsorted_right(query_start_loc, t).astype(jnp.int32) - 1, 0, S - 1)
+    tok_seq = token_seq_ids(query_start_loc, T)
     tok_valid = t < query_start_loc[-1]
 
     k = k_cache[block_tables].reshape(S, L, Hkv, D)[tok_seq]  # [T, L, Hkv, D]

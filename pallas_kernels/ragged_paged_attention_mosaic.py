@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.kernel_shapes import LOG2E, MASK_VALUE, cdiv, searchsorted_right, validate_mosaic_dtypes
+from pallas_kernels.kernel_shapes import LOG2E, MASK_VALUE, cdiv, searchsorted_right, token_seq_ids, validate_mosaic_dtypes
 
 ROWS = 64  # query rows per compute warpgroup (wgmma M)
 TILE = 2 * ROWS  # query rows per block: two compute warpgroups
@@ -68,7 +68,7 @@ def _tile_plan(query_start_loc, seq_lens, num_tokens: int, max_seqs: int, num_ti
     inv = jnp.zeros_like(order).at[order].set(i)
     # Token t of a taken sequence sits in tile (first + (t - a0) // TILE), row (t - a0) % TILE.
     t = jnp.arange(num_tokens, dtype=jnp.int32)
-    tok_seq = jnp.clip(searchsorted_right(qsl, t).astype(jnp.int32) - 1, 0, S - 1)
+    tok_seq = token_seq_ids(qsl, num_tokens)
     off = t - a0[tok_seq]
     orig = cum[tok_seq] - n_t[tok_seq] + off // TILE
     tok_row = jnp.where(take[tok_seq] & (t < qsl[-1]), inv[jnp.clip(orig, 0, num_tiles - 1)] * TILE + off % TILE, -1)
