@@ -490,6 +490,137 @@ class StreamInBackground:
         return self.lines
 
 
+def test_oversized_logit_bias_of_issue_13_runs_and_server_stays_healthy(url, stack):
+    """65 logit_bias entries used to pass admission and then fail every step (the engine loop died,
+    /health answered 503 until a restart). Now it runs; above the cap it is a 400 naming the field."""
+    with httpx.Client(timeout=60) as http:
+        body = dict(P, max_tokens=4, temperature=0, ignore_eos=True, logit_bias={str(i): 0.5 for i in range(65)})
+        resp = http.post(url + C, json=body)
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 4
+        body = dict(P, max_tokens=4, min_tokens=2, stop_token_ids=list(range(64)),
+                    logit_bias={str(i): 0.5 for i in range(300)})
+        assert http.post(url + C, json=body).status_code == 200
+        resp = http.post(url + C, json=dict(body, logit_bias={str(i): 0.5 for i in range(301)}))
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "logit_bias"
+        assert "at most 300" in resp.json()["error"]["message"]
+        assert http.get(url + "/health").status_code == 200
+    assert stack.async_engine.engine.get_stats()["num_failed_steps_total"] == 0
+
+
+def test_a_failing_request_gets_an_error_and_the_others_go_on(url, stack, monkeypatch):
+    """A step that fails because of one request: that request gets a 500 OpenAI error object (an
+    SSE error event when streaming), a request running beside it completes with its exact text,
+    and the server stays healthy."""
+    runner = stack.engine.runner
+    pack = runner._tensors
+
+    def faulty(rows, num_rows, profile):
+        if any(r.params.seed == 4242 for r in rows):
+            raise RuntimeError("injected packing fault")
+        return pack(rows, num_rows, profile)
+
+    canary = dict(P, prompt=PROMPTS[2], max_tokens=40, temperature=0, ignore_eos=True)
+    with httpx.Client(timeout=60) as http:
+        expected = http.post(url + C, json=canary).json()["choices"][0]["text"]
+        monkeypatch.setattr(runner, "_tensors", faulty)
+        running = StreamInBackground(url, 120)
+        bad = dict(P, temperature=1.0, seed=4242, max_tokens=8)
+        resp = http.post(url + C, json=bad)
+        err = resp.json()["error"]
+        assert resp.status_code == 500 and err["code"] == "engine_step_failed" and "injected packing fault" in err["message"]
+        with http.stream("POST", url + CHAT, json=dict(M, temperature=1.0, seed=4242, stream=True)) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+        assert '"engine_step_failed"' in lines[-2] and "injected packing fault" in lines[-2]
+        assert http.post(url + C, json=canary).json()["choices"][0]["text"] == expected
+        assert http.get(url + "/health").status_code == 200
+    lines = running.join()
+    assert lines[-1] == "data: [DONE]" and '"finish_reason":"length"' in lines[-2]
+    assert stack.wait_idle()["num_free_blocks"] == stack.engine.num_gpu_blocks
+
+
+def test_health_reports_a_stalled_loop(stack, monkeypatch):
+    """/health is 200 only while the loop keeps coming round: one step running past the bound
+    makes it 503 with the reason, and it recovers when the step ends."""
+    server = stack.serve()
+    stack.async_engine._stall_timeout_s = 0.5
+    step = stack.engine.step
+    entered = threading.Event()
+
+    def slow_step():
+        entered.set()
+        time.sleep(2.0)
+        return step()
+
+    monkeypatch.setattr(stack.engine, "step", slow_step)
+    try:
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(r=httpx.post(server.url + C, json=dict(P, max_tokens=1), timeout=60)))
+        worker.start()
+        assert entered.wait(30)
+        time.sleep(1.0)
+        stalled = httpx.get(server.url + "/health")
+        assert stalled.status_code == 503 and stalled.json()["error"]["code"] == "engine_stalled"
+        assert "no progress" in stalled.json()["error"]["message"]
+        monkeypatch.setattr(stack.engine, "step", step)
+        worker.join(60)
+        assert result["r"].status_code == 200
+        assert httpx.get(server.url + "/health").status_code == 200
+    finally:
+        stack.async_engine._stall_timeout_s = 60.0
+
+
+_FATAL_SITECUSTOMIZE = '''
+import jaxpaged.kv_cache, jaxpaged.llm_engine, jaxpaged.model_runner
+
+def _lose_device(self, *args, **kwargs):
+    for k, v in self.kv.caches:
+        k.delete(); v.delete()
+    raise RuntimeError("injected device loss")
+
+def _no_device(self):
+    raise RuntimeError("injected: no device to rebuild the pool on")
+
+_warm_up = jaxpaged.llm_engine.LLMEngine._warm_up
+
+def _warm_up_then_break(self):
+    _warm_up(self)  # the device breaks once the engine is serving
+    jaxpaged.model_runner.ModelRunner.run_step = _lose_device
+    jaxpaged.kv_cache.KVCache.reset = _no_device
+
+jaxpaged.llm_engine.LLMEngine._warm_up = _warm_up_then_break
+'''
+
+
+def test_cli_exits_nonzero_when_the_engine_cannot_recover(stack, tmp_path):
+    """A failure the engine cannot recover from (the device and its KV pool lost) ends the engine;
+    the server answers the request with an error and exits non-zero, for a supervisor to restart."""
+    (tmp_path / "sitecustomize.py").write_text(_FATAL_SITECUSTOMIZE)
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.getcwd()}")
+    cmd = [sys.executable, "-m", "jaxpaged.serve", "--model", stack.engine.model_path, "--port", "0",
+           "--max-model-len", "64", "--max-num-seqs", "2", "--max-num-batched-tokens", "32", "--block-size", "8"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log = []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "server exited early:\n" + "".join(log)
+            log.append(line)
+            match = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+            if match:
+                break
+        resp = httpx.post(match.group(1) + C, json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
+        assert resp.status_code in (500, 503) and "error" in resp.json()
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode not in (0, None), rest
+        assert "the engine died" in rest and "injected device loss" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_shutdown_drains_then_aborts_and_dead_loop_fails_health(stack, url, monkeypatch):
     """Runs last: takes the engine loop down. Shutdown lets in-flight requests finish within its
     timeout and aborts the rest with an in-band error; afterwards /health and new requests get 503."""
