@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     async_engine.start()
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled (uvicorn.run swallows it too)
+        pass
     finally:
         # uvicorn has drained (or cancelled) the HTTP requests; abort whatever the engine still holds
         async_engine.shutdown(timeout=0.0)
