@@ -204,7 +204,7 @@ def test_models_tokenize_detokenize_metrics_version(url, client, stack):
     assert "version" in httpx.get(url + "/version").json()
 
 
-async def _one_request(http: httpx.AsyncClient, url: str, spec: dict) -> dict:
+async def _one_request(http: httpx.AsyncClient, url: str, spec: dict, started: asyncio.Event | None = None) -> dict:
     body = {"model": "tiny", "prompt": spec["prompt"], "max_tokens": spec["max_tokens"], "temperature": 0,
             "ignore_eos": True, "echo": spec["echo"]}
     if not spec["stream"]:
@@ -228,6 +228,8 @@ async def _one_request(http: httpx.AsyncClient, url: str, spec: dict) -> dict:
             ids.add(chunk["id"])
             if chunk["choices"]:
                 text.append(chunk["choices"][0]["text"])
+                if started is not None and chunk["choices"][0]["text"]:
+                    started.set()
                 finish = chunk["choices"][0]["finish_reason"] or finish
             else:
                 usage = chunk["usage"]
@@ -266,8 +268,13 @@ def _check_concurrent_load(url, stack):
     specs = [{"prompt": rng.choice(PROMPTS), "max_tokens": rng.randint(1, 12), "stream": rng.random() < 0.5,
               "echo": rng.random() < 0.5} for _ in range(512)]
 
-    async def run() -> list[dict]:
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    # Two long requests that cannot both fit the pool (2 x 27 blocks of 8 > 40): the second starts
+    # once the first has streamed a token, so both run at once for ~200 steps and the scheduler
+    # must preempt, whatever pace the 512 other clients keep.
+    filler = {"prompt": PROMPTS[1], "max_tokens": 200, "stream": True, "echo": False}
+
+    async def run() -> tuple[list[dict], list[dict]]:
+        limits = httpx.Limits(max_connections=66, max_keepalive_connections=66)
         async with httpx.AsyncClient(limits=limits, timeout=120) as http:
             gate = asyncio.Semaphore(64)
 
@@ -278,11 +285,19 @@ def _check_concurrent_load(url, stack):
                         return await _one_request(http, url, spec)
                     except httpx.HTTPError as exc:  # reported with its request, below
                         return {"error": f"{type(exc).__name__}: {exc!r} after {time.monotonic() - t0:.2f}s", "spec": spec}
-            return await asyncio.gather(*(guarded(s) for s in specs))
+
+            fillers = []
+            for _ in range(2):
+                started = asyncio.Event()
+                fillers.append(asyncio.ensure_future(_one_request(http, url, filler, started)))
+                await asyncio.wait_for(started.wait(), 60)
+            results = await asyncio.gather(*(guarded(s) for s in specs))
+            return results, await asyncio.gather(*fillers)
 
     before = stack.wait_idle()
     start = time.monotonic()
-    results = asyncio.run(run())
+    results, fillers = asyncio.run(run())
+    assert [f["finish"] for f in fillers] == ["length"] * 2 and fillers[0]["text"] == fillers[1]["text"]
     elapsed = time.monotonic() - start
     errors = [r for r in results if "error" in r]
     assert not errors, (len(errors), errors[:3])
@@ -301,8 +316,8 @@ def _check_concurrent_load(url, stack):
     assert len({r for res in results for r in res["ids"]}) == 512  # no id shared between requests
     stats = stack.wait_idle()
     assert stats["kv_cache_usage"] == 0.0 and stats["num_free_blocks"] == stats["num_gpu_blocks"]
-    # The pool (40 blocks) is smaller than 16 running sequences need: requests were preempted and
-    # recomputed, and still nothing was lost or changed. Serving compiled nothing new.
+    # The fillers forced preemption (recompute), and still nothing was lost or changed. Serving
+    # compiled nothing new.
     assert stats["num_preemptions_total"] > before["num_preemptions_total"]
     assert stats["num_compilations"] == before["num_compilations"]
     assert elapsed < 120, f"load test took {elapsed:.1f}s"
