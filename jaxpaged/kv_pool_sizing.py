@@ -56,15 +56,15 @@ def activation_peak_bytes(lm: Any, block_size: int, max_model_len: int, T: int, 
     import jax
     import jax.numpy as jnp
 
-    from jaxpaged.attention_metadata import AttentionMetadata
     from jaxpaged.model_runner import forward_step
+    from models.attention_metadata import AttentionMetadata
 
     cfg = lm.config
     MB = -(-max_model_len // block_size)
     shape = (1, block_size, cfg.num_key_value_heads, cfg.head_dim)
     caches = [(jax.ShapeDtypeStruct(shape, lm.dtype),) * 2 for _ in range(cfg.num_hidden_layers)]
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
-    md = AttentionMetadata(i32(T), i32(S + 1), i32(S), i32(S, MB), i32(S))
+    md = AttentionMetadata(i32(T), i32(S + 1), i32(S), i32(S, MB), i32(S), attention_backend=lm.attention_backend)
 
     fwd = functools.partial(forward_step, lm.model)  # the runner's step
     compiled = jax.jit(fwd, donate_argnums=(1,)).lower(lm.params, caches, i32(T), i32(T), md).compile()

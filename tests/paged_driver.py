@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.attention_metadata import AttentionMetadata
 from jaxpaged.model_loader import LoadedModel, dummy_kv_caches
+from models.attention_metadata import pack_attention_metadata
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
@@ -43,9 +43,7 @@ class PagedSequence:
         need = -(-(self.num_cached + q) // self.block_size)
         while len(self.table) < need:
             self.table.append(int(self.free.pop()))
-        md, pos = AttentionMetadata.build(
-            query_lens=[q], context_lens=[self.num_cached], block_tables=[self.table], block_size=self.block_size
-        )
+        md, pos = pack_attention_metadata([q], [self.num_cached], [self.table], block_size=self.block_size)
         md = jax.tree.map(jnp.asarray, md)
         hidden, self.caches = _step(
             self.lm.model, self.lm.params, jnp.asarray(token_ids, jnp.int32), jnp.asarray(pos), self.caches, md

@@ -14,16 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpaged.attention_metadata import AttentionMetadata
+from models.attention_metadata import pack_attention_metadata
 from models.layers import paged_attention
 from pallas_kernels import default_attention_backend
+from pallas_kernels.attention_router import ragged_paged_attention
 from pallas_kernels.kv_cache_write import write_kv, write_kv_reference
 from pallas_kernels.paged_attention_decode import (
     paged_attention_decode,
     paged_attention_decode_reference,
 )
 from pallas_kernels.ragged_paged_attention import (
-    ragged_paged_attention,
     ragged_paged_attention_pallas,
     ragged_paged_attention_reference,
 )
@@ -58,9 +58,8 @@ def _paged_case(rng, q_lens, ctx_lens, *, hq, hkv, d, bs, dtype, num_tokens=None
             kc[b, :rows] = rng.standard_normal((rows, hkv, d))
             vc[b, :rows] = rng.standard_normal((rows, hkv, d))
         tables.append(bt)
-    md, positions = AttentionMetadata.build(
-        query_lens=list(q_lens), context_lens=list(ctx_lens), block_tables=tables, block_size=bs,
-        num_tokens=num_tokens, max_blocks_per_seq=max_blocks,
+    md, positions = pack_attention_metadata(
+        list(q_lens), list(ctx_lens), tables, block_size=bs, num_tokens=num_tokens, max_blocks_per_seq=max_blocks,
     )
     T = md.num_tokens
     q = rng.standard_normal((T, hq, d))
@@ -90,15 +89,8 @@ DECODE_CASES = [
 ]
 
 
-# (prefetch, ids_ahead, flat_gather)
-DECODE_LOOPS = [(1, False, False), (0, False, False), (2, False, False), (1, True, False), (2, True, False),
-                (0, False, True), (1, True, True)]
-
-
-@pytest.mark.parametrize("loop", DECODE_LOOPS, ids=lambda p: f"prefetch{p[0]}-ids_ahead{int(p[1])}-flat{int(p[2])}")
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-bs{c[3]}-{jnp.dtype(c[4]).name}")
-def test_decode_kernel_matches_reference_interpret(case, loop):
-    prefetch, ids_ahead, flat_gather = loop
+def test_decode_kernel_matches_reference_interpret(case):
     hq, hkv, d, bs, dtype, window, alibi, cap, splits = case
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
     ctx = [int(x) for x in rng.integers(0, 70, 4)] + [0]
@@ -107,29 +99,12 @@ def test_decode_kernel_matches_reference_interpret(case, loop):
     feats = _features(rng, hq, alibi, cap)
     args = (c["q"], c["k_cache"], c["v_cache"], c["seq_lens"], c["block_tables"])
     out = paged_attention_decode(
-        *args, scale=d**-0.5, sliding_window=window, num_splits=splits, interpret=True,
-        heads_fastest=splits is None, prefetch=prefetch, ids_ahead=ids_ahead, flat_gather=flat_gather, **feats,
+        *args, scale=d**-0.5, sliding_window=window, num_splits=splits, interpret=True, **feats,
     )
     ref = paged_attention_decode_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
     assert out.shape == c["q"].shape and out.dtype == c["q"].dtype
     assert _rel_err(out, ref) < TOL[dtype]
     np.testing.assert_array_equal(np.asarray(out[4], np.float32), 0.0)
-
-
-def test_decode_kernel_head_major_layout_interpret():
-    """The ``[blocks, Hkv, block_size, D]`` layout (ablation) reads the same keys."""
-    hq, hkv, d, bs = 8, 2, 64, 8
-    rng = np.random.default_rng(11)
-    ctx = [int(x) for x in rng.integers(0, 70, 4)] + [0]
-    c = _paged_case(rng, [1, 1, 1, 1, 0], ctx, hq=hq, hkv=hkv, d=d, bs=bs, dtype=F32, num_tokens=5)
-    args = (c["q"], c["k_cache"], c["v_cache"], c["seq_lens"], c["block_tables"])
-    ref = paged_attention_decode_reference(*args, scale=d**-0.5, sliding_window=13)
-    kh, vh = (jnp.transpose(x, (0, 2, 1, 3)) for x in (c["k_cache"], c["v_cache"]))
-    for flat_gather in (False, True):
-        out = paged_attention_decode(c["q"], kh, vh, c["seq_lens"], c["block_tables"], scale=d**-0.5,
-                                     sliding_window=13, head_major=True, num_splits=2, flat_gather=flat_gather,
-                                     interpret=True)
-        assert _rel_err(out, ref) < TOL[F32]
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
@@ -259,11 +234,11 @@ def test_validation_errors_name_the_field():
 
 
 def test_engine_args_allow_exactly_the_kernel_backends():
-    """engine_args keeps its own copy (it must import without JAX); the two lists must agree."""
+    """engine_args validates against the kernels' own (JAX-free) list, not a copy."""
     from jaxpaged.engine_args import ATTENTION_BACKENDS as ENGINE_BACKENDS
-    from pallas_kernels.ragged_paged_attention import ATTENTION_BACKENDS
+    from pallas_kernels.backends import ATTENTION_BACKENDS
 
-    assert ENGINE_BACKENDS == ATTENTION_BACKENDS
+    assert ENGINE_BACKENDS is ATTENTION_BACKENDS
 
 
 def test_default_backend():
@@ -311,16 +286,13 @@ def _step_temp_bytes(backend: str, decode_only: bool, interpret: bool = False):
     """Compiles a donated write+attention step; returns (temp bytes, one cache's bytes)."""
     nb, bs, hkv, d, hq, S = 512, 16, 2, 64, 4, 4
     cache = jax.ShapeDtypeStruct((nb, bs, hkv, d), F32)
-    md, pos = AttentionMetadata.build(
-        query_lens=[1] * S, context_lens=[10, 20, 30, 40], block_tables=[[i * 4, i * 4 + 1, i * 4 + 2, i * 4 + 3] for i in range(S)],
-        block_size=bs,
+    md, pos = pack_attention_metadata(
+        [1] * S, [10, 20, 30, 40], [[i * 4, i * 4 + 1, i * 4 + 2, i * 4 + 3] for i in range(S)], block_size=bs,
+        decode_only=decode_only, attention_backend=backend,
     )
 
     def step(kc, vc, q, k, v):
-        out, (kc, vc) = paged_attention(
-            q, k, v, (kc, vc), jnp.asarray(pos), jax.tree.map(jnp.asarray, md), scale=0.1,
-            backend=backend, decode_only=decode_only,
-        )
+        out, (kc, vc) = paged_attention(q, k, v, (kc, vc), jnp.asarray(pos), jax.tree.map(jnp.asarray, md), scale=0.1)
         return out, kc, vc
 
     qs = jax.ShapeDtypeStruct((S, hq, d), F32)
@@ -352,14 +324,9 @@ GPU_DECODE = [
 ]
 
 
-# The default loop (flat per-key gather pipelined by Triton) and the register-prefetch one.
-GPU_DECODE_LOOPS = {"default": {}, "register_prefetch": dict(prefetch=1, ids_ahead=True, flat_gather=False)}
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("loop", list(GPU_DECODE_LOOPS))
 @pytest.mark.parametrize("case", GPU_DECODE, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-bs{c[3]}-{jnp.dtype(c[4]).name}")
-def test_decode_kernel_gpu(case, loop):
+def test_decode_kernel_gpu(case):
     hq, hkv, d, bs, dtype, window, alibi, cap = case
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
     ctx = [int(x) for x in rng.integers(0, 3000, 11)] + [0, 2047, 1]
@@ -369,7 +336,7 @@ def test_decode_kernel_gpu(case, loop):
     ref = paged_attention_decode_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
     for splits in (None, 1, 5):
         out = paged_attention_decode(
-            *args, scale=d**-0.5, sliding_window=window, num_splits=splits, **GPU_DECODE_LOOPS[loop], **feats
+            *args, scale=d**-0.5, sliding_window=window, num_splits=splits, **feats
         )
         assert _rel_err(out, ref) < TOL[dtype], splits
         np.testing.assert_array_equal(np.asarray(out[14], np.float32), 0.0)

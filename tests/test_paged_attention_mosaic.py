@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.ablations.paged_attention_decode_mosaic import paged_attention_decode_mosaic
 from pallas_kernels.paged_attention_decode import paged_attention_decode_reference
-from pallas_kernels.paged_attention_decode_mosaic import paged_attention_decode_mosaic
 from tests.test_paged_attention_kernels import _paged_case, _rel_err
 
 BF16, F16 = jnp.bfloat16, jnp.float16

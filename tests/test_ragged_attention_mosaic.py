@@ -95,21 +95,20 @@ def test_mosaic_backend_routes_a_mixed_step_interpret(monkeypatch):
     """attention_backend "mosaic": a mixed step's prefill chunks reach the Mosaic kernel (all of
     them), its decode tokens the decode kernel; features the Mosaic kernel lacks keep the step on
     Pallas."""
-    import pallas_kernels.mixed_step as mixed_step
-    import pallas_kernels.ragged_paged_attention_mosaic as mosaic
-    from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+    import pallas_kernels.attention_router as router
 
+    ragged_paged_attention = router.ragged_paged_attention
     calls = []
-    real = mosaic.ragged_paged_attention_mosaic
+    real = router.ragged_paged_attention_mosaic
 
     def spy(*a, **kw):
         out, taken = real(*a, **kw)
         calls.append(np.asarray(taken).tolist())
         return out, taken
 
-    monkeypatch.setattr(mosaic, "ragged_paged_attention_mosaic", spy)
+    monkeypatch.setattr(router, "ragged_paged_attention_mosaic", spy)
     # The threshold is the module's constant; a smaller one keeps the interpreter quick.
-    monkeypatch.setattr(mixed_step, "MOSAIC_MIN_TOKENS", 16)
+    monkeypatch.setattr(router, "MOSAIC_MIN_TOKENS", 16)
     rng = np.random.default_rng(7)
     q_lens, ctx = [1, 40, 1, 9, 70, 1], [30, 0, 65, 20, 3, 0]
     c = _paged_case(rng, q_lens, ctx, hq=4, hkv=2, d=64, bs=16, dtype=BF16, num_tokens=128)

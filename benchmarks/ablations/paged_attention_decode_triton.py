@@ -1,7 +1,8 @@
 """Decode paged attention written in Triton itself and called through ``jax_triton.triton_call``.
 
 An ablation beside the Pallas kernel (:mod:`pallas_kernels.paged_attention_decode`), with the same
-semantics and the same design: one program per (sequence, KV head, split), the GQA group's query
+semantics and the same design (the Pallas kernel now matches or beats it; figures in
+benchmarks/HISTORY.md, third and fourth sessions; ``benchmarks/kernels.py --ablations triton``): one program per (sequence, KV head, split), the GQA group's query
 rows as one M tile (padded to >= 16 for ``tl.dot``), ``keys_per_step`` keys (several blocks,
 gathered through the block table) per loop step, masked K/V loads, a float32 base-2 online softmax.
 Two things Pallas does not express directly are written out here: the next step's block ids and
@@ -21,16 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.kernel_shapes import (
-    LOG2E,
-    cdiv,
-    is_pow2,
-    next_pow2,
-    pad_group_queries,
-    validate_decode_shapes,
-    validate_kernel_inputs,
-)
+from pallas_kernels.kernel_shapes import LOG2E, pad_group_queries, validate_decode_shapes, validate_kernel_inputs
 from pallas_kernels.paged_attention_decode import choose_num_splits, merge_splits
+from pallas_kernels.sizes import cdiv, is_pow2, next_pow2
 
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 32
 

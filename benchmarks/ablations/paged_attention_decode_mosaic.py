@@ -1,5 +1,8 @@
 """Decode paged attention on Hopper through Pallas Mosaic GPU (TMA + wgmma): an ablation of the
 Triton-lowered kernel in :mod:`pallas_kernels.paged_attention_decode`, with the same semantics.
+It measured slower than that kernel at every shape on the H200, so the engine does not use it; it
+stays here to be re-measured (``benchmarks/kernels.py --ablations mosaic``; figures in
+benchmarks/HISTORY.md, third session).
 
 One program (one warpgroup) per (KV head, sequence, context split). The query heads of the GQA
 group are the rows of a 64-row wgmma tile: the kernel copies 64 consecutive rows of the flattened
@@ -27,8 +30,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.kernel_shapes import LOG2E, MASK_VALUE, cdiv, validate_decode_shapes, validate_mosaic_dtypes
+from pallas_kernels.kernel_shapes import LOG2E, MASK_VALUE, validate_decode_shapes, validate_mosaic_dtypes
 from pallas_kernels.paged_attention_decode import choose_num_splits
+from pallas_kernels.sizes import cdiv
 
 ROWS = 64  # wgmma M: the GQA group is padded to one 64-row tile
 Q_ALIGN = 8  # rows of the (8, 128 bytes) shared-memory tile the query window is copied into

@@ -1,7 +1,7 @@
 """Where one engine step's time goes at a large batch: host parts (timed) and the device step alone.
 
-    PYTHONPATH=. python benchmarks/host_profile.py --num-seqs 256                 # CPU, tiny model
-    PYTHONPATH=. python3 benchmarks/host_profile.py --full-model --num-seqs 256   # GPU, 7B dummy bf16
+    PYTHONPATH=. python benchmarks/tools/host_profile.py --num-seqs 256                 # CPU, tiny model
+    PYTHONPATH=. python3 benchmarks/tools/host_profile.py --full-model --num-seqs 256   # GPU, 7B dummy bf16
 
 The engine's step runs scheduling, packing, sampling-tensor and output building on the host around
 the device step. This wraps those methods in ``perf_counter`` timers (no profiler: cProfile
@@ -91,10 +91,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from jaxpaged import LLM, SamplingParams
-    from jaxpaged.buckets import next_pow2
+    from pallas_kernels.sizes import next_pow2
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    cfg = json.load(open(os.path.join(here, "configs", "llama-2-7b", "config.json")))
+    benchmarks = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = json.load(open(os.path.join(benchmarks, "configs", "llama-2-7b", "config.json")))
     if not args.full_model:
         cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=4, vocab_size=1000)

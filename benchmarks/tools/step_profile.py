@@ -1,6 +1,6 @@
 """Device time of single engine steps, kernel by kernel (jax.profiler trace, read back in-process).
 
-    PYTHONPATH=. python3 benchmarks/step_profile.py --json $OUT/step_profile.json      # GPU, 7B dummy bf16
+    PYTHONPATH=. python3 benchmarks/tools/step_profile.py --json $OUT/step_profile.json      # GPU, 7B dummy bf16
 
 Builds the engine on the Llama-2-7B config (``load_format="dummy"``), then runs three kinds of
 step on synthetic block tables through the runner's own compiled step program:
@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+BENCHMARKS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def kernel_times(trace_dir: str, iters: int) -> dict[str, float]:
@@ -48,8 +48,8 @@ def kernel_times(trace_dir: str, iters: int) -> dict[str, float]:
 
 def synthetic_step(runner, kind: str, num_seqs: int, context: int, budget: int):
     """Packed inputs for one step on disjoint, shuffled blocks."""
-    from jaxpaged.attention_metadata import AttentionMetadata
     from jaxpaged.buckets import pick_bucket
+    from models.attention_metadata import pack_attention_metadata
 
     bs = runner.block_size
     rng = np.random.default_rng(0)
@@ -67,19 +67,18 @@ def synthetic_step(runner, kind: str, num_seqs: int, context: int, budget: int):
         tables.append(ids[a : a + n].tolist())
         a += n
     bucket = pick_bucket(runner.buckets, sum(q_lens), len(q_lens), kind == "decode")
-    md, positions = AttentionMetadata.build(
-        query_lens=q_lens, context_lens=ctx, block_tables=tables, block_size=bs, num_tokens=bucket.num_tokens,
-        num_seqs=bucket.num_seqs, max_blocks_per_seq=runner.max_blocks_per_seq,
+    md, positions = pack_attention_metadata(
+        q_lens, ctx, tables, block_size=bs, num_tokens=bucket.num_tokens, num_seqs=bucket.num_seqs,
+        max_blocks_per_seq=runner.max_blocks_per_seq, decode_only=bucket.decode_only,
+        attention_backend=runner.lm.attention_backend,
     )
-    md = AttentionMetadata(md.slot_mapping, md.query_start_loc, md.seq_lens, md.block_tables, md.logits_indices,
-                           decode_only=bucket.decode_only)
     input_ids = rng.integers(100, runner.vocab_size - 100, bucket.num_tokens).astype(np.int32)
     return bucket, input_ids, positions, md
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=os.path.join(HERE, "configs", "llama-2-7b"))
+    ap.add_argument("--model", default=os.path.join(BENCHMARKS, "configs", "llama-2-7b"))
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)

@@ -10,8 +10,8 @@ separates the calls in ncu's log.
 
 Run on the GPU machine:
     ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
-        --log-file $OUT/ncu.csv python3 benchmarks/device_time.py --sets decode,mixed --plan $OUT/plan.json
-    python3 benchmarks/device_time.py --parse $OUT/ncu.csv --plan $OUT/plan.json
+        --log-file $OUT/ncu.csv python3 benchmarks/tools/device_time.py --sets decode,mixed --plan $OUT/plan.json
+    python3 benchmarks/tools/device_time.py --parse $OUT/ncu.csv --plan $OUT/plan.json
 
 ncu flushes the caches before each kernel (its default): the figures are cold-L2 device times,
 for our kernels and JAX's alike.
@@ -27,7 +27,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 MARK = "cos"
 REPEATS = 5
@@ -63,9 +63,9 @@ def build(kind: str, shape: dict, variant):
     import jax.numpy as jnp  # noqa: PLC0415
 
     from benchmarks.kernels import make_decode_inputs, make_mixed_inputs  # noqa: PLC0415
-    from pallas_kernels import mixed_step  # noqa: PLC0415
+    from pallas_kernels import attention_router  # noqa: PLC0415
+    from pallas_kernels.attention_router import ragged_paged_attention  # noqa: PLC0415
     from pallas_kernels.paged_attention_decode import paged_attention_decode  # noqa: PLC0415
-    from pallas_kernels.ragged_paged_attention import ragged_paged_attention  # noqa: PLC0415
     from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic  # noqa: PLC0415
 
     d, bs = 128, 16
@@ -87,7 +87,7 @@ def build(kind: str, shape: dict, variant):
         fn = jax.jit(lambda q, kc, vc, qsl, sl, bt: ragged_paged_attention_mosaic(q, kc, vc, qsl, sl, bt, scale=d**-0.5)[0])
         return fn, [(q, kc, vc, qsl, jnp.where(single, 0, sl), bt)], None
     if variant == "mosaic":
-        mixed_step.MOSAIC_MIN_TOKENS = 0  # this process only: time the Mosaic route at every size
+        attention_router.MOSAIC_MIN_TOKENS = 0  # this process only: time the Mosaic route at every size
         return jax.jit(lambda *a: ragged_paged_attention(*a, scale=d**-0.5, backend="mosaic")), [x], None
     split = variant == "split"
     return jax.jit(lambda *a: ragged_paged_attention(*a, scale=d**-0.5, backend="pallas", split_decode_rows=split)), [x], None
