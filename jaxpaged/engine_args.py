@@ -32,6 +32,10 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     attention_backend: str | None = None  # None: the fastest available on the device
     max_logprobs: int = 20
+    # Admission caps of the fixed-width sampler inputs (a request above them is refused with a
+    # ValueError naming the field): logit_bias entries (OpenAI's limit) and stop_token_ids.
+    max_logit_bias: int = 300
+    max_stop_token_ids: int = 64
     compilation_cache_dir: str | None = None  # JAX persistent compilation cache
     # Schedule step N+1 while step N runs on the device (its sampled tokens feed N+1 there); a
     # step whose sampling needs the exact token history (seed, penalties, min_tokens) waits.
@@ -64,6 +68,10 @@ class EngineArgs:
             raise bad("attention_backend", f"one of {ATTENTION_BACKENDS}", self.attention_backend)
         if self.max_logprobs < 0:
             raise bad("max_logprobs", ">= 0", self.max_logprobs)
+        if self.max_logit_bias < 0:
+            raise bad("max_logit_bias", ">= 0", self.max_logit_bias)
+        if self.max_stop_token_ids < 0:
+            raise bad("max_stop_token_ids", ">= 0", self.max_stop_token_ids)
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -3,7 +3,9 @@ block-level operations the scheduler asks for: copy (copy-on-write), swap out, s
 
 Every operation is a jit-compiled function of padded block-index arrays (padded to a power of two,
 padding indices point past the pool and are dropped), so a fixed set of programs serves any
-request mix; the device pool is donated and updated in place.
+request mix; the device pool is donated and updated in place. ``warm_up`` compiles the sizes up to
+``max_pairs_per_call``; a step that moves more pairs (several sequences swapped or forked at once)
+runs in chunks of that size, so nothing compiles while serving.
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ class KVCache:
         self.caches: KVCaches = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)]
         host_shape = (num_layers, 2, num_host_blocks, block_size, num_kv_heads, head_dim)
         self.host = np.zeros(host_shape, dtype=np.dtype(dtype)) if num_host_blocks else None
+        self.max_pairs_per_call: int | None = None  # set by warm_up; None: any size (compiles on demand)
+
+    def _chunks(self, pairs: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        size = self.max_pairs_per_call or max(1, len(pairs))
+        return [pairs[i : i + size] for i in range(0, len(pairs), size)]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: Any) -> int:
@@ -73,34 +80,44 @@ class KVCache:
         return out
 
     def copy(self, pairs: list[tuple[int, int]]) -> None:
-        """Copies device blocks src → dst (copy-on-write)."""
-        if not pairs:
-            return
-        src = self._pad([s for s, _ in pairs], 0)
-        dst = self._pad([d for _, d in pairs], self.num_blocks)  # past the pool: dropped
-        self.caches = _copy_blocks(self.caches, src, dst)
+        """Copies device blocks src → dst (copy-on-write). Chunks are independent: a destination
+        is a freshly taken block, never the source of another pair."""
+        for chunk in self._chunks(pairs):
+            src = self._pad([s for s, _ in chunk], 0)
+            dst = self._pad([d for _, d in chunk], self.num_blocks)  # past the pool: dropped
+            self.caches = _copy_blocks(self.caches, src, dst)
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         """Copies device blocks to host blocks: (device block, host block) pairs."""
-        if not pairs:
-            return
-        idx = self._pad([d for d, _ in pairs], 0)
-        data = np.asarray(_gather_blocks(self.caches, idx))
-        self.host[:, :, [h for _, h in pairs]] = data[:, :, : len(pairs)]
+        for chunk in self._chunks(pairs):
+            idx = self._pad([d for d, _ in chunk], 0)
+            data = np.asarray(_gather_blocks(self.caches, idx))
+            self.host[:, :, [h for _, h in chunk]] = data[:, :, : len(chunk)]
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         """Copies host blocks back to device blocks: (host block, device block) pairs."""
-        if not pairs:
-            return
-        n = next_pow2(len(pairs))
-        data = np.zeros(self.host.shape[:2] + (n,) + self.host.shape[3:], self.host.dtype)
-        data[:, :, : len(pairs)] = self.host[:, :, [h for h, _ in pairs]]
-        idx = self._pad([d for _, d in pairs], self.num_blocks)
-        self.caches = _scatter_blocks(self.caches, idx, data)
+        for chunk in self._chunks(pairs):
+            n = next_pow2(len(chunk))
+            data = np.zeros(self.host.shape[:2] + (n,) + self.host.shape[3:], self.host.dtype)
+            data[:, :, : len(chunk)] = self.host[:, :, [h for h, _ in chunk]]
+            idx = self._pad([d for _, d in chunk], self.num_blocks)
+            self.caches = _scatter_blocks(self.caches, idx, data)
+
+    def reset(self) -> None:
+        """Replaces the device pool with zeros (after a failed step consumed the donated arrays);
+        every block's contents are lost, so the caller must recompute whatever used them."""
+        shapes = [(k.shape, k.dtype) for k, _ in self.caches]
+        self.caches = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for shape, dtype in shapes]
+
+    def is_lost(self) -> bool:
+        """Whether the device arrays were consumed (donated to a call that then failed)."""
+        return any(k.is_deleted() or v.is_deleted() for k, v in self.caches)
 
     def warm_up(self, max_pairs: int) -> None:
-        """Compiles the block programs for every padded size up to ``max_pairs``."""
-        for n in geometric_range(1, next_pow2(max_pairs)):
+        """Compiles the block programs for every padded size up to ``next_pow2(max_pairs)``; larger
+        requests are chunked to that size from then on."""
+        self.max_pairs_per_call = next_pow2(max_pairs)
+        for n in geometric_range(1, self.max_pairs_per_call):
             # Destinations past the pool: the programs compile and run, nothing changes.
             # NumPy inputs, as in serving: a jnp.asarray would compile a staging program per shape.
             src = self._pad([0] * n, 0)

@@ -16,14 +16,18 @@ from typing import Any, Iterable
 from jaxpaged.engine_args import EngineArgs
 from jaxpaged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxpaged.request import Request, Sequence
-from jaxpaged.sampler import SamplingRow, build_logprob_dict
+from jaxpaged.sampler import SamplingRow, build_logprob_dict, max_bias_entries
 from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 from jaxpaged.detokenizer import IncrementalDetokenizer, check_stop, decode_logprob_tokens, stop_buffer_length
+from jaxpaged.scheduler_output import SchedulerOutput
+from jaxpaged.step_errors import EngineDeadError, SequenceError
 
 logger = logging.getLogger("jaxpaged")
 
 # Sampling parameters for a row whose sequence finished after it was scheduled (async scheduling).
 _DROPPED_ROW_PARAMS = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
+# Steps in a row that may fail (each recovered from) before the engine declares itself dead.
+MAX_CONSECUTIVE_FAILED_STEPS = 3
 
 
 class _SeqState:
@@ -106,10 +110,13 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_tokens, self.max_model_len,
                                    preemption_mode=args.preemption_mode, eos_token_id=eos_ids,
                                    async_scheduling=args.async_scheduling)
+        # The sampler's bias width covers the largest request admission lets through: its
+        # logit_bias, plus (under min_tokens) its stop ids and every EOS id.
+        self.max_bias_entries = args.max_logit_bias + args.max_stop_token_ids + len(self.scheduler.eos_token_ids) + 1
         self.runner = ModelRunner(self.lm, self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens,
                                   max_model_len=self.max_model_len, max_logprobs=args.max_logprobs,
                                   eos_token_id=self.eos_token_id, seed=args.seed,
-                                  with_decode_buckets=backend != "reference")
+                                  with_decode_buckets=backend != "reference", bias_width=self.max_bias_entries)
         self.num_gpu_blocks = num_blocks
         self._warm_up()
         self._states: dict[int, _SeqState] = {}
@@ -119,6 +126,10 @@ class LLMEngine:
         self._real_tokens = 0
         self._padded_tokens = 0
         self._in_flight = None  # async scheduling: the dispatched step not yet processed
+        self._open_steps: list[SchedulerOutput] = []  # scheduled, results not yet processed
+        self._outputs: list[RequestOutput] = []  # what the current step() returns
+        self._num_failed_steps = 0  # consecutive
+        self.num_failed_steps_total = 0
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -211,10 +222,19 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
-        """Validates and queues a request; raises ValueError (naming the field) before scheduling."""
+        """Validates and queues a request; raises ValueError (naming the field) before scheduling.
+
+        This is the only place a request can be refused: every limit a step relies on is checked
+        here (see ``_check_params``), and the request keeps its own copy of ``params`` so a caller
+        mutating theirs later cannot change what the steps see.
+        """
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        params = params.clone()
+        params._verify_args()  # again: the fields may have been assigned after construction
         text, ids = self._prompt_ids(prompt)
         if not ids:
             raise ValueError("prompt must not be empty (it has 0 tokens)")
@@ -223,13 +243,7 @@ class LLMEngine:
             raise ValueError(f"prompt_token_ids contains {bad[0]}, outside the vocabulary [0, {self.vocab_size})")
         if len(ids) > self.max_model_len:
             raise ValueError(f"prompt is {len(ids)} tokens long, more than max_model_len ({self.max_model_len})")
-        for field in ("logprobs", "prompt_logprobs"):
-            v = getattr(params, field)
-            if v is not None and v > self.args.max_logprobs:
-                raise ValueError(f"{field} must be <= max_logprobs ({self.args.max_logprobs}), got {v}")
-        params.verify_vocab(self.vocab_size)
-        if (params.detokenize and self.tokenizer is None) and (params.stop or params.logprobs is not None):
-            raise ValueError("stop strings need a tokenizer (the engine was built with skip_tokenizer_init)")
+        self._check_params(params)
         req = Request(request_id, ids, params, self._next_seq_id, prompt=text, arrival_time=arrival_time)
         self.scheduler.add_request(req)  # may raise (duplicate id, pool too small): nothing is kept then
         self._next_seq_id += req.n
@@ -241,6 +255,28 @@ class LLMEngine:
             self._states[seq.seq_id] = _SeqState(seq, req, detok)
         req.prompt_logprobs = [None] if params.prompt_logprobs is not None else None
         self._prompt_tokens_total += len(ids)
+
+    def _check_params(self, params: SamplingParams) -> None:
+        """The engine's caps on sampling parameters (SamplingParams checked the ranges)."""
+        args = self.args
+        for field in ("logprobs", "prompt_logprobs"):
+            v = getattr(params, field)
+            if v is not None and v > args.max_logprobs:
+                raise ValueError(f"{field} must be <= max_logprobs ({args.max_logprobs}), got {v}")
+        if params.logit_bias is not None and len(params.logit_bias) > args.max_logit_bias:
+            raise ValueError(f"logit_bias may hold at most {args.max_logit_bias} entries (max_logit_bias), "
+                             f"got {len(params.logit_bias)}")
+        if len(params.stop_token_ids) > args.max_stop_token_ids:
+            raise ValueError(f"stop_token_ids may hold at most {args.max_stop_token_ids} ids (max_stop_token_ids), "
+                             f"got {len(params.stop_token_ids)}")
+        params.verify_vocab(self.vocab_size)
+        # Implied by the two caps above; checked on the exact set the sampler packs.
+        width = max_bias_entries(params, self.eos_token_id)
+        if width > self.max_bias_entries:
+            raise ValueError(f"logit_bias and the stop ids banned under min_tokens come to {width} entries, "
+                             f"more than the {self.max_bias_entries} the sampler holds")
+        if (params.detokenize and self.tokenizer is None) and (params.stop or params.logprobs is not None):
+            raise ValueError("stop strings need a tokenizer (the engine was built with skip_tokenizer_init)")
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Aborts requests in any state and frees their blocks; unknown ids are ignored."""
@@ -271,34 +307,53 @@ class LLMEngine:
 
         With ``async_scheduling`` the outputs returned are those of the step before: the next
         step is scheduled and enqueued on the device before this one's tokens are read.
+
+        A step that raises does not end the engine (see ``_recover``): the requests that caused
+        it (all of the step's, when the cause is unknown) finish with ``finish_reason="error"``,
+        and the step's other requests are recomputed. Only ``EngineDeadError`` escapes.
         """
-        if self.args.async_scheduling:
-            return self._step_async()
+        self._outputs = []
+        try:
+            if self.args.async_scheduling:
+                self._step_async()
+            else:
+                self._step_sync()
+        except EngineDeadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - contained: no request may take the engine down
+            self._recover(exc)
+        else:
+            self._num_failed_steps = 0
+        return self._outputs
+
+    def _step_sync(self) -> None:
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return []
-        return self._process(sched, self.runner.execute(sched, self._row))
+            return
+        self._open_steps = [sched]
+        self._process(sched, self.runner.execute(sched, self._row))
 
-    def _step_async(self) -> list[RequestOutput]:
+    def _step_async(self) -> None:
         prev = self._in_flight
         self._in_flight = None
         if prev is not None and not prev.chainable:
             return self._land(prev)  # its tokens cannot feed the next step on the device
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return self._land(prev) if prev is not None else []
-        outputs = None
+            return self._land(prev) if prev is not None else None
+        landed = False
         if prev is not None and self._needs_history(sched):
             # Seeds, penalties and min_tokens read the token history: land the previous tokens
             # before building this step's sampling inputs (no overlap for this step).
-            outputs = self._land(prev)
+            self._land(prev)
+            landed = True
+        self._open_steps.append(sched)
         self._in_flight = self.runner.dispatch(sched, self._row, prev)
-        if outputs is None:
-            outputs = self._land(prev) if prev is not None else []
-        return outputs
+        if prev is not None and not landed:
+            self._land(prev)
 
-    def _land(self, step) -> list[RequestOutput]:
-        return self._process(step.sched, self.runner.collect(step))
+    def _land(self, step) -> None:
+        self._process(step.sched, self.runner.collect(step))
 
     def _needs_history(self, sched) -> bool:
         for row in sched.scheduled:
@@ -310,28 +365,98 @@ class LLMEngine:
                     return True
         return False
 
-    def _process(self, sched, out) -> list[RequestOutput]:
-        """Hands a finished step's tokens to the scheduler; detokenizes and builds outputs."""
+    def _process(self, sched: SchedulerOutput, out) -> None:
+        """Hands a finished step's tokens to the scheduler; detokenizes and builds outputs.
+
+        Once the scheduler has taken the tokens the step is committed; what follows is per
+        request, and a request whose output processing raises fails alone."""
         self._real_tokens += out.num_tokens
         self._padded_tokens += out.num_padded_tokens
+        failed: dict[str, BaseException] = {}
         for sid, plp in out.prompt_logprobs.items():
-            self._record_prompt_logprobs(sid, plp)
+            try:
+                self._record_prompt_logprobs(sid, plp)
+            except Exception as exc:  # noqa: BLE001 - blamed on that request alone
+                st = self._states.get(sid)
+                if st is not None:
+                    failed.setdefault(st.req.request_id, exc)
         sampled = {sid: (t.token_id, t.logprob, t) for sid, t in out.sampled.items()}
         touched = self.scheduler.update_from_output(sched, sampled)
+        self._open_steps = [s for s in self._open_steps if s is not sched]
         self._generation_tokens_total += len(sampled)
-        results = []
         for req in touched:
-            for seq in req.seqs:
-                st = self._states.get(seq.seq_id)
-                if st is not None:
-                    self._process_new_tokens(st)
-            finished = req.is_finished()
-            if finished or req.sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
-                results.append(self._request_output(req))
+            if req.request_id in failed:
+                continue
+            try:
+                for seq in req.seqs:
+                    st = self._states.get(seq.seq_id)
+                    if st is not None:
+                        self._process_new_tokens(st)
+                finished = req.is_finished()
+                if finished or req.sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
+                    self._outputs.append(self._request_output(req))
+            except Exception as exc:  # noqa: BLE001 - blamed on that request alone
+                failed[req.request_id] = exc
+                continue
             if finished:
                 for seq in req.seqs:
                     self._states.pop(seq.seq_id, None)
-        return results
+        for rid, exc in failed.items():
+            logger.error("request %r failed while its output was processed; finishing it with an error",
+                         rid, exc_info=exc)
+            self._fail_request(rid, exc)
+
+    # ---- containment -------------------------------------------------------------------------
+    def _recover(self, exc: Exception) -> None:
+        """Contains a failed step: finishes the requests that caused it with "error", recomputes
+        the step's other requests, rebuilds the KV pool if the failure consumed it, and goes on.
+
+        Raises ``EngineDeadError`` when the pool cannot be rebuilt or ``MAX_CONSECUTIVE_FAILED_STEPS``
+        steps in a row failed (the cause is not in any one request: a lost device, an OOM that
+        repeats): the caller should stop and be restarted.
+        """
+        self._num_failed_steps += 1
+        self.num_failed_steps_total += 1
+        steps, self._open_steps, self._in_flight = self._open_steps, [], None
+        touched = {req.request_id: req for sched in steps for sid in sched.touched_seq_ids()
+                   if (req := self.scheduler.request_of(sid)) is not None}
+        if isinstance(exc, SequenceError):
+            culprits = {req.request_id for sid in exc.seq_ids if (req := self.scheduler.request_of(sid)) is not None}
+            cause: BaseException = exc.cause
+        else:
+            culprits, cause = set(touched), exc
+        logger.error("step failed (%d in a row): %s: %s; finishing %d request(s) with an error (%s), "
+                     "recomputing %d", self._num_failed_steps, type(cause).__name__, cause, len(culprits),
+                     ", ".join(sorted(culprits)[:8]), len(set(touched) - culprits), exc_info=exc)
+        if self._num_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
+            raise EngineDeadError(f"{self._num_failed_steps} steps in a row failed; the last with "
+                                  f"{type(cause).__name__}: {cause}") from exc
+        if self.kv.is_lost():  # the failed call had consumed the donated pool: every block is gone
+            try:
+                self.kv.reset()
+            except Exception as reset_exc:
+                raise EngineDeadError(f"the KV pool was lost and could not be rebuilt: {reset_exc}") from exc
+            touched.update({r.request_id: r for r in self.scheduler.requests_with_device_blocks()})
+        for rid in sorted(culprits):
+            self._fail_request(rid, cause)
+        self.scheduler.reset_requests(rid for rid in touched if rid not in culprits)
+
+    def _fail_request(self, request_id: str, exc: BaseException) -> None:
+        """Finishes the request with "error", frees its blocks and emits its final output."""
+        req = self.scheduler.fail_request(request_id)
+        if req is None:
+            return
+        error = f"{type(exc).__name__}: {exc}"
+        try:
+            out = self._request_output(req)
+        except Exception:  # noqa: BLE001 - its text may be what failed: report it without
+            out = RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), None,
+                                [CompletionOutput(s.index, "", list(s.output_token_ids), None, None, "error")
+                                 for s in req.seqs], True)
+        out.error = error
+        self._outputs.append(out)
+        for seq in req.seqs:
+            self._states.pop(seq.seq_id, None)
 
     def _record_prompt_logprobs(self, seq_id: int, plp) -> None:
         st = self._states.get(seq_id)
@@ -415,4 +540,5 @@ class LLMEngine:
             "generation_tokens_total": self._generation_tokens_total, "padding_waste": waste,
             "num_compilations": self.compilations.count,
             "num_compilations_after_warmup": self.compilations.count - self.num_compilations_at_ready,
+            "num_failed_steps_total": self.num_failed_steps_total,
         }

@@ -23,6 +23,7 @@ import numpy as np
 from jaxpaged.buckets import Bucket, geometric_range, make_buckets, pick_bucket
 from jaxpaged.kv_cache import KVCache
 from jaxpaged.model_loader import LoadedModel
+from jaxpaged.step_errors import SequenceError
 from jaxpaged.sampler import (
     SamplerFlags,
     SamplingRow,
@@ -110,6 +111,7 @@ class ModelRunner:
         eos_token_id: int | None,
         seed: int,
         with_decode_buckets: bool,
+        bias_width: int = 64,
     ):
         self.lm = lm
         self.kv = kv
@@ -128,7 +130,8 @@ class ModelRunner:
         self.max_rows = next_pow2(max(b.num_seqs for b in self.buckets), 8)
         self.generator = np.random.default_rng(seed)
         self.history_width = next_pow2(max_model_len, 16)
-        self.bias_width = 64
+        # Logit-bias slots per row in the full sampler: sized by the engine from its admission caps.
+        self.bias_width = next_pow2(bias_width, 8)
         self._step = jax.jit(self._step_impl, donate_argnums=(1,))
         self._no_prev_tokens = jnp.zeros(self.max_rows, jnp.int32)
         self._sample = jax.jit(self._sample_impl, static_argnums=(3,))
@@ -277,9 +280,8 @@ class ModelRunner:
             row_of = np.repeat(np.arange(len(scheduled)), [len(s.token_ids) for s in scheduled])
             prev_idx[pending] = [prev.token_row[scheduled[r].seq_id] for r in row_of[pending]]
             ids[pending] = 0
-        last, hidden = self.run_step(ids, positions, md, prev.tokens if pending.size else None, prev_idx)
-
-        # Rows to sample: one per (scheduled row, sequence drawing from it).
+        # Rows to sample: one per (scheduled row, sequence drawing from it). Their inputs are
+        # packed before the step runs, so a row that cannot be packed fails nothing on the device.
         row_idx: list[int] = []
         rows: list[SamplingRow] = []
         seq_ids: list[int] = []
@@ -288,21 +290,37 @@ class ModelRunner:
                 row_idx.append(i)
                 rows.append(get_row(sid))
                 seq_ids.append(sid)
-        chunks = []
+        packed = []
         # More rows than the largest row bucket only happens when several requests fork at once.
         for a in range(0, len(rows), self.max_rows):
             chunk = rows[a : a + self.max_rows]
             num_rows = next_pow2(len(chunk), 8)
-            profile = self._profile_for(chunk)
-            tensors = self._tensors(chunk, num_rows, profile)
+            try:
+                profile = self._profile_for(chunk)
+                tensors = self._tensors(chunk, num_rows, profile)
+            except Exception as exc:
+                raise SequenceError(self._unpackable(chunk, seq_ids[a : a + self.max_rows]), exc) from exc
             ridx = np.zeros(num_rows, np.int32)
             ridx[: len(chunk)] = row_idx[a : a + self.max_rows]
-            chunks.append((seq_ids[a : a + self.max_rows], self._sample(last, ridx, tensors, self._flags(profile))))
+            packed.append((seq_ids[a : a + self.max_rows], ridx, tensors, self._flags(profile)))
+
+        last, hidden = self.run_step(ids, positions, md, prev.tokens if pending.size else None, prev_idx)
+        chunks = [(sids, self._sample(last, ridx, tensors, flags)) for sids, ridx, tensors, flags in packed]
         # One chunk (the rule): its padded token ids can feed the next step on the device.
         token_row = {sid: j for j, sid in enumerate(chunks[0][0])} if len(chunks) == 1 else {}
         tokens = chunks[0][1][1] if len(chunks) == 1 else None
         prompt_lp = self._dispatch_prompt_logprobs(scheduled, hidden, bucket, get_row)
         return InFlightStep(sched, bucket, chunks, token_row, num_tokens, tokens, prompt_lp)
+
+    def _unpackable(self, rows: Sequence[SamplingRow], seq_ids: Sequence[int]) -> list[int]:
+        """The sequences whose rows fail to pack on their own (all of them if none does alone)."""
+        bad = []
+        for row, sid in zip(rows, seq_ids):
+            try:
+                self._tensors([row], 8, self._profile_for([row]))
+            except Exception:  # noqa: BLE001 - any failure blames the row
+                bad.append(sid)
+        return bad or list(seq_ids)
 
     def collect(self, step: "InFlightStep") -> RunnerOutput:
         """Waits for a dispatched step and returns its sampled tokens (and prompt logprobs)."""

@@ -37,7 +37,8 @@ class CompletionOutput:
         token_ids: the generated token ids.
         cumulative_logprob: sum of the sampled tokens' logprobs (None unless logprobs were asked).
         logprobs: per generated token, the top-k logprobs (None unless asked).
-        finish_reason: None while running, then "stop" (EOS / stop string / stop token) or "length".
+        finish_reason: None while running, then "stop" (EOS / stop string / stop token), "length",
+            "abort", or "error" (a step failed because of this request; see RequestOutput.error).
         stop_reason: the stop string or stop token id that ended the sequence; None for EOS/length.
     """
 
@@ -84,6 +85,8 @@ class RequestOutput:
         outputs: one CompletionOutput per sequence.
         finished: whether every sequence of the request has finished.
         metrics: timestamps of the request.
+        error: set when a step failed because of this request (its outputs' finish_reason is
+            "error"); the engine went on serving the others.
     """
 
     request_id: str
@@ -94,6 +97,7 @@ class RequestOutput:
     finished: bool
     metrics: Optional[RequestMetrics] = None
     num_cached_tokens: Optional[int] = None
+    error: Optional[str] = None  # jaxpaged: why a request finished with finish_reason "error"
 
     def __repr__(self) -> str:
         return (

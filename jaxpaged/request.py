@@ -18,7 +18,7 @@ from typing import Any
 
 
 class SequenceStatus(enum.IntEnum):
-    """Where a sequence is in its life. The three FINISHED_* states map to vLLM's finish reasons."""
+    """Where a sequence is in its life. The FINISHED_* states map to vLLM's finish reasons."""
 
     WAITING = 0  # not admitted, preempted by recompute, or a sibling waiting for its prompt's fork
     RUNNING = 1  # admitted: its blocks are in the device pool
@@ -26,6 +26,7 @@ class SequenceStatus(enum.IntEnum):
     FINISHED_STOPPED = 3  # EOS, a stop token id, or a stop string
     FINISHED_LENGTH_CAPPED = 4  # max_tokens or max_model_len
     FINISHED_ABORTED = 5  # aborted by the caller
+    FINISHED_ERROR = 6  # a step failed because of this request (the engine went on without it)
 
     @property
     def is_finished(self) -> bool:
@@ -49,6 +50,7 @@ _FINISH_REASONS = {
     SequenceStatus.FINISHED_STOPPED: "stop",
     SequenceStatus.FINISHED_LENGTH_CAPPED: "length",
     SequenceStatus.FINISHED_ABORTED: "abort",
+    SequenceStatus.FINISHED_ERROR: "error",
 }
 
 

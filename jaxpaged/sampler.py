@@ -82,6 +82,16 @@ def _banned_ids(p: SamplingParams, num_output_tokens: int, eos_token_id: Optiona
     return banned
 
 
+def max_bias_entries(p: SamplingParams, eos_token_id: int | None) -> int:
+    """The most logit-bias slots one row of these params can fill: its ``logit_bias`` plus, while
+    it is under ``min_tokens``, the banned stop ids and EOS. The engine refuses a request above
+    the runner's fixed bias width at admission, so packing a row never overflows."""
+    keys = set(p.logit_bias or ())
+    if p.min_tokens > 0:
+        keys |= _banned_ids(p, 0, eos_token_id)
+    return len(keys)
+
+
 def _bucket(n: int, minimum: int) -> int:
     """0 stays 0 (stage unused); otherwise the next power of two >= max(n, minimum)."""
     return 0 if n == 0 else next_pow2(n, minimum)
@@ -239,7 +249,7 @@ class SamplingTensors:
 
         width = _bucket(max((len(b) for b in biases), default=0), 8)
         if bias_width is not None:  # a runner pins the width so the program never changes shape
-            if width > bias_width:
+            if width > bias_width:  # admission (max_bias_entries) rules this out
                 raise ValueError(f"logit_bias (with min_tokens bans) has more than {bias_width} entries")
             width = bias_width
         bias_ids = np.full((s, width), PAD_TOKEN_ID, np.int32)

@@ -10,6 +10,8 @@ from typing import Any
 
 # Below this temperature a request is greedy (vLLM's _SAMPLING_EPS).
 SAMPLING_EPS = 1e-5
+# A seed is a 64-bit signed integer, as vLLM's API (torch.long) and OpenAI's take it.
+MIN_SEED, MAX_SEED = -(1 << 63), (1 << 63) - 1
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -150,6 +152,8 @@ class SamplingParams:
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         _check_int("seed", self.seed, allow_none=True)
+        if self.seed is not None and not MIN_SEED <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [{MIN_SEED}, {MAX_SEED}] (a 64-bit integer), got {self.seed}")
         _check_int("max_tokens", self.max_tokens, allow_none=True)
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")

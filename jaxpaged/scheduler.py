@@ -154,6 +154,44 @@ class Scheduler:
             self._finish(s, SequenceStatus.FINISHED_ABORTED, None)
         return req
 
+    def fail_request(self, request_id: str) -> Request | None:
+        """Finishes every unfinished sequence of the request with "error" (a step failed because
+        of it) and frees its blocks. Returns the request, or None if unknown or finished."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        for s in req.unfinished_seqs():
+            self._finish(s, SequenceStatus.FINISHED_ERROR, None)
+        return req
+
+    def reset_requests(self, request_ids: Iterable[str]) -> None:
+        """Sends requests back to the front of the waiting queue (in admission order) with no
+        blocks, as a recompute preemption does, outside any step: their generated tokens stay and
+        are recomputed with the prompt. The engine calls it for the innocent requests of a step
+        that failed, whose cache writes and sampled tokens may or may not have happened."""
+        reqs = [self._requests[rid] for rid in set(request_ids) if rid in self._requests]
+        for req in sorted(reqs, key=lambda r: self._order[r.request_id], reverse=True):
+            for queue in (self._running, self._swapped):
+                if req in queue:
+                    queue.remove(req)
+            for s in req.unfinished_seqs():
+                self.block_manager.free(s.seq_id)
+                s.num_computed_tokens = 0
+                s.num_pending_tokens = 0
+                s.status = SequenceStatus.WAITING
+            if req in self._waiting:
+                self._waiting.remove(req)
+            self._waiting.appendleft(req)
+
+    def request_of(self, seq_id: int) -> Request | None:
+        """The unfinished request that owns a sequence."""
+        seq = self._seqs.get(seq_id)
+        return None if seq is None else self._requests.get(seq.request_id)
+
+    def requests_with_device_blocks(self) -> list[Request]:
+        return [r for r in self._requests.values()
+                if any(self.block_manager.has_device_blocks(s.seq_id) for s in r.seqs)]
+
     def finish_sequence(self, seq_id: int, reason: str, stop_reason: int | str | None = None) -> None:
         """Finishes one sequence from outside (the engine's stop-string check): reason is "stop",
         "length" or "abort". A no-op for an unknown or already finished sequence."""
@@ -331,6 +369,7 @@ class Scheduler:
             if not bm.can_swap_in(ids, reserve_blocks=len(ids) if self._running else 0):
                 break
             step.out.blocks_to_swap_in.extend(bm.swap_in(ids))
+            step.out.swapped_in_seq_ids.extend(ids)
             for s in req.active_seqs():
                 s.status = SequenceStatus.RUNNING
             self._swapped.pop(0)

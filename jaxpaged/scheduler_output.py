@@ -33,8 +33,18 @@ class SchedulerOutput:
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src device block, dst device block)
-    preempted_seq_ids: list[int] = field(default_factory=list)
+    preempted_seq_ids: list[int] = field(default_factory=list)  # lost their blocks (recompute) or swapped out
+    swapped_in_seq_ids: list[int] = field(default_factory=list)  # their blocks come back in this step
     num_batched_tokens: int = 0
+
+    def touched_seq_ids(self) -> set[int]:
+        """Every sequence whose state this step changes (rows, samples, preemptions, swap-ins):
+        what the engine resets if the step fails."""
+        ids = set(self.preempted_seq_ids) | set(self.swapped_in_seq_ids)
+        for row in self.scheduled:
+            ids.add(row.seq_id)
+            ids.update(row.sample_seq_ids)
+        return ids
 
     @property
     def is_empty(self) -> bool:

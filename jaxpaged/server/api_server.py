@@ -6,6 +6,7 @@ import argparse
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import time
 from typing import TypeVar
@@ -38,13 +39,25 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400 parses as inf: no field takes an infinite number
+        raise ValueError(f"the number {text[:32]} is out of range")
+    return value
+
+
 async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
     """The JSON body as ``model``; every way it can be wrong is a 400 naming the field."""
     raw = await request.body()
     if not raw.strip():
         raise bad_request("the request body is empty; expected a JSON object")
     try:
-        data = json.loads(raw, parse_constant=_reject_constant)
+        data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+        # "\ud800" escapes decode to lone surrogates, which no tokenizer or UTF-8 response takes.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request("the request body contains an unpaired UTF-16 surrogate (\\ud800-\\udfff)",
+                          code="invalid_json") from exc
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, NaN, too deep
         raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(data, dict):
@@ -99,10 +112,11 @@ def create_app(async_engine: AsyncEngine, tokenizer: ServerTokenizer | None, con
 
     @app.get("/health")
     async def health() -> Response:
-        reason = async_engine.dead_reason
-        if reason is not None:
-            return JSONResponse(error_body(f"engine loop is dead: {reason}", "server_error", None, "engine_dead"),
-                                status_code=503)
+        """200 while the engine loop is alive and keeps making progress; 503 with the reason."""
+        problem = async_engine.health_problem
+        if problem is not None:
+            code = "engine_dead" if async_engine.dead_reason is not None else "engine_stalled"
+            return JSONResponse(error_body(problem, "server_error", None, code), status_code=503)
         return Response(status_code=200)
 
     @app.get("/version")
@@ -188,6 +202,8 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="also require the API key on /metrics (default: /metrics is open, as in vLLM)")
     parser.add_argument("--timeout-keep-alive", type=float, default=5.0,
                         help="seconds an idle keep-alive connection stays open (uvicorn's and vLLM's default: 5)")
+    parser.add_argument("--health-stall-timeout", type=float, default=60.0,
+                        help="seconds one engine step may run before /health answers 503 (stalled loop)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--disable-access-log", action="store_true")
     EngineArgs.add_cli_args(parser)
@@ -205,6 +221,8 @@ def server_config_from_args(args: argparse.Namespace, default_name: str) -> Serv
         max_n=args.max_n,
         max_logprobs=args.max_logprobs,
         max_stop_strings=args.max_stop_strings,
+        max_stop_token_ids=args.max_stop_token_ids,
+        max_logit_bias=args.max_logit_bias,
         max_prompts_per_request=args.max_prompts_per_request,
         max_request_body_bytes=args.max_request_body_bytes,
         shutdown_timeout=args.shutdown_timeout,
@@ -252,17 +270,29 @@ def main(argv: list[str] | None = None) -> None:
             logger.warning("the tokenizer has no chat template: /v1/chat/completions will answer 400 (see --chat-template)")
 
     metrics = ServerMetrics(config.model_name)
-    async_engine = AsyncEngine(engine, metrics)
+    server: uvicorn.Server | None = None
+
+    def engine_died(exc: BaseException) -> None:
+        # The engine cannot serve any more (see jaxpaged.step_errors): stop taking connections and
+        # exit non-zero below, so a supervisor restarts the process instead of it lingering at 503.
+        logger.critical("the engine loop died (%s: %s); shutting the server down", type(exc).__name__, exc)
+        if server is not None:
+            server.should_exit = True
+
+    async_engine = AsyncEngine(engine, metrics, stall_timeout_s=args.health_stall_timeout, on_dead=engine_died)
     model = ModelInfo(engine.model_path, engine.max_model_len, engine.vocab_size)
     app = create_app(async_engine, tokenizer, config, model, metrics)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, access_log=not args.disable_access_log,
+        timeout_graceful_shutdown=config.shutdown_timeout, timeout_keep_alive=args.timeout_keep_alive))
     async_engine.start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    access_log=not args.disable_access_log, timeout_graceful_shutdown=config.shutdown_timeout,
-                    timeout_keep_alive=args.timeout_keep_alive)
+        server.run()
     finally:
         # uvicorn has drained (or cancelled) the HTTP requests; abort whatever the engine still holds
         async_engine.shutdown(timeout=0.0)
         if tokenizer is not None:
             tokenizer.close()
         logger.info("server stopped")
+    if async_engine.died_of is not None:
+        raise SystemExit(f"error: the engine died: {async_engine.dead_reason}")

@@ -18,16 +18,17 @@ import logging
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from jaxpaged.server.metrics import ServerMetrics
+from jaxpaged.step_errors import EngineDeadError  # also: the loop has stopped (crashed or shut down)
 from jaxpaged.server.request_stream import OutputDelta, RequestStream, RequestUpdate
 
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine loop thread has stopped (crashed or shut down); no request can be served."""
+class RequestFailedError(RuntimeError):
+    """A step failed because of this request; the engine finished it with an error and went on."""
 
 
 class EngineOverloadedError(RuntimeError):
@@ -92,10 +93,17 @@ class _DeltaTracker:
 class AsyncEngine:
     """Runs ``engine.step()`` on one thread; ``add_request`` / ``abort`` from any event loop."""
 
-    def __init__(self, engine: Any, metrics: ServerMetrics | None = None, idle_poll_s: float = 0.5) -> None:
+    def __init__(self, engine: Any, metrics: ServerMetrics | None = None, idle_poll_s: float = 0.5,
+                 stall_timeout_s: float = 60.0, on_dead: Callable[[BaseException], None] | None = None) -> None:
+        """``stall_timeout_s``: how long one loop iteration (a step) may take before ``/health``
+        reports the loop as stuck. ``on_dead(exc)`` runs on the loop thread when the loop dies of
+        an exception (not on a clean shutdown): the server uses it to exit non-zero."""
         self.engine = engine
         self.metrics = metrics
         self._idle_poll_s = idle_poll_s
+        self._stall_timeout_s = stall_timeout_s
+        self._on_dead = on_dead
+        self._heartbeat = time.monotonic()  # last time the loop was between iterations
         self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._num_pending_adds = 0
@@ -123,6 +131,23 @@ class AsyncEngine:
             return f"{type(self._dead).__name__}: {self._dead}"
         if self._thread is None or not self._thread.is_alive():
             return "the engine loop is not running"
+        return None
+
+    @property
+    def died_of(self) -> BaseException | None:
+        """The exception that ended the loop (None while alive or after a clean shutdown)."""
+        return self._dead
+
+    @property
+    def health_problem(self) -> str | None:
+        """Why the server is not healthy (dead loop, or one step running past the stall bound);
+        None while the loop is alive and keeps coming round."""
+        reason = self.dead_reason
+        if reason is not None:
+            return f"engine loop is dead: {reason}"
+        stalled = time.monotonic() - self._heartbeat
+        if stalled > self._stall_timeout_s:
+            return f"engine loop has made no progress for {stalled:.0f} s (bound: {self._stall_timeout_s:.0f} s)"
         return None
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -194,8 +219,11 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
+        # engine.step() contains every failure a request can cause (it finishes that request with
+        # an error and goes on); what escapes it means the engine cannot serve any more.
         try:
             while not self._stopping:
+                self._heartbeat = time.monotonic()
                 busy = self.engine.has_unfinished_requests()
                 self._drain_inbox(block=not busy)
                 if self._stopping:
@@ -213,6 +241,8 @@ class AsyncEngine:
                 self._fail_all(RequestAbortedError("the server is shutting down; request aborted"))
             else:
                 self._fail_all(EngineDeadError(self.dead_reason or "the engine loop stopped"))
+                if self._on_dead is not None:
+                    self._on_dead(self._dead)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -252,7 +282,7 @@ class AsyncEngine:
 
     def _publish(self, outputs: list[Any]) -> None:
         now = time.monotonic()
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestUpdate]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestUpdate | BaseException]]] = {}
         for out in outputs:
             tracker = self._trackers.get(out.request_id)
             if tracker is None:
@@ -267,11 +297,16 @@ class AsyncEngine:
                 if self.metrics is not None:
                     self.metrics.observe_first_token(now - tracker.stream.arrival)
             num_prompt = len(out.prompt_token_ids) if out.prompt_token_ids is not None else 0
-            update = RequestUpdate(out.request_id, num_prompt, deltas, finished, prompt_logprobs)
+            update: RequestUpdate | BaseException = RequestUpdate(out.request_id, num_prompt, deltas, finished,
+                                                                  prompt_logprobs)
             if finished:
                 del self._trackers[out.request_id]
                 if self.metrics is not None:
                     self._observe_finished(tracker, out, now)
+                error = getattr(out, "error", None)
+                if error is not None:  # the client gets an error instead of a final update
+                    update = RequestFailedError(f"the engine failed while running this request ({error}); "
+                                                "other requests were not affected")
             by_loop.setdefault(tracker.stream.loop, []).append((tracker.stream, update))
         for loop, items in by_loop.items():
             if not _call_soon(loop, _deliver, items):
@@ -313,7 +348,7 @@ class AsyncEngine:
         self._trackers.clear()
 
 
-def _deliver(items: list[tuple[RequestStream, RequestUpdate]]) -> None:
+def _deliver(items: list[tuple[RequestStream, RequestUpdate | BaseException]]) -> None:
     for stream, update in items:
         stream._put(update)
 

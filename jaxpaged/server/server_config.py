@@ -18,6 +18,8 @@ class ServerConfig:
     max_n: int = 16
     max_logprobs: int = 20
     max_stop_strings: int = 16
+    max_stop_token_ids: int = 64  # the engine's max_stop_token_ids
+    max_logit_bias: int = 300  # the engine's max_logit_bias (OpenAI's limit)
     max_prompts_per_request: int = 64  # a batched /v1/completions prompt list
     max_request_body_bytes: int = 8 * 1024 * 1024
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown
@@ -29,8 +31,9 @@ class ServerConfig:
                       "max_request_body_bytes"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
-        if self.max_logprobs < 0:
-            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        for field in ("max_logprobs", "max_stop_token_ids", "max_logit_bias"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         if self.api_key is not None and not self.api_key:

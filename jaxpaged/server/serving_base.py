@@ -15,7 +15,13 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request
 
 from jaxpaged.sampling_params import SamplingParams
-from jaxpaged.server.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError, RequestAbortedError
+from jaxpaged.server.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    EngineOverloadedError,
+    RequestAbortedError,
+    RequestFailedError,
+)
 from jaxpaged.server.errors import APIError, bad_request
 from jaxpaged.server.metrics import ServerMetrics
 from jaxpaged.server.protocol import SamplingRequest
@@ -26,6 +32,7 @@ from jaxpaged.server.server_tokenizer import ServerTokenizer
 # JSON has no -inf; vLLM reports impossible tokens' logprob as -9999.0.
 _MIN_LOGPROB = -9999.0
 _FIELD_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\b")
+_TOKEN_ID_RE = re.compile(r"\s*-?[0-9]{1,12}\s*")  # ASCII digits only: str.isdigit() takes "²"
 
 
 class ClientDisconnected(Exception):
@@ -125,8 +132,12 @@ class ServingBase:
             raise bad_request(f"stop may hold at most {cfg.max_stop_strings} strings, got {len(stops)}", "stop")
         if any(not s for s in stops):
             raise bad_request("stop strings must not be empty", "stop")
-        if req.stop_token_ids is not None and len(req.stop_token_ids) > 4 * cfg.max_stop_strings:
-            raise bad_request(f"stop_token_ids may hold at most {4 * cfg.max_stop_strings} ids", "stop_token_ids")
+        if req.stop_token_ids is not None and len(req.stop_token_ids) > cfg.max_stop_token_ids:
+            raise bad_request(f"stop_token_ids may hold at most {cfg.max_stop_token_ids} ids, "
+                              f"got {len(req.stop_token_ids)}", "stop_token_ids")
+        if req.logit_bias is not None and len(req.logit_bias) > cfg.max_logit_bias:
+            raise bad_request(f"logit_bias may hold at most {cfg.max_logit_bias} entries, got {len(req.logit_bias)}",
+                              "logit_bias")
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
 
@@ -139,7 +150,7 @@ class ServingBase:
             return None
         out: dict[int, float] = {}
         for key, value in req.logit_bias.items():
-            if not key.strip().lstrip("-").isdigit():
+            if not _TOKEN_ID_RE.fullmatch(key):
                 raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
             token = int(key)
             if not 0 <= token < self.vocab_size:
@@ -198,6 +209,8 @@ class ServingBase:
         if isinstance(exc, (EngineDeadError, RequestAbortedError)):
             self._rejected(503)
             return APIError(503, f"the engine is not serving: {exc}", code="engine_unavailable")
+        if isinstance(exc, RequestFailedError):
+            return APIError(500, str(exc), code="engine_step_failed")
         return exc
 
     def _rejected(self, status: int) -> None:
