@@ -33,6 +33,7 @@ from pallas_kernels.kv_cache_write import write_kv
 from pallas_kernels.paged_attention_decode import choose_num_splits, paged_attention_decode
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_pallas
 from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic
+from pallas_kernels.sizes import cdiv
 
 L2_BYTES = 50 * 2**20
 # Decode-kernel tuning variants (the default: 64 keys a step, 3 stages, 4 warps).
@@ -229,7 +230,7 @@ def make_mixed_inputs(S: int, ctx: int, T: int, hq: int, hkv: int, d: int, bs: i
     filling the T-token step; blocks shuffled. Returns the ragged kernels' positional inputs."""
     q_lens = [1] * (S - 1) + [T - (S - 1)]
     seq_lens = np.asarray([ctx] * (S - 1) + [T - (S - 1)], np.int32)
-    nblk = [-(-int(n) // bs) for n in seq_lens]
+    nblk = [cdiv(int(n), bs) for n in seq_lens]
     nb = sum(nblk)
     perm = np.random.default_rng(0).permutation(nb).astype(np.int32)
     tables = np.zeros((S, max(nblk)), np.int32)

@@ -32,7 +32,7 @@ from jaxpaged.sampler import (
     sample,
 )
 from models.attention_metadata import AttentionMetadata, pack_attention_metadata
-from pallas_kernels.sizes import next_pow2
+from pallas_kernels.sizes import cdiv, next_pow2
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class ModelRunner:
         self.kv = kv
         self.block_size = kv.block_size
         self.max_model_len = max_model_len
-        self.max_blocks_per_seq = -(-max_model_len // kv.block_size)
+        self.max_blocks_per_seq = cdiv(max_model_len, kv.block_size)
         self.max_num_seqs = max_num_seqs
         self.max_logprobs = max_logprobs
         self.eos_token_id = eos_token_id

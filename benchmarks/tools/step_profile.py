@@ -50,6 +50,7 @@ def synthetic_step(runner, kind: str, num_seqs: int, context: int, budget: int):
     """Packed inputs for one step on disjoint, shuffled blocks."""
     from jaxpaged.buckets import pick_bucket
     from models.attention_metadata import pack_attention_metadata
+    from pallas_kernels.sizes import cdiv
 
     bs = runner.block_size
     rng = np.random.default_rng(0)
@@ -60,7 +61,7 @@ def synthetic_step(runner, kind: str, num_seqs: int, context: int, budget: int):
         ctx = [context - 1] * (num_seqs - 1) + [0]
     else:
         q_lens, ctx = [budget], [0]
-    need = [-(-(c + q) // bs) for c, q in zip(ctx, q_lens)]
+    need = [cdiv(c + q, bs) for c, q in zip(ctx, q_lens)]
     ids = rng.permutation(runner.kv.num_blocks)[: sum(need)]
     tables, a = [], 0
     for n in need:
