@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from tests.parity_helpers import (NEW_TOKENS, assert_port_matches, hf_reference, make_hf_model, prompt_for,
+from tests.helpers.parity_helpers import (NEW_TOKENS, assert_port_matches, hf_reference, make_hf_model, prompt_for,
                                   save_hf, state_dict_numpy, torch_reference, write_checkpoint)
 
 BASE = dict(vocab_size=1000, d_model=64, n_heads=4, n_layers=2, max_seq_len=128, initializer_range=0.1)

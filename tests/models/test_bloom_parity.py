@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.parity_helpers import NEW_TOKENS, assert_port_matches, hf_reference, make_hf_model, prompt_for, save_hf
+from tests.helpers.parity_helpers import NEW_TOKENS, assert_port_matches, hf_reference, make_hf_model, prompt_for, save_hf
 
 BASE = dict(vocab_size=1000, hidden_size=64, n_layer=2, n_head=4, initializer_range=0.1)
 

@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks.ablations.paged_attention_decode_triton import paged_attention_decode_triton
 from pallas_kernels.paged_attention_decode import paged_attention_decode_reference
-from tests.test_paged_attention_kernels import BF16, F16, F32, TOL, _paged_case, _rel_err
+from tests.kernels.test_paged_attention_kernels import BF16, F16, F32, TOL, _paged_case, _rel_err
 
 HAS_JAX_TRITON = importlib.util.find_spec("jax_triton") is not None
 

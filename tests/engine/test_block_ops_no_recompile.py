@@ -6,7 +6,7 @@ nothing compiles while the outputs stay those of a roomy pool."""
 import pytest
 
 from jaxpaged import LLM, SamplingParams
-from tests.tiny_checkpoint import make_tiny_checkpoint
+from tests.helpers.tiny_checkpoint import make_tiny_checkpoint
 
 PROMPTS = [{"prompt_token_ids": [5 + (7 * i + j) % 290 for j in range(n)]} for i, n in enumerate((20, 13, 17))]
 PARAMS = SamplingParams(n=4, temperature=1.0, seed=5, max_tokens=36, ignore_eos=True)

@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks.ablations.paged_attention_decode_mosaic import paged_attention_decode_mosaic
 from pallas_kernels.paged_attention_decode import paged_attention_decode_reference
-from tests.test_paged_attention_kernels import _paged_case, _rel_err
+from tests.kernels.test_paged_attention_kernels import _paged_case, _rel_err
 
 BF16, F16 = jnp.bfloat16, jnp.float16
 

@@ -8,7 +8,7 @@ import pytest
 
 from jaxpaged import LLM, SamplingParams
 from jaxpaged.step_errors import EngineDeadError
-from tests.tiny_checkpoint import make_tiny_checkpoint
+from tests.helpers.tiny_checkpoint import make_tiny_checkpoint
 
 CULPRIT_SEED = 1234  # the injected fault fires for rows with this seed
 

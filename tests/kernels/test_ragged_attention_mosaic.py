@@ -11,7 +11,7 @@ import pytest
 
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic
-from tests.test_paged_attention_kernels import _paged_case, _rel_err
+from tests.kernels.test_paged_attention_kernels import _paged_case, _rel_err
 
 BF16, F16 = jnp.bfloat16, jnp.float16
 

@@ -5,7 +5,7 @@ config keys, loading that through our loader, and comparing with the HF-native m
 import numpy as np
 import torch
 
-from tests.parity_helpers import (NEW_TOKENS, assert_port_matches, hf_reference, make_hf_model, prompt_for,
+from tests.helpers.parity_helpers import (NEW_TOKENS, assert_port_matches, hf_reference, make_hf_model, prompt_for,
                                   save_hf, state_dict_numpy, write_checkpoint)
 
 LLAMA = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

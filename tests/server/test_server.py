@@ -19,9 +19,9 @@ import pytest
 
 from jaxpaged.engine_args import EngineArgs
 from jaxpaged.server.server_tokenizer import ServerTokenizer
-from tests.server_bad_inputs import BAD_INPUTS, CHAT, MAX_MODEL_LEN, C, M, P
-from tests.server_harness import Stack
-from tests.tiny_checkpoint import make_tiny_checkpoint
+from tests.helpers.server_bad_inputs import BAD_INPUTS, CHAT, MAX_MODEL_LEN, C, M, P
+from tests.helpers.server_harness import Stack
+from tests.helpers.tiny_checkpoint import make_tiny_checkpoint
 
 MAX_NUM_SEQS = 16
 SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>")

@@ -6,7 +6,7 @@ import pytest
 
 from jaxpaged import LLM, SamplingParams
 from jaxpaged.sampling_params import MAX_SEED, MIN_SEED
-from tests.tiny_checkpoint import make_tiny_checkpoint
+from tests.helpers.tiny_checkpoint import make_tiny_checkpoint
 
 MAX_MODEL_LEN = 64
 

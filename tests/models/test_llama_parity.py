@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from jaxpaged.model_loader import load_model
-from tests.paged_driver import hf_reference, max_rel_err, paged_greedy
+from tests.helpers.paged_driver import hf_reference, max_rel_err, paged_greedy
 
 BASE = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jaxpaged import LLM, SamplingParams
-from tests.tiny_checkpoint import make_tiny_checkpoint
+from tests.helpers.tiny_checkpoint import make_tiny_checkpoint
 
 NEW = 24
 PROMPT_LENS = [3, 20, 7, 15, 1, 11]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny_checkpoint import make_tiny_checkpoint
+from tests.helpers.tiny_checkpoint import make_tiny_checkpoint
 
 pytestmark = pytest.mark.gpu
 

@@ -6,8 +6,8 @@ import functools
 import numpy as np
 import pytest
 
-from tests.numpy_references import baichuan_13b_logits, chatglm_logits, greedy
-from tests.parity_helpers import NEW_TOKENS, assert_port_matches, prompt_for, write_checkpoint
+from tests.helpers.numpy_references import baichuan_13b_logits, chatglm_logits, greedy
+from tests.helpers.parity_helpers import NEW_TOKENS, assert_port_matches, prompt_for, write_checkpoint
 
 VOCAB = 1000
 

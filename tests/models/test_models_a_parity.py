@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jaxpaged.model_loader import load_model
-from tests.paged_driver import hf_reference, max_rel_err, paged_greedy
+from tests.helpers.paged_driver import hf_reference, max_rel_err, paged_greedy
 
 VOCAB = 1000
 PROMPT_LEN = 20

@@ -12,7 +12,7 @@ import torch
 
 from jaxpaged.model_loader import load_model
 from jaxpaged.safetensors_file import save_safetensors
-from tests.paged_driver import hf_reference, max_rel_err, paged_greedy
+from tests.helpers.paged_driver import hf_reference, max_rel_err, paged_greedy
 
 PROMPT_LEN = 20
 NEW_TOKENS = 32

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxpaged import LLM, SamplingParams
-from tests.tiny_checkpoint import make_tiny_checkpoint
+from tests.helpers.tiny_checkpoint import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

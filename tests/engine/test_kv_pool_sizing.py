@@ -11,7 +11,7 @@ from jaxpaged import kv_pool_sizing
 from jaxpaged.engine_args import EngineArgs
 from jaxpaged.kv_pool_sizing import CPU_KV_CACHE_BYTES, activation_peak_bytes, num_kv_blocks
 from jaxpaged.model_loader import load_model
-from tests.tiny_checkpoint import make_tiny_checkpoint
+from tests.helpers.tiny_checkpoint import make_tiny_checkpoint
 
 GiB = 1 << 30
 

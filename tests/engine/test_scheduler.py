@@ -13,7 +13,7 @@ import pytest
 from jaxpaged.block_manager import BlockManager
 from jaxpaged.request import Request, SequenceStatus
 from jaxpaged.scheduler import Scheduler
-from tests.sim_runner import SimulatedKVRunner, default_token
+from tests.helpers.sim_runner import SimulatedKVRunner, default_token
 
 EOS = 2
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from tests.parity_helpers import (NEW_TOKENS, assert_port_matches, hf_reference, make_hf_model, prompt_for,
+from tests.helpers.parity_helpers import (NEW_TOKENS, assert_port_matches, hf_reference, make_hf_model, prompt_for,
                                   save_hf, torch_reference)
 
 BASE = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, initializer_range=0.1,

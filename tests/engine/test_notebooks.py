@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-NOTEBOOK_DIR = os.path.join(os.path.dirname(__file__), "..", "notebooks")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NOTEBOOK_DIR = os.path.join(ROOT, "notebooks")
 
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(NOTEBOOK_DIR) if f.endswith(".ipynb")))
@@ -14,8 +15,7 @@ def test_notebook_executes(name, tmp_path):
     from nbclient import NotebookClient
 
     nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)
-    env_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    os.environ["PYTHONPATH"] = env_root + os.pathsep + os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]

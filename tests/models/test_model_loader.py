@@ -12,7 +12,7 @@ import torch
 
 from jaxpaged.model_loader import load_model
 from jaxpaged.safetensors_file import CheckpointError, SafetensorsFile, save_safetensors
-from tests.paged_driver import hf_reference, max_rel_err, paged_greedy
+from tests.helpers.paged_driver import hf_reference, max_rel_err, paged_greedy
 
 TINY = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1)

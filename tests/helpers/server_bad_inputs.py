@@ -1,4 +1,4 @@
-"""The bad-input table for tests/test_server.py: (name, path, body, expected status, expected param).
+"""The bad-input table for tests/server/test_server.py: (name, path, body, expected status, expected param).
 
 Written against the caps the test server is started with (max_n=4, max_logprobs=5,
 max_stop_strings=4, max_prompts_per_request=8, a 64 KiB body limit) and MAX_MODEL_LEN tokens of context.
