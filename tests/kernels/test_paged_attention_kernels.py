@@ -27,54 +27,9 @@ from pallas_kernels.ragged_paged_attention import (
     ragged_paged_attention_pallas,
     ragged_paged_attention_reference,
 )
+from tests.helpers.paged_cases import BF16, F16, F32, TOL, attention_features, paged_case, rel_err
 
-F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
-TOL = {F32: 1e-5, BF16: 1.5e-2, F16: 4e-3}
 ON_GPU = jax.default_backend() == "gpu"
-
-
-def _rel_err(out, ref) -> float:
-    out = np.asarray(out, np.float64)
-    ref = np.asarray(ref, np.float64)
-    assert not np.isnan(out).any(), "kernel output holds NaN (read outside the sequence's keys?)"
-    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
-
-
-def _paged_case(rng, q_lens, ctx_lens, *, hq, hkv, d, bs, dtype, num_tokens=None, extra_blocks=3):
-    """A NaN-poisoned paged cache holding ``ctx + q`` keys per sequence in shuffled blocks."""
-    seq_lens = np.asarray(q_lens) + np.asarray(ctx_lens)
-    nblocks = [-(-int(n) // bs) for n in seq_lens]
-    max_blocks = max(1, max(nblocks)) + 1  # a spare column: padding entries (0) must stay unread
-    num_blocks = sum(nblocks) + extra_blocks
-    perm = rng.permutation(num_blocks)
-    kc = np.full((num_blocks, bs, hkv, d), np.nan, np.float32)
-    vc = kc.copy()
-    tables, c = [], 0
-    for n, L in zip(nblocks, seq_lens):
-        bt = [int(b) for b in perm[c : c + n]]
-        c += n
-        for j, b in enumerate(bt):
-            rows = min(bs, int(L) - j * bs)
-            kc[b, :rows] = rng.standard_normal((rows, hkv, d))
-            vc[b, :rows] = rng.standard_normal((rows, hkv, d))
-        tables.append(bt)
-    md, positions = pack_attention_metadata(
-        list(q_lens), list(ctx_lens), tables, block_size=bs, num_tokens=num_tokens, max_blocks_per_seq=max_blocks,
-    )
-    T = md.num_tokens
-    q = rng.standard_normal((T, hq, d))
-    return dict(
-        q=jnp.asarray(q, dtype), k_cache=jnp.asarray(kc, dtype), v_cache=jnp.asarray(vc, dtype),
-        positions=jnp.asarray(positions), query_start_loc=jnp.asarray(md.query_start_loc),
-        seq_lens=jnp.asarray(md.seq_lens), block_tables=jnp.asarray(md.block_tables),
-    )
-
-
-def _features(rng, hq, alibi, soft_cap):
-    return dict(
-        alibi_slopes=jnp.asarray(rng.uniform(0.05, 1.0, hq), F32) if alibi else None,
-        logits_soft_cap=soft_cap,
-    )
 
 
 # (hq, hkv, head_dim, block_size, dtype, sliding_window, alibi, soft_cap, num_splits)
@@ -95,15 +50,15 @@ def test_decode_kernel_matches_reference_interpret(case):
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
     ctx = [int(x) for x in rng.integers(0, 70, 4)] + [0]
     q_lens = [1, 1, 1, 1, 0]  # last: a padding sequence (seq_len 0) must come out as zeros
-    c = _paged_case(rng, q_lens, ctx, hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=5)
-    feats = _features(rng, hq, alibi, cap)
+    c = paged_case(rng, q_lens, ctx, hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=5)
+    feats = attention_features(rng, hq, alibi, cap)
     args = (c["q"], c["k_cache"], c["v_cache"], c["seq_lens"], c["block_tables"])
     out = paged_attention_decode(
         *args, scale=d**-0.5, sliding_window=window, num_splits=splits, interpret=True, **feats,
     )
     ref = paged_attention_decode_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
     assert out.shape == c["q"].shape and out.dtype == c["q"].dtype
-    assert _rel_err(out, ref) < TOL[dtype]
+    assert rel_err(out, ref) < TOL[dtype]
     np.testing.assert_array_equal(np.asarray(out[4], np.float32), 0.0)
 
 
@@ -132,7 +87,7 @@ def test_merge_splits_kernel_matches_jnp_merge_interpret(dtype):
     ref = merge_splits(jnp.asarray(o[:, :, :, :G, :D]), jnp.asarray(m[..., :G]), jnp.asarray(l[..., :G]))
     ref = ref.reshape(S, hkv * G, D)
     assert out.shape == (S, hkv * G, D) and out.dtype == dtype
-    assert _rel_err(out, ref) < TOL[dtype]
+    assert rel_err(out, ref) < TOL[dtype]
     np.testing.assert_array_equal(np.asarray(out[1, :G], np.float32), 0.0)
     with pytest.raises(ValueError, match="num_q_heads"):
         merge_splits_pallas(jnp.asarray(o), jnp.asarray(m), jnp.asarray(l), num_q_heads=hkv * 17, head_dim=D,
@@ -162,8 +117,8 @@ def test_ragged_kernel_matches_reference_interpret(case, loop):
     q_lens = [int(rng.integers(9, 40)), int(rng.integers(2, 20)), 1, 1, 0]
     ctx = [0, int(rng.integers(5, 50)), int(rng.integers(0, 60)), 0, 0]
     T = sum(q_lens) + 3  # padding tokens at the end must come out as zeros
-    c = _paged_case(rng, q_lens, ctx, hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=T)
-    feats = _features(rng, hq, alibi, cap)
+    c = paged_case(rng, q_lens, ctx, hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=T)
+    feats = attention_features(rng, hq, alibi, cap)
     args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
     out = ragged_paged_attention_pallas(
         *args, scale=d**-0.5, sliding_window=window, block_m=block_m, blocks_per_iter=bpi,
@@ -171,7 +126,7 @@ def test_ragged_kernel_matches_reference_interpret(case, loop):
     )
     ref = ragged_paged_attention_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
     assert out.shape == c["q"].shape and out.dtype == c["q"].dtype
-    assert _rel_err(out, ref) < TOL[dtype]
+    assert rel_err(out, ref) < TOL[dtype]
     np.testing.assert_array_equal(np.asarray(out[-3:], np.float32), 0.0)
 
 
@@ -184,28 +139,28 @@ def test_split_decode_rows_matches_reference_interpret(case):
     q_lens = [1, int(rng.integers(9, 30)), 1, 1, int(rng.integers(2, 9)), 0]
     ctx = [int(rng.integers(0, 60)), 0, int(rng.integers(0, 60)), 5, int(rng.integers(5, 40)), 0]
     T = sum(q_lens) + 3
-    c = _paged_case(rng, q_lens, ctx, hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=T)
+    c = paged_case(rng, q_lens, ctx, hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=T)
     # Sequence 3's one token sits at position 2 of 6 cached keys: it must see keys 0..2 only, so
     # it is not a decode row (the decode kernel would read all 6).
     t3 = int(c["query_start_loc"][3])
     c["positions"] = c["positions"].at[t3].set(2)
-    feats = _features(rng, hq, alibi, cap)
+    feats = attention_features(rng, hq, alibi, cap)
     args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
     ref = ragged_paged_attention_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
     out = ragged_paged_attention(*args, scale=d**-0.5, sliding_window=window, backend="pallas",
                                  split_decode_rows=True, interpret=True, **feats)
-    assert _rel_err(out, ref) < TOL[dtype]
+    assert rel_err(out, ref) < TOL[dtype]
     np.testing.assert_array_equal(np.asarray(out[-3:], np.float32), 0.0)
 
 
 def test_dispatch_decode_only_uses_decode_kernel_and_matches():
     rng = np.random.default_rng(7)
-    c = _paged_case(rng, [1, 1, 1], [5, 40, 17], hq=4, hkv=2, d=32, bs=8, dtype=F32)
+    c = paged_case(rng, [1, 1, 1], [5, 40, 17], hq=4, hkv=2, d=32, bs=8, dtype=F32)
     args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
     ref = ragged_paged_attention(*args, scale=0.2)
     for decode_only in (False, True):
         out = ragged_paged_attention(*args, scale=0.2, backend="pallas", decode_only=decode_only, interpret=True)
-        assert _rel_err(out, ref) < 1e-5
+        assert rel_err(out, ref) < 1e-5
     jaxpr = str(jax.make_jaxpr(
         lambda *a: ragged_paged_attention(*a, scale=0.2, backend="pallas", decode_only=True, interpret=True)
     )(*args))
@@ -214,7 +169,7 @@ def test_dispatch_decode_only_uses_decode_kernel_and_matches():
 
 def test_validation_errors_name_the_field():
     rng = np.random.default_rng(3)
-    c = _paged_case(rng, [3, 1], [4, 9], hq=4, hkv=2, d=32, bs=8, dtype=F32)
+    c = paged_case(rng, [3, 1], [4, 9], hq=4, hkv=2, d=32, bs=8, dtype=F32)
     args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
     with pytest.raises(ValueError, match="backend 'cudnn' is not available; allowed: 'reference', 'pallas', 'mosaic'"):
         ragged_paged_attention(*args, scale=1.0, backend="cudnn")
@@ -330,15 +285,15 @@ def test_decode_kernel_gpu(case):
     hq, hkv, d, bs, dtype, window, alibi, cap = case
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
     ctx = [int(x) for x in rng.integers(0, 3000, 11)] + [0, 2047, 1]
-    c = _paged_case(rng, [1] * 14 + [0], ctx + [0], hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=15)
-    feats = _features(rng, hq, alibi, cap)
+    c = paged_case(rng, [1] * 14 + [0], ctx + [0], hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=15)
+    feats = attention_features(rng, hq, alibi, cap)
     args = (c["q"], c["k_cache"], c["v_cache"], c["seq_lens"], c["block_tables"])
     ref = paged_attention_decode_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
     for splits in (None, 1, 5):
         out = paged_attention_decode(
             *args, scale=d**-0.5, sliding_window=window, num_splits=splits, **feats
         )
-        assert _rel_err(out, ref) < TOL[dtype], splits
+        assert rel_err(out, ref) < TOL[dtype], splits
         np.testing.assert_array_equal(np.asarray(out[14], np.float32), 0.0)
 
 
@@ -360,8 +315,8 @@ def test_ragged_kernel_gpu(case, variant):
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
     q_lens = [700, 129, 1, 1, 64, 1, 0]
     ctx = [0, 900, 1500, 3, 0, 0, 0]
-    c = _paged_case(rng, q_lens, ctx, hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=sum(q_lens) + 5)
-    feats = _features(rng, hq, alibi, None)
+    c = paged_case(rng, q_lens, ctx, hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=sum(q_lens) + 5)
+    feats = attention_features(rng, hq, alibi, None)
     args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
     ref = ragged_paged_attention_reference(*args, scale=d**-0.5, sliding_window=window, **feats)
     if variant == "split_decode_rows":
@@ -370,7 +325,7 @@ def test_ragged_kernel_gpu(case, variant):
     else:
         out = ragged_paged_attention_pallas(*args, scale=d**-0.5, sliding_window=window,
                                             prefetch=variant == "prefetch", **feats)
-    assert _rel_err(out, ref) < TOL[dtype]
+    assert rel_err(out, ref) < TOL[dtype]
     np.testing.assert_array_equal(np.asarray(out[-5:], np.float32), 0.0)
 
 

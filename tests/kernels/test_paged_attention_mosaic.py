@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks.ablations.paged_attention_decode_mosaic import paged_attention_decode_mosaic
 from pallas_kernels.paged_attention_decode import paged_attention_decode_reference
-from tests.kernels.test_paged_attention_kernels import _paged_case, _rel_err
+from tests.helpers.paged_cases import paged_case, rel_err
 
 BF16, F16 = jnp.bfloat16, jnp.float16
 
@@ -20,7 +20,7 @@ def _decode_case(seed, seq_lens, *, hq, hkv, d, bs, dtype):
     """Shuffled blocks, NaN in every cache row no sequence owns; seq_len 0 marks a padding row."""
     rng = np.random.default_rng(seed)
     lens = np.asarray(seq_lens)
-    case = _paged_case(rng, [1] * len(lens), np.maximum(lens - 1, 0), hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype)
+    case = paged_case(rng, [1] * len(lens), np.maximum(lens - 1, 0), hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype)
     sl = jnp.where(jnp.asarray(lens) == 0, 0, case["seq_lens"])
     args = (case["q"], case["k_cache"], case["v_cache"], sl, case["block_tables"])
     return args, d ** -0.5
@@ -31,7 +31,7 @@ def _check(args, scale, tol, **kw):
     ref = paged_attention_decode_reference(*args, scale=scale)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert not bool(jnp.isnan(out.astype(jnp.float32)).any())
-    assert _rel_err(out, ref) < tol
+    assert rel_err(out, ref) < tol
     padding = np.asarray(args[3]) == 0
     assert not bool(jnp.any(out[padding] != 0))
 

@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks.ablations.paged_attention_decode_triton import paged_attention_decode_triton
 from pallas_kernels.paged_attention_decode import paged_attention_decode_reference
-from tests.kernels.test_paged_attention_kernels import BF16, F16, F32, TOL, _paged_case, _rel_err
+from tests.helpers.paged_cases import BF16, F16, F32, TOL, paged_case, rel_err
 
 HAS_JAX_TRITON = importlib.util.find_spec("jax_triton") is not None
 
@@ -86,12 +86,12 @@ def test_triton_decode_kernel_gpu(case):
     hq, hkv, d, bs, dtype, window = case
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
     ctx = [int(x) for x in rng.integers(0, 3000, 11)] + [0, 2047, 1]
-    c = _paged_case(rng, [1] * 14 + [0], ctx + [0], hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=15)
+    c = paged_case(rng, [1] * 14 + [0], ctx + [0], hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=15)
     args = (c["q"], c["k_cache"], c["v_cache"], c["seq_lens"], c["block_tables"])
     ref = paged_attention_decode_reference(*args, scale=d**-0.5, sliding_window=window)
     variants = [dict(), dict(num_splits=1), dict(num_splits=5, prefetch=False), dict(keys_per_step=64, num_warps=8)]
     for kw in variants:
         out = paged_attention_decode_triton(*args, scale=d**-0.5, sliding_window=window, **kw)
         assert out.shape == ref.shape and out.dtype == ref.dtype
-        assert _rel_err(out, ref) < TOL[dtype], kw
+        assert rel_err(out, ref) < TOL[dtype], kw
         np.testing.assert_array_equal(np.asarray(out[14], np.float32), 0.0)

@@ -11,7 +11,7 @@ import pytest
 
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic
-from tests.kernels.test_paged_attention_kernels import _paged_case, _rel_err
+from tests.helpers.paged_cases import paged_case, rel_err
 
 BF16, F16 = jnp.bfloat16, jnp.float16
 
@@ -20,7 +20,7 @@ def _check(case, *, interpret):
     hq, hkv, d, bs, dtype, q_lens, ctx, kw = case
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
     # Padding tokens after the last sequence, as in the engine's buckets.
-    c = _paged_case(rng, q_lens, ctx, hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=sum(q_lens) + 5)
+    c = paged_case(rng, q_lens, ctx, hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, num_tokens=sum(q_lens) + 5)
     args = (c["q"], c["k_cache"], c["v_cache"], c["positions"], c["query_start_loc"], c["seq_lens"], c["block_tables"])
     ref = ragged_paged_attention_reference(*args, scale=d**-0.5)
     out, taken = ragged_paged_attention_mosaic(
@@ -35,7 +35,7 @@ def _check(case, *, interpret):
     rows = np.zeros(out.shape[0], bool)
     for s in np.flatnonzero(taken):
         rows[qsl[s] : qsl[s + 1]] = True
-    assert _rel_err(out[rows], ref[rows]) < 2e-2
+    assert rel_err(out[rows], ref[rows]) < 2e-2
     # Tokens of sequences it did not take (and padding) are zero, for the caller to fill.
     assert not bool(jnp.any(out[~rows] != 0))
 
@@ -59,7 +59,7 @@ def test_mosaic_prefill_matches_reference_interpret(case):
 
 def test_mosaic_prefill_validation_names_the_field():
     rng = np.random.default_rng(0)
-    c = _paged_case(rng, [5], [3], hq=4, hkv=2, d=64, bs=16, dtype=BF16)
+    c = paged_case(rng, [5], [3], hq=4, hkv=2, d=64, bs=16, dtype=BF16)
     q, kc, vc, qsl, sl, bt = (c[k] for k in ("q", "k_cache", "v_cache", "query_start_loc", "seq_lens", "block_tables"))
     bad = {
         "dtype": ((q.astype(jnp.float32), kc.astype(jnp.float32), vc.astype(jnp.float32), qsl, sl, bt), {}),
@@ -111,15 +111,15 @@ def test_mosaic_backend_routes_a_mixed_step_interpret(monkeypatch):
     monkeypatch.setattr(router, "MOSAIC_MIN_TOKENS", 16)
     rng = np.random.default_rng(7)
     q_lens, ctx = [1, 40, 1, 9, 70, 1], [30, 0, 65, 20, 3, 0]
-    c = _paged_case(rng, q_lens, ctx, hq=4, hkv=2, d=64, bs=16, dtype=BF16, num_tokens=128)
+    c = paged_case(rng, q_lens, ctx, hq=4, hkv=2, d=64, bs=16, dtype=BF16, num_tokens=128)
     args = (c["q"], c["k_cache"], c["v_cache"], c["positions"], c["query_start_loc"], c["seq_lens"], c["block_tables"])
     ref = ragged_paged_attention_reference(*args, scale=0.125)
     out = ragged_paged_attention(*args, scale=0.125, backend="mosaic", interpret=True)
     # The three prefill chunks went to Mosaic (the decode rows reach it with seq_lens 0).
     assert calls == [[False, True, False, True, True, False]]
-    assert _rel_err(out, ref) < 2e-2
+    assert rel_err(out, ref) < 2e-2
     assert not bool(jnp.any(out[sum(q_lens):] != 0))
     calls.clear()
     win = ragged_paged_attention(*args, scale=0.125, backend="mosaic", sliding_window=8, interpret=True)
     assert calls == []
-    assert _rel_err(win, ragged_paged_attention_reference(*args, scale=0.125, sliding_window=8)) < 2e-2
+    assert rel_err(win, ragged_paged_attention_reference(*args, scale=0.125, sliding_window=8)) < 2e-2
