@@ -62,9 +62,7 @@ class BaichuanAttention(nn.Module):
             slopes = alibi_slopes(H)
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, positions, metadata, scale=D**-0.5, alibi_slopes=slopes,
-        )
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=D**-0.5, alibi_slopes=slopes)
         return dense(c.hidden_size, False, self.dtype, "o_proj")(out.reshape(T, -1)), kv_cache
 
 
@@ -76,9 +74,7 @@ class BaichuanLayer(nn.Module):
     def __call__(self, x, positions, kv_cache, metadata, cos, sin):
         c = self.config
         h = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        h, kv_cache = BaichuanAttention(c, self.dtype, name="self_attn")(
-            h, positions, kv_cache, metadata, cos, sin
-        )
+        h, kv_cache = BaichuanAttention(c, self.dtype, name="self_attn")(h, positions, kv_cache, metadata, cos, sin)
         x = x + h
         h = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
         return x + LlamaMLP(c, self.dtype, name="mlp")(h), kv_cache

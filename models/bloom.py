@@ -90,9 +90,7 @@ class BloomBlock(nn.Module):
         c = self.config
         post_ln_residual = c.apply_residual_connection_post_layernorm
         h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="input_layernorm")(x)
-        attn, kv_cache = BloomAttention(c, self.dtype, name="self_attention")(
-            h, positions, kv_cache, metadata, slopes
-        )
+        attn, kv_cache = BloomAttention(c, self.dtype, name="self_attention")(h, positions, kv_cache, metadata, slopes)
         x = attn + (h if post_ln_residual else x)
         h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="post_attention_layernorm")(x)
         mlp = DenseMLP(

@@ -104,9 +104,7 @@ class SelfAttention(nn.Module):
         v = qkv[:, (H + Hkv) * D :].reshape(T, Hkv, D)
         q = apply_rotary(q, cos, sin, interleaved=True)
         k = apply_rotary(k, cos, sin, interleaved=True)
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, positions, metadata, scale=D**-0.5,
-        )
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=D**-0.5)
         return dense(c.hidden_size, c.add_bias_linear, self.dtype, "dense")(out.reshape(T, -1)), kv_cache
 
 
@@ -131,9 +129,7 @@ class GLMBlock(nn.Module):
         c = self.config
         post_ln_residual = c.apply_residual_connection_post_layernorm
         h = _norm(c, self.dtype, "input_layernorm")(x)
-        attn, kv_cache = SelfAttention(c, self.dtype, name="self_attention")(
-            h, positions, kv_cache, metadata, cos, sin
-        )
+        attn, kv_cache = SelfAttention(c, self.dtype, name="self_attention")(h, positions, kv_cache, metadata, cos, sin)
         x = attn + (h if post_ln_residual else x)
         h = _norm(c, self.dtype, "post_attention_layernorm")(x)
         return MLP(c, self.dtype, name="mlp")(h) + (h if post_ln_residual else x), kv_cache

@@ -140,9 +140,7 @@ class FalconAttention(nn.Module):
             slopes = falcon_alibi_slopes(c)
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, positions, metadata, scale=D**-0.5, alibi_slopes=slopes,
-        )
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=D**-0.5, alibi_slopes=slopes)
         return dense(c.hidden_size, c.bias, self.dtype, "dense")(out.reshape(T, -1)), kv_cache
 
 

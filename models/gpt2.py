@@ -85,9 +85,7 @@ class GPT2Attention(nn.Module):
         scale = c.head_dim**-0.5 if c.scale_attn_weights else 1.0
         if c.scale_attn_by_inverse_layer_idx:
             scale /= float(self.layer_idx + 1)
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, positions, metadata, scale=scale
-        )
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=scale)
         return dense(c.hidden_size, True, self.dtype, "c_proj")(out.reshape(T, -1)), kv_cache
 
 
@@ -100,9 +98,7 @@ class GPT2Block(nn.Module):
     def __call__(self, x, positions, kv_cache, metadata):
         c = self.config
         h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="ln_1")(x)
-        h, kv_cache = GPT2Attention(c, self.layer_idx, self.dtype, name="attn")(
-            h, positions, kv_cache, metadata
-        )
+        h, kv_cache = GPT2Attention(c, self.layer_idx, self.dtype, name="attn")(h, positions, kv_cache, metadata)
         x = x + h
         h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="ln_2")(x)
         mlp = DenseMLP(

@@ -85,9 +85,7 @@ class GPTBigCodeAttention(nn.Module):
             per_head = qkv.reshape(T, H, 3, D)
             q, k, v = per_head[:, :, 0], per_head[:, :, 1], per_head[:, :, 2]
         scale = D**-0.5 if c.scale_attn_weights else 1.0
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, positions, metadata, scale=scale
-        )
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=scale)
         return dense(c.hidden_size, True, self.dtype, "c_proj")(out.reshape(T, -1)), kv_cache
 
 
@@ -99,9 +97,7 @@ class GPTBigCodeBlock(nn.Module):
     def __call__(self, x, positions, kv_cache, metadata):
         c = self.config
         h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="ln_1")(x)
-        h, kv_cache = GPTBigCodeAttention(c, self.dtype, name="attn")(
-            h, positions, kv_cache, metadata
-        )
+        h, kv_cache = GPTBigCodeAttention(c, self.dtype, name="attn")(h, positions, kv_cache, metadata)
         x = x + h
         h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="ln_2")(x)
         mlp = DenseMLP(

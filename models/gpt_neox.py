@@ -84,9 +84,7 @@ class GPTNeoXAttention(nn.Module):
         qkv = dense(3 * c.hidden_size, c.attention_bias, self.dtype, "query_key_value")(x).reshape(T, H, 3, D)
         q = apply_rotary(qkv[:, :, 0], cos, sin)
         k = apply_rotary(qkv[:, :, 1], cos, sin)
-        out, kv_cache = paged_attention(
-            q, k, qkv[:, :, 2], kv_cache, positions, metadata, scale=D**-0.5
-        )
+        out, kv_cache = paged_attention(q, k, qkv[:, :, 2], kv_cache, positions, metadata, scale=D**-0.5)
         return dense(c.hidden_size, c.attention_bias, self.dtype, "dense")(out.reshape(T, -1)), kv_cache
 
 

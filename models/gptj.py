@@ -87,9 +87,7 @@ class GPTJAttention(nn.Module):
         v = dense(c.hidden_size, False, self.dtype, "v_proj")(x).reshape(T, H, D)
         q = apply_rotary(q, cos, sin, interleaved=True)
         k = apply_rotary(k, cos, sin, interleaved=True)
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, positions, metadata, scale=D**-0.5
-        )
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=D**-0.5)
         return dense(c.hidden_size, False, self.dtype, "out_proj")(out.reshape(T, -1)), kv_cache
 
 
@@ -101,9 +99,7 @@ class GPTJBlock(nn.Module):
     def __call__(self, x, positions, kv_cache, metadata, cos, sin):
         c = self.config
         h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="ln_1")(x)
-        attn, kv_cache = GPTJAttention(c, self.dtype, name="attn")(
-            h, positions, kv_cache, metadata, cos, sin
-        )
+        attn, kv_cache = GPTJAttention(c, self.dtype, name="attn")(h, positions, kv_cache, metadata, cos, sin)
         mlp = DenseMLP(
             c.intermediate_size, c.hidden_size, c.activation_function, True, "fc_in", "fc_out", self.dtype, name="mlp",
         )

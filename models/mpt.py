@@ -111,9 +111,7 @@ class MptAttention(nn.Module):
             qkv = jnp.clip(qkv, -c.clip_qkv, c.clip_qkv)
         q, k, v = (t.reshape(T, c.num_attention_heads, c.head_dim) for t in jnp.split(qkv, 3, axis=-1))
         scale = c.softmax_scale if c.softmax_scale is not None else c.head_dim**-0.5
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, positions, metadata, scale=scale, alibi_slopes=slopes,
-        )
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=scale, alibi_slopes=slopes)
         return dense(c.hidden_size, not c.no_bias, self.dtype, "out_proj")(out.reshape(T, -1)), kv_cache
 
 
@@ -125,9 +123,7 @@ class MptBlock(nn.Module):
     def __call__(self, x, positions, kv_cache, metadata, slopes):
         c = self.config
         ln = lambda name: LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, use_bias=not c.no_bias, name=name)
-        h, kv_cache = MptAttention(c, self.dtype, name="attn")(
-            ln("norm_1")(x), positions, kv_cache, metadata, slopes
-        )
+        h, kv_cache = MptAttention(c, self.dtype, name="attn")(ln("norm_1")(x), positions, kv_cache, metadata, slopes)
         x = x + h
         mlp = DenseMLP(
             c.expansion_ratio * c.hidden_size, c.hidden_size, "gelu", not c.no_bias,

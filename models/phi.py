@@ -81,9 +81,7 @@ class PhiAttention(nn.Module):
             k = LayerNorm(D, c.layer_norm_eps, self.dtype, name="k_layernorm")(k)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, positions, metadata, scale=D**-0.5
-        )
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=D**-0.5)
         return dense(c.hidden_size, True, self.dtype, "dense")(out.reshape(T, -1)), kv_cache
 
 
@@ -95,9 +93,7 @@ class PhiDecoderLayer(nn.Module):
     def __call__(self, x, positions, kv_cache, metadata, cos, sin):
         c = self.config
         h = LayerNorm(c.hidden_size, c.layer_norm_eps, self.dtype, name="input_layernorm")(x)
-        attn, kv_cache = PhiAttention(c, self.dtype, name="self_attn")(
-            h, positions, kv_cache, metadata, cos, sin
-        )
+        attn, kv_cache = PhiAttention(c, self.dtype, name="self_attn")(h, positions, kv_cache, metadata, cos, sin)
         mlp = DenseMLP(
             c.intermediate_size, c.hidden_size, c.hidden_act, True, "fc1", "fc2", self.dtype, name="mlp",
         )

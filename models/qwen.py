@@ -88,9 +88,7 @@ class QWenAttention(nn.Module):
         qkv = dense(3 * H * D, True, self.dtype, "c_attn")(x)
         q, k, v = (t.reshape(T, H, D) for t in jnp.split(qkv, 3, axis=-1))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, positions, metadata, scale=D**-0.5,
-        )
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=D**-0.5)
         return dense(c.hidden_size, not c.no_bias, self.dtype, "c_proj")(out.reshape(T, -1)), kv_cache
 
 
