@@ -4,6 +4,8 @@ PY := .venv/bin/python
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 # The GPU machine has no network (no .venv there): its own python3, the repository on the path.
 GPU_PY ?= python3
+# The test files that hold GPU-marked tests (the others import packages the GPU image may lack).
+GPU_TESTS = $(shell grep -rl --include='test_*.py' 'mark\.gpu' tests)
 
 .PHONY: setup demo serve test test-all test-gpu clean
 
@@ -27,7 +29,7 @@ test-all: setup
 # On a machine with an NVIDIA GPU: the GPU-marked tests (kernels compiled for the device, the engine
 # on the Pallas and Mosaic backends; jax-triton's ablation test skips without jax_triton).
 test-gpu:
-	JAX_PLATFORMS=cuda PYTHONPATH=. $(GPU_PY) -m pytest -q -p no:cacheprovider -m gpu tests $(ARGS)
+	JAX_PLATFORMS=cuda PYTHONPATH=. $(GPU_PY) -m pytest -q -p no:cacheprovider -m gpu $(GPU_TESTS) $(ARGS)
 
 clean:
 	rm -rf .venv
