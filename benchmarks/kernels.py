@@ -28,14 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import attention_router
 from pallas_kernels.kv_cache_write import write_kv
 from pallas_kernels.paged_attention_decode import choose_num_splits, paged_attention_decode
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_pallas
 from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic
+from pallas_kernels.sizes import cdiv
 
 L2_BYTES = 50 * 2**20
-# The decode loop that was the default until the fourth session's sweep (benchmarks/RESULTS.md).
-REGISTER_PREFETCH = dict(flat_gather=False, prefetch=1, ids_ahead=True, blocks_per_iter=2)
+# Decode-kernel tuning variants (the default: 64 keys a step, 3 stages, 4 warps).
+DECODE_VARIANTS = [dict(), dict(num_stages=4), dict(num_stages=2), dict(blocks_per_iter=8)]
 CEILINGS: dict = {}
 
 
@@ -103,11 +105,11 @@ def ablation_kernel(name: str):
     """The decode-kernel ablations beside the shipped Pallas (Triton lowering) kernel: the same
     algorithm in the Triton language through jax-triton, and the Mosaic GPU (TMA + wgmma) one."""
     if name == "triton":
-        from pallas_kernels.paged_attention_decode_triton import paged_attention_decode_triton  # noqa: PLC0415
+        from benchmarks.ablations.paged_attention_decode_triton import paged_attention_decode_triton  # noqa: PLC0415
 
         return paged_attention_decode_triton
     if name == "mosaic":
-        from pallas_kernels.paged_attention_decode_mosaic import paged_attention_decode_mosaic  # noqa: PLC0415
+        from benchmarks.ablations.paged_attention_decode_mosaic import paged_attention_decode_mosaic  # noqa: PLC0415
 
         return paged_attention_decode_mosaic
     raise ValueError(f"ablation {name!r}: allowed 'triton', 'mosaic'")
@@ -136,12 +138,8 @@ def run_decode(copy_bw, args, results, sweep):
     if args.quick:
         batches, ctxs = [1, 64], [2048]
     d, bs = 128, 16
-    variants = [dict()]
-    if sweep:
-        # The default (flat per-key gather pipelined by Triton, 64 keys a step, 3 stages) against
-        # its pipeline depth and keys per step, and the previous default (register prefetch, block
-        # ids a step ahead, 32 keys a step).
-        variants = [dict(), dict(num_stages=4), dict(num_stages=2), dict(blocks_per_iter=8), REGISTER_PREFETCH]
+    # With --sweep: the default against its pipeline depth and keys per step.
+    variants = DECODE_VARIANTS if sweep else [dict()]
     for hq, hkv in heads:
         for S in batches:
             for ctx in ctxs:
@@ -191,14 +189,11 @@ def run_decode(copy_bw, args, results, sweep):
 
 
 def run_decode_variants(copy_bw, args, results):
-    """Decode-kernel variants at the shapes where the KV read dominates (register prefetch with
-    block ids a step ahead vs a flat per-key gather left to Triton's pipeliner), then the
+    """Decode-kernel tuning variants at the shapes where the KV read dominates, then the
     context-split count at the small batches where one program per (sequence, KV head) cannot
     fill the GPU."""
     d = 128
-    # The default (flat per-key gather, no register prefetch: Triton pipelines it with cp.async)
-    # against the register-prefetch loop, with and without the flat gather.
-    variants = [dict(), REGISTER_PREFETCH, dict(REGISTER_PREFETCH, flat_gather=True), dict(num_stages=2)]
+    variants = DECODE_VARIANTS
     shapes = [(64, 2048, 32, 32), (256, 512, 32, 32), (64, 2048, 32, 8), (8, 8192, 32, 8), (64, 8192, 32, 32),
               (256, 8192, 32, 32), (8, 8192, 32, 32)]
     split_shapes = [(1, 512, 32, 32), (1, 2048, 32, 32), (1, 8192, 32, 32), (1, 512, 32, 8), (1, 2048, 32, 8),
@@ -206,26 +201,20 @@ def run_decode_variants(copy_bw, args, results):
     if args.quick:
         shapes, split_shapes = shapes[:1], split_shapes[:2]
     plan = [] if args.sweep_all else [(sh, variants) for sh in shapes]  # --sweep-all: the decode table has them
-    plan += [(sh, [dict(num_splits=k, **fv) for fv in (dict(), REGISTER_PREFETCH)
-                   for k in (1, 2, 4, 8, 16, 32, 64) if k <= sh[1] // 32])
-             for sh in split_shapes]
+    plan += [(sh, [dict(num_splits=k) for k in (1, 2, 4, 8, 16, 32, 64) if k <= sh[1] // 32]) for sh in split_shapes]
     bs = 16
     for (S, ctx, hq, hkv), vs in plan:
         q, kc, vc, sl, tables, kv_bytes = make_decode_inputs(jax.random.key(S + ctx), S, ctx, hq, hkv, d, bs)
-        khm = vhm = None
-        if any(v.get("head_major") for v in vs):
-            khm, vhm = jnp.transpose(kc, (0, 2, 1, 3)), jnp.transpose(vc, (0, 2, 1, 3))
         moved = kv_bytes + 2 * q.nbytes
         ref = None
         for v in vs:
-            caches = (khm, vhm) if v.get("head_major") else (kc, vc)
             fn = jax.jit(lambda q, kc, vc, sl, bts, v=v: [
                 paged_attention_decode(q, kc, vc, sl, bt, scale=d**-0.5, **v) for bt in bts])
             row = dict(kind="decode_variant", batch=S, ctx=ctx, hq=hq, hkv=hkv, block_size=bs, variant=v)
             try:
-                out = fn(q, *caches, sl, tables)[0]
+                out = fn(q, kc, vc, sl, tables)[0]
                 ref = out if ref is None else ref
-                t, _ = bench(fn, [(q, *caches, sl, tables)])
+                t, _ = bench(fn, [(q, kc, vc, sl, tables)])
                 t /= len(tables)
                 row.update(ms=t * 1e3, TBps=moved / t / 1e12, frac_copy=moved / t / copy_bw,
                            max_abs_diff=float(jnp.max(jnp.abs((out - ref).astype(jnp.float32)))))
@@ -233,7 +222,7 @@ def run_decode_variants(copy_bw, args, results):
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             results.append(row)
             print(json.dumps(row), flush=True)
-        del q, kc, vc, khm, vhm, tables
+        del q, kc, vc, tables
 
 
 def make_mixed_inputs(S: int, ctx: int, T: int, hq: int, hkv: int, d: int, bs: int = 16):
@@ -241,7 +230,7 @@ def make_mixed_inputs(S: int, ctx: int, T: int, hq: int, hkv: int, d: int, bs: i
     filling the T-token step; blocks shuffled. Returns the ragged kernels' positional inputs."""
     q_lens = [1] * (S - 1) + [T - (S - 1)]
     seq_lens = np.asarray([ctx] * (S - 1) + [T - (S - 1)], np.int32)
-    nblk = [-(-int(n) // bs) for n in seq_lens]
+    nblk = [cdiv(int(n), bs) for n in seq_lens]
     nb = sum(nblk)
     perm = np.random.default_rng(0).permutation(nb).astype(np.int32)
     tables = np.zeros((S, max(nblk)), np.int32)
@@ -262,9 +251,7 @@ def run_mixed(args, results, *, S=256, ctx=512, T=2048, heads=((32, 32), (32, 8)
     """A mixed step's attention (255 decodes at 512 keys + one prefill chunk filling a T-token
     step, T = 2048 the engine's default bucket): the ragged kernel alone vs single-token rows on
     the decode kernel, vs backend "mosaic"."""
-    from pallas_kernels import mixed_step  # noqa: PLC0415
-    from pallas_kernels.ragged_paged_attention import ragged_paged_attention  # noqa: PLC0415
-
+    ragged_paged_attention = attention_router.ragged_paged_attention
     for hq, hkv in heads:
         inputs = make_mixed_inputs(S, ctx, T, hq, hkv, d)
         row = dict(kind="mixed", hq=hq, hkv=hkv, decodes=S - 1, ctx=ctx, prefill_tokens=T - (S - 1), tokens=T)
@@ -295,10 +282,10 @@ def run_mixed(args, results, *, S=256, ctx=512, T=2048, heads=((32, 32), (32, 8)
         if not interpret:  # backend "mosaic": decode rows on the decode kernel, the chunk on Mosaic GPU
             # Timed with the token threshold lowered to this step's size, so that the figure is the
             # Mosaic route's even below the threshold (the measurement that sets the threshold).
-            threshold = mixed_step.MOSAIC_MIN_TOKENS
+            threshold = attention_router.MOSAIC_MIN_TOKENS
             row["mosaic_min_tokens"] = threshold
             try:
-                mixed_step.MOSAIC_MIN_TOKENS = min(threshold, T)
+                attention_router.MOSAIC_MIN_TOKENS = min(threshold, T)
                 fn = jax.jit(lambda *x: ragged_paged_attention(*x, scale=d**-0.5, backend="mosaic"))
                 out = fn(*inputs)
                 t, _ = bench(fn, [inputs])
@@ -307,7 +294,7 @@ def run_mixed(args, results, *, S=256, ctx=512, T=2048, heads=((32, 32), (32, 8)
             except Exception as e:  # noqa: BLE001
                 row["mosaic_skipped"] = f"{type(e).__name__}: {str(e)[:300]}"
             finally:
-                mixed_step.MOSAIC_MIN_TOKENS = threshold
+                attention_router.MOSAIC_MIN_TOKENS = threshold
         results.append(row)
         print(json.dumps(row), flush=True)
 
@@ -316,9 +303,9 @@ def run_prefill(mm_rate, args, results, sweep):
     d, bs = 128, 16
     variants = [dict()]
     if sweep:
-        # flat_gather: the [keys, D] gather Triton can pipeline with cp.async (see the decode kernel).
-        variants = [dict(), dict(flat_gather=True), dict(flat_gather=True, num_stages=2),
-                    dict(blocks_per_iter=4), dict(flat_gather=True, blocks_per_iter=4)]
+        # The default (flat [keys, D] gather, 128 keys a step) against the per-block gather, the
+        # pipeline depth, 64 keys a step and register prefetch.
+        variants = [dict(), dict(flat_gather=False), dict(num_stages=2), dict(blocks_per_iter=4), dict(prefetch=True)]
     for hq, hkv in [(32, 32), (32, 8)]:
         for T in ([4096] if args.quick else [1024, 2048, 4096, 8192]):
             mb = T // bs

@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import LlamaShape, measure_ceilings_jax, sharegpt_like, simulate_ceiling  # noqa: E402
+from benchmarks.common import LlamaShape, measure_ceilings_jax, sharegpt_like, simulate_ceiling
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -27,9 +27,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from pallas_kernels.sizes import cdiv
 
 
 class _BlockPool:

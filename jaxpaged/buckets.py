@@ -21,11 +21,6 @@ class Bucket:
     decode_only: bool = False
 
 
-def next_pow2(n: int, minimum: int = 1) -> int:
-    """The smallest power of two >= max(n, minimum): every padded size in the engine."""
-    return max(minimum, 1 << max(0, (n - 1).bit_length()))
-
-
 def geometric_range(lo: int, hi: int, growth: int = 2) -> list[int]:
     """lo, lo * growth, ... below hi, then hi itself."""
     out, n = [], lo

@@ -6,8 +6,9 @@ import argparse
 import dataclasses
 from typing import Any
 
+from pallas_kernels.backends import ATTENTION_BACKENDS
+
 PREEMPTION_MODES = ("recompute", "swap")
-ATTENTION_BACKENDS = ("reference", "pallas", "mosaic")
 
 
 @dataclasses.dataclass

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.buckets import geometric_range, next_pow2
+from jaxpaged.buckets import geometric_range
+from pallas_kernels.sizes import next_pow2
 
 KVCaches = list[tuple[jax.Array, jax.Array]]
 

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from jaxpaged.engine_args import EngineArgs
+from pallas_kernels.sizes import cdiv
 
 logger = logging.getLogger("jaxpaged")
 
@@ -23,7 +24,7 @@ def num_kv_blocks(lm: Any, args: EngineArgs, *, max_model_len: int, block_bytes:
     of ``max_model_len`` fits."""
     if args.num_gpu_blocks_override is not None:
         return args.num_gpu_blocks_override
-    blocks_per_seq = -(-max_model_len // args.block_size)
+    blocks_per_seq = cdiv(max_model_len, args.block_size)
     if not on_gpu:
         cap = max_num_seqs * blocks_per_seq
         return max(blocks_per_seq, min(cap, CPU_KV_CACHE_BYTES // block_bytes))
@@ -56,15 +57,15 @@ def activation_peak_bytes(lm: Any, block_size: int, max_model_len: int, T: int, 
     import jax
     import jax.numpy as jnp
 
-    from jaxpaged.attention_metadata import AttentionMetadata
     from jaxpaged.model_runner import forward_step
+    from models.attention_metadata import AttentionMetadata
 
     cfg = lm.config
-    MB = -(-max_model_len // block_size)
+    MB = cdiv(max_model_len, block_size)
     shape = (1, block_size, cfg.num_key_value_heads, cfg.head_dim)
     caches = [(jax.ShapeDtypeStruct(shape, lm.dtype),) * 2 for _ in range(cfg.num_hidden_layers)]
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
-    md = AttentionMetadata(i32(T), i32(S + 1), i32(S), i32(S, MB), i32(S))
+    md = AttentionMetadata(i32(T), i32(S + 1), i32(S), i32(S, MB), i32(S), attention_backend=lm.attention_backend)
 
     fwd = functools.partial(forward_step, lm.model)  # the runner's step
     compiled = jax.jit(fwd, donate_argnums=(1,)).lower(lm.params, caches, i32(T), i32(T), md).compile()

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.attention_metadata import AttentionMetadata
 from jaxpaged.safetensors_file import CheckpointError, SafetensorsFile
 from models import get_model_class
+from models.attention_metadata import pack_attention_metadata
 from models.weight_table import map_hf_name
 
 DTYPES: dict[str, Any] = {
@@ -40,7 +40,8 @@ PlaceFn = Callable[[ParamPath, np.ndarray | jax.Array], jax.Array]
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A port instance, its parameters on device, and the configs it was built from."""
+    """A port instance, its parameters on device, the configs it was built from, and the attention
+    backend its steps run on (carried by each step's AttentionMetadata)."""
 
     model: Any  # flax.linen.Module
     params: Any  # nested dict of jax.Array
@@ -49,6 +50,7 @@ class LoadedModel:
     architecture: str
     dtype: Any
     model_path: str
+    attention_backend: str = "reference"
 
 
 def read_hf_config(model_path: str) -> dict:
@@ -101,7 +103,7 @@ def dummy_kv_caches(config: Any, dtype: Any, num_blocks: int = 1, block_size: in
 
 def abstract_params(model: Any, config: Any, dtype: Any) -> Any:
     """Parameter shapes/dtypes the port expects (no memory allocated)."""
-    md, pos = AttentionMetadata.build(query_lens=[1], context_lens=[0], block_tables=[[0]], block_size=1)
+    md, pos = pack_attention_metadata([1], [0], [[0]], block_size=1)
     shape = (1, 1, config.num_key_value_heads, config.head_dim)
     caches = [(jax.ShapeDtypeStruct(shape, dtype),) * 2 for _ in range(config.num_hidden_layers)]
 
@@ -158,7 +160,7 @@ def load_model(
     model_cls = get_model_class(arch)
     config = model_cls.config_class.from_hf_config(hf_config)
     jdtype = resolve_dtype(dtype, hf_config)
-    model = model_cls(config=config, dtype=jdtype, attention_backend=attention_backend)
+    model = model_cls(config=config, dtype=jdtype)
     expected = flax.traverse_util.flatten_dict(abstract_params(model, config, jdtype))
     place = place or _default_place
     if load_format == "dummy":
@@ -166,7 +168,7 @@ def load_model(
     else:
         flat = _load_safetensors(model_path, model_cls, config, expected, jdtype, place)
     params = flax.traverse_util.unflatten_dict(flat)
-    return LoadedModel(model, params, config, hf_config, arch, jdtype, model_path)
+    return LoadedModel(model, params, config, hf_config, arch, jdtype, model_path, attention_backend)
 
 
 def _load_safetensors(model_path, model_cls, config, expected, jdtype, place) -> dict:

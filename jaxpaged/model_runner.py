@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.attention_metadata import AttentionMetadata
-from jaxpaged.buckets import Bucket, geometric_range, make_buckets, next_pow2, pick_bucket
+from jaxpaged.buckets import Bucket, geometric_range, make_buckets, pick_bucket
 from jaxpaged.kv_cache import KVCache
 from jaxpaged.model_loader import LoadedModel
 from jaxpaged.step_errors import SequenceError
@@ -32,6 +31,8 @@ from jaxpaged.sampler import (
     compute_prompt_logprobs,
     sample,
 )
+from models.attention_metadata import AttentionMetadata, pack_attention_metadata
+from pallas_kernels.sizes import cdiv, next_pow2
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class ModelRunner:
         self.kv = kv
         self.block_size = kv.block_size
         self.max_model_len = max_model_len
-        self.max_blocks_per_seq = -(-max_model_len // kv.block_size)
+        self.max_blocks_per_seq = cdiv(max_model_len, kv.block_size)
         self.max_num_seqs = max_num_seqs
         self.max_logprobs = max_logprobs
         self.eos_token_id = eos_token_id
@@ -233,36 +234,17 @@ class ModelRunner:
         return last, hidden
 
     def _pack_arrays(self, scheduled: Sequence[Any], bucket: Bucket):
-        T, S, MB, BS = bucket.num_tokens, bucket.num_seqs, self.max_blocks_per_seq, self.block_size
-        ids = np.zeros(T, np.int32)
-        positions = np.zeros(T, np.int32)
-        slots = np.full(T, -1, np.int32)
-        qsl = np.zeros(S + 1, np.int32)
-        seq_lens = np.zeros(S, np.int32)
-        tables = np.zeros((S, MB), np.int32)
-        logits_idx = np.zeros(S, np.int32)
-        # Whole-batch NumPy: a per-row loop of small array operations cost ~8 us a row on the host.
+        """Token ids, attention metadata and positions of the scheduled rows, padded to ``bucket``."""
         n = len(scheduled)
         q_lens = np.fromiter((len(x.token_ids) for x in scheduled), np.int64, n)
-        ctx = np.fromiter((x.num_computed_tokens for x in scheduled), np.int64, n)
-        bt_lens = np.fromiter((len(x.block_table) for x in scheduled), np.int64, n)
-        ends = np.cumsum(q_lens)
-        total = int(ends[-1]) if n else 0
-        qsl[1 : n + 1] = ends
-        qsl[n + 1 :] = total
+        total = int(q_lens.sum())
+        ids = np.zeros(bucket.num_tokens, np.int32)
         ids[:total] = np.fromiter(itertools.chain.from_iterable(x.token_ids for x in scheduled), np.int32, total)
-        tok_row = np.repeat(np.arange(n), q_lens)
-        pos = np.arange(total) + np.repeat(ctx - (ends - q_lens), q_lens)
-        positions[:total] = pos
-        flat = np.fromiter(itertools.chain.from_iterable(x.block_table for x in scheduled), np.int32, int(bt_lens.sum()))
-        cols = np.arange(flat.size) - np.repeat(np.cumsum(bt_lens) - bt_lens, bt_lens)
-        tables[np.repeat(np.arange(n), bt_lens), cols] = flat
-        slots[:total] = tables[tok_row, pos // BS] * BS + pos % BS
-        seq_lens[:n] = ctx + q_lens
-        logits_idx[:n] = ends - 1
-        md = AttentionMetadata(
-            slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
-            logits_indices=logits_idx, decode_only=bucket.decode_only,
+        md, positions = pack_attention_metadata(
+            q_lens, np.fromiter((x.num_computed_tokens for x in scheduled), np.int64, n),
+            [x.block_table for x in scheduled], block_size=self.block_size, num_tokens=bucket.num_tokens,
+            num_seqs=bucket.num_seqs, max_blocks_per_seq=self.max_blocks_per_seq, decode_only=bucket.decode_only,
+            attention_backend=self.lm.attention_backend,
         )
         return ids, md, positions
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxpaged.outputs import Logprob
 from jaxpaged.sampling_params import SAMPLING_EPS, SamplingParams
+from pallas_kernels.sizes import next_pow2
 
 # Padding token id in the history / bias arrays: out of range for any vocab, dropped by the scatters.
 PAD_TOKEN_ID = 1 << 30
@@ -93,9 +94,7 @@ def max_bias_entries(p: SamplingParams, eos_token_id: int | None) -> int:
 
 def _bucket(n: int, minimum: int) -> int:
     """0 stays 0 (stage unused); otherwise the next power of two >= max(n, minimum)."""
-    if n == 0:
-        return 0
-    return max(minimum, 1 << (n - 1).bit_length())
+    return 0 if n == 0 else next_pow2(n, minimum)
 
 
 @dataclass(frozen=True)

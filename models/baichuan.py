@@ -21,8 +21,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.attention_metadata import AttentionMetadata
-from models.layers import KVCache, RMSNorm, alibi_slopes, dense, paged_attention, run_layers
+from models.attention_metadata import AttentionMetadata
+from models.layers import KVCache, RMSNorm, alibi_slopes, dense, lm_logits, paged_attention, run_layers
 from models.llama import LlamaConfig, LlamaMLP, llama_config_from_hf
 from models.rotary import apply_rotary, rope_cos_sin
 from models.weight_table import WeightRule, rule, transpose
@@ -50,7 +50,6 @@ class BaichuanConfig(LlamaConfig):
 class BaichuanAttention(nn.Module):
     config: BaichuanConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, cos, sin):
@@ -63,25 +62,19 @@ class BaichuanAttention(nn.Module):
             slopes = alibi_slopes(H)
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, positions, metadata, scale=D**-0.5, alibi_slopes=slopes,
-            backend=self.attention_backend,
-        )
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=D**-0.5, alibi_slopes=slopes)
         return dense(c.hidden_size, False, self.dtype, "o_proj")(out.reshape(T, -1)), kv_cache
 
 
 class BaichuanLayer(nn.Module):
     config: BaichuanConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata, cos, sin):
         c = self.config
         h = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        h, kv_cache = BaichuanAttention(c, self.dtype, self.attention_backend, name="self_attn")(
-            h, positions, kv_cache, metadata, cos, sin
-        )
+        h, kv_cache = BaichuanAttention(c, self.dtype, name="self_attn")(h, positions, kv_cache, metadata, cos, sin)
         x = x + h
         h = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
         return x + LlamaMLP(c, self.dtype, name="mlp")(h), kv_cache
@@ -90,12 +83,11 @@ class BaichuanLayer(nn.Module):
 class BaichuanModel(nn.Module):
     config: BaichuanConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     def setup(self):
         c = self.config
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
-        self.layers = [BaichuanLayer(c, self.dtype, self.attention_backend, name=f"layers_{i}")
+        self.layers = [BaichuanLayer(c, self.dtype, name=f"layers_{i}")
                        for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
 
@@ -114,20 +106,19 @@ class BaichuanForCausalLM(nn.Module):
 
     config: BaichuanConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     config_class: ClassVar[type] = BaichuanConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
 
     def setup(self):
-        self.model = BaichuanModel(self.config, self.dtype, self.attention_backend)
+        self.model = BaichuanModel(self.config, self.dtype)
         self.lm_head = dense(self.config.vocab_size, False, self.dtype, "lm_head")
 
     def __call__(self, input_ids, positions, kv_caches, metadata):
         return self.model(input_ids, positions, kv_caches, metadata)
 
     def compute_logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
-        return self.lm_head(hidden).astype(jnp.float32)
+        return lm_logits(hidden, None, self.lm_head, tied=False)
 
 
 def lm_head_kernel(w: np.ndarray, config: BaichuanConfig) -> np.ndarray:

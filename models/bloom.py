@@ -14,18 +14,14 @@ from typing import Any, ClassVar, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpaged.attention_metadata import AttentionMetadata
-from models.layers import DenseMLP, KVCache, LayerNorm, alibi_slopes, dense, paged_attention, run_layers
+from models.attention_metadata import AttentionMetadata
+from models.config_utils import PortConfig, common_fields, divisible_head_dim
+from models.layers import DenseMLP, KVCache, LayerNorm, alibi_slopes, dense, lm_logits, paged_attention, run_layers
 from models.weight_table import WeightRule, rule, transpose
 
 
-def _eos(hf: Mapping[str, Any]) -> int | tuple[int, ...] | None:
-    eos = hf.get("eos_token_id")
-    return tuple(eos) if isinstance(eos, list) else eos
-
-
 @dataclasses.dataclass(frozen=True)
-class BloomConfig:
+class BloomConfig(PortConfig):
     """The subset of an HF BLOOM ``config.json`` the port uses."""
 
     vocab_size: int
@@ -37,9 +33,6 @@ class BloomConfig:
     tie_word_embeddings: bool = True
     # ALiBi has no hard limit; BLOOM was trained on 2048-token sequences.
     max_position_embeddings: int = 2048
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
-    torch_dtype: str | None = None
 
     @property
     def num_key_value_heads(self) -> int:
@@ -56,8 +49,7 @@ class BloomConfig:
         n_layer = hf.get("n_layer", hf.get("num_hidden_layers"))
         if hidden is None or n_head is None or n_layer is None:
             raise ValueError("BLOOM config needs hidden_size (or n_embed), n_head and n_layer")
-        if hidden % n_head:
-            raise ValueError(f"hidden_size={hidden} must be divisible by n_head={n_head}")
+        divisible_head_dim(hidden, n_head, "hidden_size", "n_head")
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hidden,
@@ -67,16 +59,13 @@ class BloomConfig:
             apply_residual_connection_post_layernorm=bool(hf.get("apply_residual_connection_post_layernorm", False)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
             max_position_embeddings=int(hf.get("seq_length") or hf.get("max_position_embeddings") or 2048),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=_eos(hf),
-            torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
+            **common_fields(hf),
         )
 
 
 class BloomAttention(nn.Module):
     config: BloomConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, slopes):
@@ -87,7 +76,7 @@ class BloomAttention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out, kv_cache = paged_attention(
             q, k, v, kv_cache, positions, metadata, scale=c.head_dim**-0.5,
-            alibi_slopes=slopes, backend=self.attention_backend,
+            alibi_slopes=slopes,
         )
         return dense(c.hidden_size, True, self.dtype, "dense")(out.reshape(T, -1)), kv_cache
 
@@ -95,16 +84,13 @@ class BloomAttention(nn.Module):
 class BloomBlock(nn.Module):
     config: BloomConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata, slopes):
         c = self.config
         post_ln_residual = c.apply_residual_connection_post_layernorm
         h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="input_layernorm")(x)
-        attn, kv_cache = BloomAttention(c, self.dtype, self.attention_backend, name="self_attention")(
-            h, positions, kv_cache, metadata, slopes
-        )
+        attn, kv_cache = BloomAttention(c, self.dtype, name="self_attention")(h, positions, kv_cache, metadata, slopes)
         x = attn + (h if post_ln_residual else x)
         h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="post_attention_layernorm")(x)
         mlp = DenseMLP(
@@ -117,13 +103,12 @@ class BloomBlock(nn.Module):
 class BloomModel(nn.Module):
     config: BloomConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     def setup(self):
         c = self.config
         self.word_embeddings = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
         self.word_embeddings_layernorm = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype)
-        self.h = [BloomBlock(c, self.dtype, self.attention_backend, name=f"h_{i}") for i in range(c.num_hidden_layers)]
+        self.h = [BloomBlock(c, self.dtype, name=f"h_{i}") for i in range(c.num_hidden_layers)]
         self.ln_f = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype)
 
     def __call__(self, input_ids, positions, kv_caches: Sequence[KVCache], metadata: AttentionMetadata):
@@ -138,13 +123,12 @@ class BloomForCausalLM(nn.Module):
 
     config: BloomConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     config_class: ClassVar[type] = BloomConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
 
     def setup(self):
-        self.transformer = BloomModel(self.config, self.dtype, self.attention_backend)
+        self.transformer = BloomModel(self.config, self.dtype)
         if not self.config.tie_word_embeddings:
             self.lm_head = dense(self.config.vocab_size, False, self.dtype, "lm_head")
 
@@ -152,9 +136,8 @@ class BloomForCausalLM(nn.Module):
         return self.transformer(input_ids, positions, kv_caches, metadata)
 
     def compute_logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
-        if self.config.tie_word_embeddings:
-            return self.transformer.word_embeddings.attend(hidden).astype(jnp.float32)
-        return self.lm_head(hidden).astype(jnp.float32)
+        tied = self.config.tie_word_embeddings
+        return lm_logits(hidden, self.transformer.word_embeddings, None if tied else self.lm_head, tied=tied)
 
 
 # bigscience's own checkpoints were saved from BloomModel, so their names lack "transformer.".

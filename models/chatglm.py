@@ -23,14 +23,15 @@ from typing import Any, ClassVar, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpaged.attention_metadata import AttentionMetadata
-from models.layers import KVCache, LayerNorm, RMSNorm, dense, paged_attention, run_layers
+from models.attention_metadata import AttentionMetadata
+from models.config_utils import PortConfig, common_fields
+from models.layers import KVCache, LayerNorm, RMSNorm, dense, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
 from models.weight_table import WeightRule, rule, transpose
 
 
 @dataclasses.dataclass(frozen=True)
-class ChatGLMConfig:
+class ChatGLMConfig(PortConfig):
     """The subset of a ChatGLM2/3 ``config.json`` the port uses."""
 
     vocab_size: int  # padded_vocab_size
@@ -49,9 +50,6 @@ class ChatGLMConfig:
     post_layer_norm: bool = True
     max_position_embeddings: int = 2048  # seq_length
     tie_word_embeddings: bool = False
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
-    torch_dtype: str | None = None
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any]) -> "ChatGLMConfig":
@@ -65,7 +63,6 @@ class ChatGLMConfig:
         seq_length = int(hf.get("seq_length", 2048))
         rope = RopeConfig.from_hf({"rope_theta": 10000.0 * float(hf.get("rope_ratio", 1.0) or 1.0)},
                                   head_dim // 2, interleaved=True, max_position_embeddings=seq_length)
-        eos = hf.get("eos_token_id")
         return cls(
             vocab_size=hf.get("padded_vocab_size") or hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -83,9 +80,7 @@ class ChatGLMConfig:
             post_layer_norm=bool(hf.get("post_layer_norm", True)),
             max_position_embeddings=seq_length,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-            torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
+            **common_fields(hf),
         )
 
 
@@ -98,7 +93,6 @@ def _norm(c: ChatGLMConfig, dtype: Any, name: str | None = None) -> nn.Module:
 class SelfAttention(nn.Module):
     config: ChatGLMConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, cos, sin):
@@ -110,9 +104,7 @@ class SelfAttention(nn.Module):
         v = qkv[:, (H + Hkv) * D :].reshape(T, Hkv, D)
         q = apply_rotary(q, cos, sin, interleaved=True)
         k = apply_rotary(k, cos, sin, interleaved=True)
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, positions, metadata, scale=D**-0.5, backend=self.attention_backend,
-        )
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=D**-0.5)
         return dense(c.hidden_size, c.add_bias_linear, self.dtype, "dense")(out.reshape(T, -1)), kv_cache
 
 
@@ -131,16 +123,13 @@ class MLP(nn.Module):
 class GLMBlock(nn.Module):
     config: ChatGLMConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata, cos, sin):
         c = self.config
         post_ln_residual = c.apply_residual_connection_post_layernorm
         h = _norm(c, self.dtype, "input_layernorm")(x)
-        attn, kv_cache = SelfAttention(c, self.dtype, self.attention_backend, name="self_attention")(
-            h, positions, kv_cache, metadata, cos, sin
-        )
+        attn, kv_cache = SelfAttention(c, self.dtype, name="self_attention")(h, positions, kv_cache, metadata, cos, sin)
         x = attn + (h if post_ln_residual else x)
         h = _norm(c, self.dtype, "post_attention_layernorm")(x)
         return MLP(c, self.dtype, name="mlp")(h) + (h if post_ln_residual else x), kv_cache
@@ -149,11 +138,10 @@ class GLMBlock(nn.Module):
 class GLMTransformer(nn.Module):
     config: ChatGLMConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     def setup(self):
         c = self.config
-        self.layers = [GLMBlock(c, self.dtype, self.attention_backend, name=f"layers_{i}")
+        self.layers = [GLMBlock(c, self.dtype, name=f"layers_{i}")
                        for i in range(c.num_hidden_layers)]
         if c.post_layer_norm:
             self.final_layernorm = _norm(c, self.dtype)
@@ -180,20 +168,16 @@ class Embedding(nn.Module):
 class ChatGLMModel(nn.Module):
     config: ChatGLMConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     def setup(self):
         c = self.config
         self.embedding = Embedding(c, self.dtype)
-        self.encoder = GLMTransformer(c, self.dtype, self.attention_backend)
+        self.encoder = GLMTransformer(c, self.dtype)
         self.output_layer = dense(c.vocab_size, False, self.dtype, "output_layer")
 
     def __call__(self, input_ids, positions, kv_caches: Sequence[KVCache], metadata: AttentionMetadata):
         cos, sin = rope_cos_sin(self.config.rope, positions)
         return self.encoder(self.embedding(input_ids), positions, kv_caches, metadata, cos, sin)
-
-    def logits(self, hidden):
-        return self.output_layer(hidden)
 
 
 class ChatGLMForConditionalGeneration(nn.Module):
@@ -201,19 +185,18 @@ class ChatGLMForConditionalGeneration(nn.Module):
 
     config: ChatGLMConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     config_class: ClassVar[type] = ChatGLMConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
 
     def setup(self):
-        self.transformer = ChatGLMModel(self.config, self.dtype, self.attention_backend)
+        self.transformer = ChatGLMModel(self.config, self.dtype)
 
     def __call__(self, input_ids, positions, kv_caches, metadata):
         return self.transformer(input_ids, positions, kv_caches, metadata)
 
     def compute_logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
-        return self.transformer.logits(hidden).astype(jnp.float32)
+        return lm_logits(hidden, None, self.transformer.output_layer, tied=False)
 
 
 _L = r"transformer\.encoder\.layers\.(\d+)\."

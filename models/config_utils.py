@@ -4,9 +4,32 @@ transformers versions (``n_embd`` vs ``hidden_size``, ``rotary_pct`` vs
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 _MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PortConfig:
+    """The fields every port's config carries, read alike from every family's ``config.json``
+    (:func:`common_fields`). Keyword-only, so that a family's own fields come first."""
+
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    torch_dtype: str | None = None  # the checkpoint's dtype ("auto" loads it)
+
+
+def common_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """:class:`PortConfig`'s fields from an HF config dict, for a family's ``from_hf_config``."""
+    return dict(bos_token_id=hf.get("bos_token_id"), eos_token_id=eos_token_id(hf), torch_dtype=torch_dtype(hf))
+
+
+def divisible_head_dim(hidden: int, heads: int, hidden_name: str, heads_name: str) -> int:
+    """``hidden // heads``; ValueError naming both config keys when the heads do not split it."""
+    if hidden % heads:
+        raise ValueError(f"{hidden_name}={hidden} must be divisible by {heads_name}={heads}")
+    return hidden // heads
 
 
 def hf_get(hf: Mapping[str, Any], *names: str, default: Any = _MISSING) -> Any:

@@ -27,8 +27,9 @@ from typing import Any, ClassVar, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpaged.attention_metadata import AttentionMetadata
-from models.layers import DenseMLP, KVCache, LayerNorm, alibi_slopes, dense, paged_attention, run_layers
+from models.attention_metadata import AttentionMetadata
+from models.config_utils import PortConfig, common_fields, divisible_head_dim
+from models.layers import DenseMLP, KVCache, LayerNorm, alibi_slopes, dense, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
 from models.weight_table import WeightRule, rule, transpose
 
@@ -36,7 +37,7 @@ _RW_MODEL_TYPES = ("RefinedWebModel", "RefinedWeb")
 
 
 @dataclasses.dataclass(frozen=True)
-class FalconConfig:
+class FalconConfig(PortConfig):
     """The subset of an HF Falcon (or RW) ``config.json`` the port uses."""
 
     vocab_size: int
@@ -56,9 +57,6 @@ class FalconConfig:
     activation: str = "gelu"
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 2048
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
-    torch_dtype: str | None = None
 
     @property
     def head_dim(self) -> int:
@@ -72,8 +70,7 @@ class FalconConfig:
         n_layer = hf.get("num_hidden_layers", hf.get("n_layer"))
         if hidden is None or n_head is None or n_layer is None:
             raise ValueError("Falcon config needs hidden_size, num_attention_heads (n_head), num_hidden_layers (n_layer)")
-        if hidden % n_head:
-            raise ValueError(f"hidden_size={hidden} must be divisible by num_attention_heads={n_head}")
+        head_dim = divisible_head_dim(hidden, n_head, "hidden_size", "num_attention_heads")
         new_arch = bool(hf.get("new_decoder_architecture", False)) or hf.get("model_type") == "RefinedWeb"
         multi_query = bool(hf.get("multi_query", True))
         parallel_attn = bool(hf.get("parallel_attn", not rw))
@@ -91,8 +88,6 @@ class FalconConfig:
         if n_ln not in (1, 2):
             raise ValueError(f"num_ln_in_parallel_attn={n_ln} is not supported; allowed: 1, 2")
         alibi = bool(hf.get("alibi", False))
-        eos = hf.get("eos_token_id")
-        head_dim = hidden // n_head
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hidden,
@@ -111,9 +106,7 @@ class FalconConfig:
             activation=hf.get("activation", "gelu"),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-            torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
+            **common_fields(hf),
         )
 
 
@@ -127,7 +120,6 @@ def falcon_alibi_slopes(config: FalconConfig) -> jnp.ndarray:
 class FalconAttention(nn.Module):
     config: FalconConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, cos, sin):
@@ -148,23 +140,19 @@ class FalconAttention(nn.Module):
             slopes = falcon_alibi_slopes(c)
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, positions, metadata, scale=D**-0.5, alibi_slopes=slopes,
-            backend=self.attention_backend,
-        )
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=D**-0.5, alibi_slopes=slopes)
         return dense(c.hidden_size, c.bias, self.dtype, "dense")(out.reshape(T, -1)), kv_cache
 
 
 class FalconDecoderLayer(nn.Module):
     config: FalconConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata, cos, sin):
         c = self.config
         ln = lambda name: LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name=name)
-        attention = FalconAttention(c, self.dtype, self.attention_backend, name="self_attention")
+        attention = FalconAttention(c, self.dtype, name="self_attention")
         mlp = DenseMLP(
             c.ffn_hidden_size, c.hidden_size, c.activation, c.bias,
             "dense_h_to_4h", "dense_4h_to_h", self.dtype, name="mlp",
@@ -184,12 +172,11 @@ class FalconDecoderLayer(nn.Module):
 class FalconModel(nn.Module):
     config: FalconConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     def setup(self):
         c = self.config
         self.word_embeddings = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
-        self.h = [FalconDecoderLayer(c, self.dtype, self.attention_backend, name=f"h_{i}")
+        self.h = [FalconDecoderLayer(c, self.dtype, name=f"h_{i}")
                   for i in range(c.num_hidden_layers)]
         self.ln_f = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype)
 
@@ -208,13 +195,12 @@ class FalconForCausalLM(nn.Module):
 
     config: FalconConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     config_class: ClassVar[type] = FalconConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
 
     def setup(self):
-        self.transformer = FalconModel(self.config, self.dtype, self.attention_backend)
+        self.transformer = FalconModel(self.config, self.dtype)
         if not self.config.tie_word_embeddings:
             self.lm_head = dense(self.config.vocab_size, False, self.dtype, "lm_head")
 
@@ -222,9 +208,8 @@ class FalconForCausalLM(nn.Module):
         return self.transformer(input_ids, positions, kv_caches, metadata)
 
     def compute_logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
-        if self.config.tie_word_embeddings:
-            return self.transformer.word_embeddings.attend(hidden).astype(jnp.float32)
-        return self.lm_head(hidden).astype(jnp.float32)
+        tied = self.config.tie_word_embeddings
+        return lm_logits(hidden, self.transformer.word_embeddings, None if tied else self.lm_head, tied=tied)
 
 
 _H = r"transformer\.h\.(\d+)\."

@@ -14,14 +14,14 @@ from typing import Any, ClassVar, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpaged.attention_metadata import AttentionMetadata
-from models.config_utils import eos_token_id, hf_get, torch_dtype
-from models.layers import DenseMLP, KVCache, LayerNorm, dense, paged_attention, run_layers
+from models.attention_metadata import AttentionMetadata
+from models.config_utils import PortConfig, common_fields, divisible_head_dim, hf_get
+from models.layers import DenseMLP, KVCache, LayerNorm, dense, lm_logits, paged_attention, run_layers
 from models.weight_table import WeightRule, rule, transpose
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
+class GPT2Config(PortConfig):
     """The subset of an HF GPT-2 ``config.json`` the port uses."""
 
     vocab_size: int
@@ -38,9 +38,6 @@ class GPT2Config:
     # computes scores and softmax in float32, so it is accepted and has no further effect.
     reorder_and_upcast_attn: bool = False
     tie_word_embeddings: bool = True
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
-    torch_dtype: str | None = None
 
     @property
     def head_dim(self) -> int:
@@ -54,8 +51,7 @@ class GPT2Config:
     def from_hf_config(cls, hf: Mapping[str, Any]) -> "GPT2Config":
         hidden = hf_get(hf, "n_embd", "hidden_size")
         heads = hf_get(hf, "n_head", "num_attention_heads")
-        if hidden % heads:
-            raise ValueError(f"n_embd={hidden} must be divisible by n_head={heads}")
+        divisible_head_dim(hidden, heads, "n_embd", "n_head")
         if hf.get("add_cross_attention"):
             raise ValueError("add_cross_attention=True (encoder-decoder GPT-2) is not supported; allowed: false")
         return cls(
@@ -71,9 +67,7 @@ class GPT2Config:
             scale_attn_by_inverse_layer_idx=bool(hf_get(hf, "scale_attn_by_inverse_layer_idx", default=False)),
             reorder_and_upcast_attn=bool(hf_get(hf, "reorder_and_upcast_attn", default=False)),
             tie_word_embeddings=bool(hf_get(hf, "tie_word_embeddings", default=True)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=eos_token_id(hf),
-            torch_dtype=torch_dtype(hf),
+            **common_fields(hf),
         )
 
 
@@ -81,7 +75,6 @@ class GPT2Attention(nn.Module):
     config: GPT2Config
     layer_idx: int
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata):
@@ -92,9 +85,7 @@ class GPT2Attention(nn.Module):
         scale = c.head_dim**-0.5 if c.scale_attn_weights else 1.0
         if c.scale_attn_by_inverse_layer_idx:
             scale /= float(self.layer_idx + 1)
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, positions, metadata, scale=scale, backend=self.attention_backend
-        )
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=scale)
         return dense(c.hidden_size, True, self.dtype, "c_proj")(out.reshape(T, -1)), kv_cache
 
 
@@ -102,15 +93,12 @@ class GPT2Block(nn.Module):
     config: GPT2Config
     layer_idx: int
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata):
         c = self.config
         h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="ln_1")(x)
-        h, kv_cache = GPT2Attention(c, self.layer_idx, self.dtype, self.attention_backend, name="attn")(
-            h, positions, kv_cache, metadata
-        )
+        h, kv_cache = GPT2Attention(c, self.layer_idx, self.dtype, name="attn")(h, positions, kv_cache, metadata)
         x = x + h
         h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="ln_2")(x)
         mlp = DenseMLP(
@@ -122,14 +110,13 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     config: GPT2Config
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     def setup(self):
         c = self.config
         self.wte = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
         self.wpe = nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
         self.h = [
-            GPT2Block(c, i, self.dtype, self.attention_backend, name=f"h_{i}") for i in range(c.num_hidden_layers)
+            GPT2Block(c, i, self.dtype, name=f"h_{i}") for i in range(c.num_hidden_layers)
         ]
         self.ln_f = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype)
 
@@ -144,13 +131,12 @@ class GPT2LMHeadModel(nn.Module):
 
     config: GPT2Config
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     config_class: ClassVar[type] = GPT2Config
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
 
     def setup(self):
-        self.transformer = GPT2Model(self.config, self.dtype, self.attention_backend)
+        self.transformer = GPT2Model(self.config, self.dtype)
         if not self.config.tie_word_embeddings:
             self.lm_head = dense(self.config.vocab_size, False, self.dtype, "lm_head")
 
@@ -158,11 +144,8 @@ class GPT2LMHeadModel(nn.Module):
         return self.transformer(input_ids, positions, kv_caches, metadata)
 
     def compute_logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
-        if self.config.tie_word_embeddings:
-            logits = self.transformer.wte.attend(hidden)
-        else:
-            logits = self.lm_head(hidden)
-        return logits.astype(jnp.float32)
+        tied = self.config.tie_word_embeddings
+        return lm_logits(hidden, self.transformer.wte, None if tied else self.lm_head, tied=tied)
 
 
 # The original openai-community checkpoints were saved from GPT2Model: no "transformer." prefix.

@@ -14,14 +14,14 @@ from typing import Any, ClassVar, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpaged.attention_metadata import AttentionMetadata
-from models.config_utils import eos_token_id, hf_get, torch_dtype
-from models.layers import DenseMLP, KVCache, LayerNorm, dense, paged_attention, run_layers
+from models.attention_metadata import AttentionMetadata
+from models.config_utils import PortConfig, common_fields, divisible_head_dim, hf_get
+from models.layers import DenseMLP, KVCache, LayerNorm, dense, lm_logits, paged_attention, run_layers
 from models.weight_table import WeightRule, rule, transpose
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTBigCodeConfig:
+class GPTBigCodeConfig(PortConfig):
     """The subset of an HF GPT BigCode ``config.json`` the port uses."""
 
     vocab_size: int
@@ -35,9 +35,6 @@ class GPTBigCodeConfig:
     activation_function: str = "gelu_pytorch_tanh"
     scale_attn_weights: bool = True
     tie_word_embeddings: bool = True
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
-    torch_dtype: str | None = None
 
     @property
     def head_dim(self) -> int:
@@ -51,8 +48,7 @@ class GPTBigCodeConfig:
     def from_hf_config(cls, hf: Mapping[str, Any]) -> "GPTBigCodeConfig":
         hidden = hf_get(hf, "n_embd", "hidden_size")
         heads = hf_get(hf, "n_head", "num_attention_heads")
-        if hidden % heads:
-            raise ValueError(f"n_embd={hidden} must be divisible by n_head={heads}")
+        divisible_head_dim(hidden, heads, "n_embd", "n_head")
         if hf.get("add_cross_attention"):
             raise ValueError("add_cross_attention=True is not supported; allowed: false")
         return cls(
@@ -67,16 +63,13 @@ class GPTBigCodeConfig:
             activation_function=hf_get(hf, "activation_function", default="gelu_pytorch_tanh"),
             scale_attn_weights=bool(hf_get(hf, "scale_attn_weights", default=True)),
             tie_word_embeddings=bool(hf_get(hf, "tie_word_embeddings", default=True)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=eos_token_id(hf),
-            torch_dtype=torch_dtype(hf),
+            **common_fields(hf),
         )
 
 
 class GPTBigCodeAttention(nn.Module):
     config: GPTBigCodeConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata):
@@ -92,24 +85,19 @@ class GPTBigCodeAttention(nn.Module):
             per_head = qkv.reshape(T, H, 3, D)
             q, k, v = per_head[:, :, 0], per_head[:, :, 1], per_head[:, :, 2]
         scale = D**-0.5 if c.scale_attn_weights else 1.0
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, positions, metadata, scale=scale, backend=self.attention_backend
-        )
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=scale)
         return dense(c.hidden_size, True, self.dtype, "c_proj")(out.reshape(T, -1)), kv_cache
 
 
 class GPTBigCodeBlock(nn.Module):
     config: GPTBigCodeConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata):
         c = self.config
         h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="ln_1")(x)
-        h, kv_cache = GPTBigCodeAttention(c, self.dtype, self.attention_backend, name="attn")(
-            h, positions, kv_cache, metadata
-        )
+        h, kv_cache = GPTBigCodeAttention(c, self.dtype, name="attn")(h, positions, kv_cache, metadata)
         x = x + h
         h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="ln_2")(x)
         mlp = DenseMLP(
@@ -121,14 +109,13 @@ class GPTBigCodeBlock(nn.Module):
 class GPTBigCodeModel(nn.Module):
     config: GPTBigCodeConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     def setup(self):
         c = self.config
         self.wte = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
         self.wpe = nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
         self.h = [
-            GPTBigCodeBlock(c, self.dtype, self.attention_backend, name=f"h_{i}") for i in range(c.num_hidden_layers)
+            GPTBigCodeBlock(c, self.dtype, name=f"h_{i}") for i in range(c.num_hidden_layers)
         ]
         self.ln_f = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype)
 
@@ -143,13 +130,12 @@ class GPTBigCodeForCausalLM(nn.Module):
 
     config: GPTBigCodeConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     config_class: ClassVar[type] = GPTBigCodeConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
 
     def setup(self):
-        self.transformer = GPTBigCodeModel(self.config, self.dtype, self.attention_backend)
+        self.transformer = GPTBigCodeModel(self.config, self.dtype)
         if not self.config.tie_word_embeddings:
             self.lm_head = dense(self.config.vocab_size, False, self.dtype, "lm_head")
 
@@ -157,11 +143,8 @@ class GPTBigCodeForCausalLM(nn.Module):
         return self.transformer(input_ids, positions, kv_caches, metadata)
 
     def compute_logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
-        if self.config.tie_word_embeddings:
-            logits = self.transformer.wte.attend(hidden)
-        else:
-            logits = self.lm_head(hidden)
-        return logits.astype(jnp.float32)
+        tied = self.config.tie_word_embeddings
+        return lm_logits(hidden, self.transformer.wte, None if tied else self.lm_head, tied=tied)
 
 
 _H = r"transformer\.h\.(\d+)\."

@@ -15,15 +15,15 @@ from typing import Any, ClassVar, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpaged.attention_metadata import AttentionMetadata
-from models.config_utils import eos_token_id, hf_get, partial_rotary_factor, torch_dtype
-from models.layers import DenseMLP, KVCache, LayerNorm, dense, paged_attention, run_layers
+from models.attention_metadata import AttentionMetadata
+from models.config_utils import PortConfig, common_fields, divisible_head_dim, hf_get, partial_rotary_factor
+from models.layers import DenseMLP, KVCache, LayerNorm, dense, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
 from models.weight_table import WeightRule, rule, transpose
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTNeoXConfig:
+class GPTNeoXConfig(PortConfig):
     """The subset of an HF GPT-NeoX ``config.json`` the port uses."""
 
     vocab_size: int
@@ -38,9 +38,6 @@ class GPTNeoXConfig:
     use_parallel_residual: bool = True
     attention_bias: bool = True
     tie_word_embeddings: bool = False
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
-    torch_dtype: str | None = None
 
     @property
     def head_dim(self) -> int:
@@ -54,9 +51,7 @@ class GPTNeoXConfig:
     def from_hf_config(cls, hf: Mapping[str, Any]) -> "GPTNeoXConfig":
         hidden = hf_get(hf, "hidden_size")
         heads = hf_get(hf, "num_attention_heads")
-        if hidden % heads:
-            raise ValueError(f"hidden_size={hidden} must be divisible by num_attention_heads={heads}")
-        head_dim = hidden // heads
+        head_dim = divisible_head_dim(hidden, heads, "hidden_size", "num_attention_heads")
         factor = partial_rotary_factor(hf, "rotary_pct", default=0.25)
         rope = RopeConfig.from_hf(
             hf, int(head_dim * factor), default_theta=float(hf.get("rotary_emb_base") or 10000.0)
@@ -74,16 +69,13 @@ class GPTNeoXConfig:
             use_parallel_residual=bool(hf_get(hf, "use_parallel_residual", default=True)),
             attention_bias=bool(hf_get(hf, "attention_bias", default=True)),
             tie_word_embeddings=bool(hf_get(hf, "tie_word_embeddings", default=False)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=eos_token_id(hf),
-            torch_dtype=torch_dtype(hf),
+            **common_fields(hf),
         )
 
 
 class GPTNeoXAttention(nn.Module):
     config: GPTNeoXConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, cos, sin):
@@ -92,16 +84,13 @@ class GPTNeoXAttention(nn.Module):
         qkv = dense(3 * c.hidden_size, c.attention_bias, self.dtype, "query_key_value")(x).reshape(T, H, 3, D)
         q = apply_rotary(qkv[:, :, 0], cos, sin)
         k = apply_rotary(qkv[:, :, 1], cos, sin)
-        out, kv_cache = paged_attention(
-            q, k, qkv[:, :, 2], kv_cache, positions, metadata, scale=D**-0.5, backend=self.attention_backend
-        )
+        out, kv_cache = paged_attention(q, k, qkv[:, :, 2], kv_cache, positions, metadata, scale=D**-0.5)
         return dense(c.hidden_size, c.attention_bias, self.dtype, "dense")(out.reshape(T, -1)), kv_cache
 
 
 class GPTNeoXLayer(nn.Module):
     config: GPTNeoXConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata, cos, sin):
@@ -112,7 +101,7 @@ class GPTNeoXLayer(nn.Module):
             c.intermediate_size, c.hidden_size, c.hidden_act, True,
             "dense_h_to_4h", "dense_4h_to_h", self.dtype, name="mlp",
         )
-        attn, kv_cache = GPTNeoXAttention(c, self.dtype, self.attention_backend, name="attention")(
+        attn, kv_cache = GPTNeoXAttention(c, self.dtype, name="attention")(
             ln1(x), positions, kv_cache, metadata, cos, sin
         )
         if c.use_parallel_residual:
@@ -124,13 +113,12 @@ class GPTNeoXLayer(nn.Module):
 class GPTNeoXModel(nn.Module):
     config: GPTNeoXConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     def setup(self):
         c = self.config
         self.embed_in = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
         self.layers = [
-            GPTNeoXLayer(c, self.dtype, self.attention_backend, name=f"layers_{i}") for i in range(c.num_hidden_layers)
+            GPTNeoXLayer(c, self.dtype, name=f"layers_{i}") for i in range(c.num_hidden_layers)
         ]
         self.final_layer_norm = LayerNorm(c.hidden_size, c.layer_norm_eps, self.dtype)
 
@@ -147,13 +135,12 @@ class GPTNeoXForCausalLM(nn.Module):
 
     config: GPTNeoXConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     config_class: ClassVar[type] = GPTNeoXConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
 
     def setup(self):
-        self.gpt_neox = GPTNeoXModel(self.config, self.dtype, self.attention_backend)
+        self.gpt_neox = GPTNeoXModel(self.config, self.dtype)
         if not self.config.tie_word_embeddings:
             self.lm_head = dense(self.config.vocab_size, False, self.dtype, "lm_head")
 
@@ -161,11 +148,8 @@ class GPTNeoXForCausalLM(nn.Module):
         return self.gpt_neox(input_ids, positions, kv_caches, metadata)
 
     def compute_logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
-        if self.config.tie_word_embeddings:
-            logits = self.gpt_neox.embed_in.attend(hidden)
-        else:
-            logits = self.lm_head(hidden)
-        return logits.astype(jnp.float32)
+        tied = self.config.tie_word_embeddings
+        return lm_logits(hidden, self.gpt_neox.embed_in, None if tied else self.lm_head, tied=tied)
 
 
 _L = r"gpt_neox\.layers\.(\d+)\."

@@ -14,15 +14,15 @@ from typing import Any, ClassVar, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpaged.attention_metadata import AttentionMetadata
-from models.config_utils import eos_token_id, hf_get, torch_dtype
-from models.layers import Bias, DenseMLP, KVCache, LayerNorm, dense, paged_attention, run_layers
+from models.attention_metadata import AttentionMetadata
+from models.config_utils import PortConfig, common_fields, divisible_head_dim, hf_get
+from models.layers import Bias, DenseMLP, KVCache, LayerNorm, dense, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
 from models.weight_table import WeightRule, rule, transpose
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTJConfig:
+class GPTJConfig(PortConfig):
     """The subset of an HF GPT-J ``config.json`` the port uses."""
 
     vocab_size: int
@@ -35,9 +35,6 @@ class GPTJConfig:
     layer_norm_epsilon: float = 1e-5
     activation_function: str = "gelu_new"
     tie_word_embeddings: bool = False
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
-    torch_dtype: str | None = None
 
     @property
     def head_dim(self) -> int:
@@ -55,9 +52,7 @@ class GPTJConfig:
     def from_hf_config(cls, hf: Mapping[str, Any]) -> "GPTJConfig":
         hidden = hf_get(hf, "n_embd", "hidden_size")
         heads = hf_get(hf, "n_head", "num_attention_heads")
-        if hidden % heads:
-            raise ValueError(f"n_embd={hidden} must be divisible by n_head={heads}")
-        head_dim = hidden // heads
+        head_dim = divisible_head_dim(hidden, heads, "n_embd", "n_head")
         # rotary_dim=None rotates whole heads.
         rotary_dim = hf.get("rotary_dim") or head_dim
         if rotary_dim > head_dim or rotary_dim % 2:
@@ -75,16 +70,13 @@ class GPTJConfig:
             layer_norm_epsilon=hf_get(hf, "layer_norm_epsilon", default=1e-5),
             activation_function=hf_get(hf, "activation_function", default="gelu_new"),
             tie_word_embeddings=bool(hf_get(hf, "tie_word_embeddings", default=False)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=eos_token_id(hf),
-            torch_dtype=torch_dtype(hf),
+            **common_fields(hf),
         )
 
 
 class GPTJAttention(nn.Module):
     config: GPTJConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, cos, sin):
@@ -95,24 +87,19 @@ class GPTJAttention(nn.Module):
         v = dense(c.hidden_size, False, self.dtype, "v_proj")(x).reshape(T, H, D)
         q = apply_rotary(q, cos, sin, interleaved=True)
         k = apply_rotary(k, cos, sin, interleaved=True)
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, positions, metadata, scale=D**-0.5, backend=self.attention_backend
-        )
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=D**-0.5)
         return dense(c.hidden_size, False, self.dtype, "out_proj")(out.reshape(T, -1)), kv_cache
 
 
 class GPTJBlock(nn.Module):
     config: GPTJConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata, cos, sin):
         c = self.config
         h = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="ln_1")(x)
-        attn, kv_cache = GPTJAttention(c, self.dtype, self.attention_backend, name="attn")(
-            h, positions, kv_cache, metadata, cos, sin
-        )
+        attn, kv_cache = GPTJAttention(c, self.dtype, name="attn")(h, positions, kv_cache, metadata, cos, sin)
         mlp = DenseMLP(
             c.intermediate_size, c.hidden_size, c.activation_function, True, "fc_in", "fc_out", self.dtype, name="mlp",
         )
@@ -122,12 +109,11 @@ class GPTJBlock(nn.Module):
 class GPTJModel(nn.Module):
     config: GPTJConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     def setup(self):
         c = self.config
         self.wte = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
-        self.h = [GPTJBlock(c, self.dtype, self.attention_backend, name=f"h_{i}") for i in range(c.num_hidden_layers)]
+        self.h = [GPTJBlock(c, self.dtype, name=f"h_{i}") for i in range(c.num_hidden_layers)]
         self.ln_f = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype)
 
     def __call__(self, input_ids, positions, kv_caches: Sequence[KVCache], metadata: AttentionMetadata):
@@ -142,14 +128,13 @@ class GPTJForCausalLM(nn.Module):
 
     config: GPTJConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     config_class: ClassVar[type] = GPTJConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
 
     def setup(self):
         c = self.config
-        self.transformer = GPTJModel(c, self.dtype, self.attention_backend)
+        self.transformer = GPTJModel(c, self.dtype)
         if c.tie_word_embeddings:
             self.lm_head = Bias(c.vocab_size, self.dtype)
         else:
@@ -159,11 +144,7 @@ class GPTJForCausalLM(nn.Module):
         return self.transformer(input_ids, positions, kv_caches, metadata)
 
     def compute_logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
-        if self.config.tie_word_embeddings:
-            logits = self.lm_head(self.transformer.wte.attend(hidden))
-        else:
-            logits = self.lm_head(hidden)
-        return logits.astype(jnp.float32)
+        return lm_logits(hidden, self.transformer.wte, self.lm_head, tied=self.config.tie_word_embeddings)
 
 
 _H = r"transformer\.h\.(\d+)\."

@@ -1,17 +1,18 @@
 """Building blocks shared by the model ports: dense layers, norms, activations, the two-layer
-MLP, the decoder-layer loop and the paged-attention call."""
+MLP, the decoder-layer loop, the paged-attention call and the LM head's logits."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpaged.attention_metadata import AttentionMetadata
+from models.attention_metadata import AttentionMetadata
+from pallas_kernels.attention_router import ragged_paged_attention
 from pallas_kernels.kv_cache_write import write_kv
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 KVCache = tuple[jnp.ndarray, jnp.ndarray]  # (k, v), each [num_blocks, block_size, num_kv_heads, head_dim]
 
@@ -140,35 +141,55 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     alibi_slopes: jnp.ndarray | None = None,
-    backend: str = "reference",
-    decode_only: bool | None = None,
     logits_soft_cap: float | None = None,
 ) -> tuple[jnp.ndarray, KVCache]:
     """Writes this step's k, v [T, Hkv, D] into the cache, then attends q [T, Hq, D] over it.
 
-    ``backend``: "reference" | "pallas". ``decode_only`` (static, per bucket) says every
-    sequence has exactly one query token (T == S, token s of sequence s); with "pallas" it
-    selects the decode kernel, and the KV write uses the Pallas kernel too (as fast as XLA's
-    scatter or faster, both in place on the donated cache; see benchmarks/RESULTS.md).
-    Returns the attention output [T, Hq, D] and the updated cache.
+    The step's ``metadata`` says how: its (static) ``attention_backend`` picks the kernels and
+    ``decode_only`` lets a kernel backend take the decode kernel. The KV write uses the Pallas
+    kernel on every kernel backend (as fast as XLA's scatter or faster, both in place on the donated
+    cache; benchmarks/RESULTS.md). Returns the attention output [T, Hq, D] and the updated cache.
     """
-    if decode_only is None:  # the runner marks decode-only buckets in the (static) metadata
-        decode_only = metadata.decode_only
+    backend = metadata.attention_backend
     write_backend = "reference" if backend == "reference" else "pallas"
     k_cache, v_cache = write_kv(kv_cache[0], kv_cache[1], k, v, metadata.slot_mapping, backend=write_backend)
     out = ragged_paged_attention(
         q, k_cache, v_cache, positions, metadata.query_start_loc, metadata.seq_lens,
         metadata.block_tables, scale=scale, sliding_window=sliding_window,
         alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap, backend=backend,
-        decode_only=decode_only,
+        decode_only=metadata.decode_only,
     )
     return out, (k_cache, v_cache)
 
 
+def lm_logits(
+    hidden: jnp.ndarray,
+    embedding: nn.Embed | None,
+    lm_head: Callable[[jnp.ndarray], jnp.ndarray] | None,
+    *,
+    tied: bool,
+    logit_scale: float | None = None,
+) -> jnp.ndarray:
+    """Float32 logits of the final hidden states, the ``compute_logits`` of every port.
+
+    ``tied``: the head's weight is the token ``embedding`` (``embedding.attend``), and ``lm_head`` is
+    None or the :class:`Bias` such a head adds (GPT-J, Phi). Untied: ``lm_head`` is the head.
+    ``logit_scale`` multiplies the float32 logits (MPT).
+    """
+    if tied:
+        logits = embedding.attend(hidden)
+        if lm_head is not None:
+            logits = lm_head(logits)
+    else:
+        logits = lm_head(hidden)
+    logits = logits.astype(jnp.float32)
+    if logit_scale is not None:
+        logits = logits * logit_scale
+    return logits
+
+
 def alibi_slopes(num_heads: int) -> jnp.ndarray:
     """ALiBi head slopes as in BLOOM/MPT (geometric, with the non-power-of-two interleave)."""
-    import math
-
     closest = 2 ** math.floor(math.log2(num_heads))
     base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
     slopes = [base ** (i + 1) for i in range(closest)]

@@ -2,7 +2,7 @@
 biases), reused by ``models/mistral.py`` and ``models/qwen2.py``.
 
 The forward pass takes token ids, positions, the paged KV cache (one ``(k, v)`` pair per layer)
-and :class:`~jaxpaged.attention_metadata.AttentionMetadata`; it returns final hidden states and
+and :class:`~models.attention_metadata.AttentionMetadata`; it returns final hidden states and
 the updated cache. ``compute_logits`` turns selected hidden states into float32 logits.
 """
 
@@ -14,14 +14,15 @@ from typing import Any, ClassVar, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpaged.attention_metadata import AttentionMetadata
-from models.layers import KVCache, RMSNorm, dense, get_activation, paged_attention, run_layers
+from models.attention_metadata import AttentionMetadata
+from models.config_utils import PortConfig, common_fields
+from models.layers import KVCache, RMSNorm, dense, get_activation, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
 from models.weight_table import WeightRule, rule, transpose
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(PortConfig):
     """The subset of an HF Llama-like ``config.json`` the port uses (HF key names)."""
 
     vocab_size: int
@@ -41,9 +42,6 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     # Per layer: the sliding-window size, or None for full attention.
     layer_sliding_windows: tuple[int | None, ...] = ()
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
-    torch_dtype: str | None = None
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any]) -> "LlamaConfig":
@@ -82,7 +80,6 @@ def llama_config_from_hf(
     head_dim = hf.get("head_dim") or hidden // n_heads
     n_layers = hf["num_hidden_layers"]
     attn_bias = bool(hf.get("attention_bias", hf.get("bias", False)))
-    eos = hf.get("eos_token_id")
     return cls(
         vocab_size=hf["vocab_size"],
         hidden_size=hidden,
@@ -100,9 +97,7 @@ def llama_config_from_hf(
         mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         layer_sliding_windows=_layer_windows(hf, n_layers, sliding_window_default_on),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-        torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
+        **common_fields(hf),
     )
 
 
@@ -110,7 +105,6 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
     layer_idx: int
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, cos, sin):
@@ -125,7 +119,7 @@ class LlamaAttention(nn.Module):
         window = c.layer_sliding_windows[self.layer_idx] if c.layer_sliding_windows else None
         out, kv_cache = paged_attention(
             q, k, v, kv_cache, positions, metadata, scale=c.head_dim**-0.5,
-            sliding_window=window, backend=self.attention_backend,
+            sliding_window=window,
         )
         out = dense(c.hidden_size, c.o_bias, self.dtype, "o_proj")(out.reshape(T, -1))
         return out, kv_cache
@@ -148,13 +142,12 @@ class LlamaDecoderLayer(nn.Module):
     config: LlamaConfig
     layer_idx: int
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata, cos, sin):
         c = self.config
         h = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        h, kv_cache = LlamaAttention(c, self.layer_idx, self.dtype, self.attention_backend, name="self_attn")(
+        h, kv_cache = LlamaAttention(c, self.layer_idx, self.dtype, name="self_attn")(
             h, positions, kv_cache, metadata, cos, sin
         )
         x = x + h
@@ -165,13 +158,12 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     def setup(self):
         c = self.config
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
         self.layers = [
-            LlamaDecoderLayer(c, i, self.dtype, self.attention_backend, name=f"layers_{i}")
+            LlamaDecoderLayer(c, i, self.dtype, name=f"layers_{i}")
             for i in range(c.num_hidden_layers)
         ]
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
@@ -190,13 +182,12 @@ class LlamaForCausalLM(nn.Module):
 
     config: LlamaConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     config_class: ClassVar[type] = LlamaConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
 
     def setup(self):
-        self.model = LlamaModel(self.config, self.dtype, self.attention_backend)
+        self.model = LlamaModel(self.config, self.dtype)
         if not self.config.tie_word_embeddings:
             self.lm_head = dense(self.config.vocab_size, False, self.dtype, "lm_head")
 
@@ -204,11 +195,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, metadata)
 
     def compute_logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
-        if self.config.tie_word_embeddings:
-            logits = self.model.embed_tokens.attend(hidden)
-        else:
-            logits = self.lm_head(hidden)
-        return logits.astype(jnp.float32)
+        tied = self.config.tie_word_embeddings
+        return lm_logits(hidden, self.model.embed_tokens, None if tied else self.lm_head, tied=tied)
 
 
 _L = r"model\.layers\.(\d+)\."

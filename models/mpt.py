@@ -20,8 +20,9 @@ from typing import Any, ClassVar, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpaged.attention_metadata import AttentionMetadata
-from models.layers import DenseMLP, KVCache, LayerNorm, dense, paged_attention, run_layers
+from models.attention_metadata import AttentionMetadata
+from models.config_utils import PortConfig, common_fields, divisible_head_dim
+from models.layers import DenseMLP, KVCache, LayerNorm, dense, lm_logits, paged_attention, run_layers
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -35,7 +36,7 @@ def mpt_alibi_slopes(num_heads: int, alibi_bias_max: float = 8.0) -> jnp.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
-class MptConfig:
+class MptConfig(PortConfig):
     """The subset of an MPT ``config.json`` the port uses (``attn_config`` flattened)."""
 
     vocab_size: int
@@ -51,9 +52,6 @@ class MptConfig:
     alibi_bias_max: float = 8.0
     logit_scale: float | None = None
     tie_word_embeddings: bool = True
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
-    torch_dtype: str | None = None
 
     @property
     def num_key_value_heads(self) -> int:
@@ -76,14 +74,12 @@ class MptConfig:
             raise ValueError("attn_config.alibi=false (learned position embeddings) is not supported; allowed: true")
         d_model = hf.get("d_model", hf.get("hidden_size"))
         n_heads = hf.get("n_heads", hf.get("num_attention_heads"))
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        divisible_head_dim(d_model, n_heads, "d_model", "n_heads")
         logit_scale = hf.get("logit_scale")
         if logit_scale == "inv_sqrt_d_model":
             logit_scale = 1.0 / math.sqrt(d_model)
         elif isinstance(logit_scale, str):
             raise ValueError(f"logit_scale={logit_scale!r} is not supported; allowed: a number, null, 'inv_sqrt_d_model'")
-        eos = hf.get("eos_token_id")
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=d_model,
@@ -98,16 +94,13 @@ class MptConfig:
             alibi_bias_max=float(attn.get("alibi_bias_max", 8)),
             logit_scale=None if logit_scale is None else float(logit_scale),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-            torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
+            **common_fields(hf),
         )
 
 
 class MptAttention(nn.Module):
     config: MptConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, slopes):
@@ -118,25 +111,19 @@ class MptAttention(nn.Module):
             qkv = jnp.clip(qkv, -c.clip_qkv, c.clip_qkv)
         q, k, v = (t.reshape(T, c.num_attention_heads, c.head_dim) for t in jnp.split(qkv, 3, axis=-1))
         scale = c.softmax_scale if c.softmax_scale is not None else c.head_dim**-0.5
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, positions, metadata, scale=scale, alibi_slopes=slopes,
-            backend=self.attention_backend,
-        )
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=scale, alibi_slopes=slopes)
         return dense(c.hidden_size, not c.no_bias, self.dtype, "out_proj")(out.reshape(T, -1)), kv_cache
 
 
 class MptBlock(nn.Module):
     config: MptConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata, slopes):
         c = self.config
         ln = lambda name: LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, use_bias=not c.no_bias, name=name)
-        h, kv_cache = MptAttention(c, self.dtype, self.attention_backend, name="attn")(
-            ln("norm_1")(x), positions, kv_cache, metadata, slopes
-        )
+        h, kv_cache = MptAttention(c, self.dtype, name="attn")(ln("norm_1")(x), positions, kv_cache, metadata, slopes)
         x = x + h
         mlp = DenseMLP(
             c.expansion_ratio * c.hidden_size, c.hidden_size, "gelu", not c.no_bias,
@@ -148,12 +135,11 @@ class MptBlock(nn.Module):
 class MptModel(nn.Module):
     config: MptConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     def setup(self):
         c = self.config
         self.wte = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
-        self.blocks = [MptBlock(c, self.dtype, self.attention_backend, name=f"blocks_{i}")
+        self.blocks = [MptBlock(c, self.dtype, name=f"blocks_{i}")
                        for i in range(c.num_hidden_layers)]
         self.norm_f = LayerNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, use_bias=not c.no_bias)
 
@@ -170,13 +156,12 @@ class MptForCausalLM(nn.Module):
 
     config: MptConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     config_class: ClassVar[type] = MptConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
 
     def setup(self):
-        self.transformer = MptModel(self.config, self.dtype, self.attention_backend)
+        self.transformer = MptModel(self.config, self.dtype)
         if not self.config.tie_word_embeddings:
             self.lm_head = dense(self.config.vocab_size, False, self.dtype, "lm_head")
 
@@ -184,13 +169,9 @@ class MptForCausalLM(nn.Module):
         return self.transformer(input_ids, positions, kv_caches, metadata)
 
     def compute_logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
-        if self.config.tie_word_embeddings:
-            logits = self.transformer.wte.attend(hidden).astype(jnp.float32)
-        else:
-            logits = self.lm_head(hidden).astype(jnp.float32)
-        if self.config.logit_scale is not None:
-            logits = logits * self.config.logit_scale
-        return logits
+        c = self.config
+        head = None if c.tie_word_embeddings else self.lm_head
+        return lm_logits(hidden, self.transformer.wte, head, tied=c.tie_word_embeddings, logit_scale=c.logit_scale)
 
 
 _B = r"transformer\.blocks\.(\d+)\."

@@ -14,9 +14,9 @@ from typing import Any, ClassVar, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpaged.attention_metadata import AttentionMetadata
-from models.config_utils import eos_token_id, hf_get, torch_dtype
-from models.layers import KVCache, LayerNorm, dense, get_activation, paged_attention, run_layers
+from models.attention_metadata import AttentionMetadata
+from models.config_utils import PortConfig, common_fields, divisible_head_dim, hf_get
+from models.layers import KVCache, LayerNorm, dense, get_activation, lm_logits, paged_attention, run_layers
 from models.weight_table import WeightRule, rule, transpose
 
 # OPT's learned position table has two leading rows (a fairseq padding-index artefact).
@@ -24,7 +24,7 @@ POSITION_OFFSET = 2
 
 
 @dataclasses.dataclass(frozen=True)
-class OPTConfig:
+class OPTConfig(PortConfig):
     """The subset of an HF OPT ``config.json`` the port uses."""
 
     vocab_size: int
@@ -40,9 +40,6 @@ class OPTConfig:
     enable_bias: bool = True
     layer_norm_elementwise_affine: bool = True
     tie_word_embeddings: bool = True
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
-    torch_dtype: str | None = None
 
     @property
     def head_dim(self) -> int:
@@ -60,8 +57,7 @@ class OPTConfig:
     def from_hf_config(cls, hf: Mapping[str, Any]) -> "OPTConfig":
         hidden = hf_get(hf, "hidden_size")
         heads = hf_get(hf, "num_attention_heads")
-        if hidden % heads:
-            raise ValueError(f"hidden_size={hidden} must be divisible by num_attention_heads={heads}")
+        divisible_head_dim(hidden, heads, "hidden_size", "num_attention_heads")
         return cls(
             vocab_size=hf_get(hf, "vocab_size"),
             hidden_size=hidden,
@@ -76,9 +72,7 @@ class OPTConfig:
             enable_bias=bool(hf_get(hf, "enable_bias", default=True)),
             layer_norm_elementwise_affine=bool(hf_get(hf, "layer_norm_elementwise_affine", default=True)),
             tie_word_embeddings=bool(hf_get(hf, "tie_word_embeddings", default=True)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=eos_token_id(hf),
-            torch_dtype=torch_dtype(hf),
+            **common_fields(hf),
         )
 
 
@@ -90,7 +84,6 @@ def _layer_norm(c: OPTConfig, dtype: Any, name: str | None = None) -> LayerNorm:
 class OPTAttention(nn.Module):
     config: OPTConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata):
@@ -102,7 +95,7 @@ class OPTAttention(nn.Module):
         v = dense(c.hidden_size, c.enable_bias, self.dtype, "v_proj")(x)
         out, kv_cache = paged_attention(
             q.reshape(T, H, D), k.reshape(T, H, D), v.reshape(T, H, D), kv_cache, positions, metadata,
-            scale=1.0, backend=self.attention_backend,
+            scale=1.0,
         )
         return dense(c.hidden_size, c.enable_bias, self.dtype, "out_proj")(out.reshape(T, -1)), kv_cache
 
@@ -110,7 +103,6 @@ class OPTAttention(nn.Module):
 class OPTDecoderLayer(nn.Module):
     config: OPTConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata):
@@ -119,7 +111,7 @@ class OPTDecoderLayer(nn.Module):
         attn_ln = _layer_norm(c, self.dtype, "self_attn_layer_norm")
         mlp_ln = _layer_norm(c, self.dtype, "final_layer_norm")
 
-        h, kv_cache = OPTAttention(c, self.dtype, self.attention_backend, name="self_attn")(
+        h, kv_cache = OPTAttention(c, self.dtype, name="self_attn")(
             attn_ln(x) if pre_ln else x, positions, kv_cache, metadata
         )
         x = x + h
@@ -137,7 +129,6 @@ class OPTDecoderLayer(nn.Module):
 class OPTDecoder(nn.Module):
     config: OPTConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     def setup(self):
         c = self.config
@@ -150,7 +141,7 @@ class OPTDecoder(nn.Module):
         if c.has_final_layer_norm:
             self.final_layer_norm = _layer_norm(c, self.dtype)
         self.layers = [
-            OPTDecoderLayer(c, self.dtype, self.attention_backend, name=f"layers_{i}")
+            OPTDecoderLayer(c, self.dtype, name=f"layers_{i}")
             for i in range(c.num_hidden_layers)
         ]
 
@@ -171,10 +162,9 @@ class OPTDecoder(nn.Module):
 class OPTModel(nn.Module):
     config: OPTConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     def setup(self):
-        self.decoder = OPTDecoder(self.config, self.dtype, self.attention_backend)
+        self.decoder = OPTDecoder(self.config, self.dtype)
 
     def __call__(self, input_ids, positions, kv_caches, metadata):
         return self.decoder(input_ids, positions, kv_caches, metadata)
@@ -186,13 +176,12 @@ class OPTForCausalLM(nn.Module):
 
     config: OPTConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     config_class: ClassVar[type] = OPTConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
 
     def setup(self):
-        self.model = OPTModel(self.config, self.dtype, self.attention_backend)
+        self.model = OPTModel(self.config, self.dtype)
         if not self.config.tie_word_embeddings:
             self.lm_head = dense(self.config.vocab_size, False, self.dtype, "lm_head")
 
@@ -200,11 +189,8 @@ class OPTForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, metadata)
 
     def compute_logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
-        if self.config.tie_word_embeddings:
-            logits = self.model.decoder.embed_tokens.attend(hidden)
-        else:
-            logits = self.lm_head(hidden)
-        return logits.astype(jnp.float32)
+        tied = self.config.tie_word_embeddings
+        return lm_logits(hidden, self.model.decoder.embed_tokens, None if tied else self.lm_head, tied=tied)
 
 
 # facebook/opt-* checkpoints were saved from OPTModel: names start at "decoder.".

@@ -13,15 +13,15 @@ from typing import Any, ClassVar, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpaged.attention_metadata import AttentionMetadata
-from models.config_utils import eos_token_id, hf_get, partial_rotary_factor, torch_dtype
-from models.layers import Bias, DenseMLP, KVCache, LayerNorm, dense, paged_attention, run_layers
+from models.attention_metadata import AttentionMetadata
+from models.config_utils import PortConfig, common_fields, hf_get, partial_rotary_factor
+from models.layers import Bias, DenseMLP, KVCache, LayerNorm, dense, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
 from models.weight_table import WeightRule, rule, transpose
 
 
 @dataclasses.dataclass(frozen=True)
-class PhiConfig:
+class PhiConfig(PortConfig):
     """The subset of an HF Phi ``config.json`` the port uses."""
 
     vocab_size: int
@@ -37,9 +37,6 @@ class PhiConfig:
     hidden_act: str = "gelu_new"
     qk_layernorm: bool = False
     tie_word_embeddings: bool = False
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
-    torch_dtype: str | None = None
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any]) -> "PhiConfig":
@@ -64,16 +61,13 @@ class PhiConfig:
             hidden_act=hf_get(hf, "hidden_act", default="gelu_new"),
             qk_layernorm=bool(hf_get(hf, "qk_layernorm", default=False)),
             tie_word_embeddings=bool(hf_get(hf, "tie_word_embeddings", default=False)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=eos_token_id(hf),
-            torch_dtype=torch_dtype(hf),
+            **common_fields(hf),
         )
 
 
 class PhiAttention(nn.Module):
     config: PhiConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, cos, sin):
@@ -87,24 +81,19 @@ class PhiAttention(nn.Module):
             k = LayerNorm(D, c.layer_norm_eps, self.dtype, name="k_layernorm")(k)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, positions, metadata, scale=D**-0.5, backend=self.attention_backend
-        )
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=D**-0.5)
         return dense(c.hidden_size, True, self.dtype, "dense")(out.reshape(T, -1)), kv_cache
 
 
 class PhiDecoderLayer(nn.Module):
     config: PhiConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata, cos, sin):
         c = self.config
         h = LayerNorm(c.hidden_size, c.layer_norm_eps, self.dtype, name="input_layernorm")(x)
-        attn, kv_cache = PhiAttention(c, self.dtype, self.attention_backend, name="self_attn")(
-            h, positions, kv_cache, metadata, cos, sin
-        )
+        attn, kv_cache = PhiAttention(c, self.dtype, name="self_attn")(h, positions, kv_cache, metadata, cos, sin)
         mlp = DenseMLP(
             c.intermediate_size, c.hidden_size, c.hidden_act, True, "fc1", "fc2", self.dtype, name="mlp",
         )
@@ -114,13 +103,12 @@ class PhiDecoderLayer(nn.Module):
 class PhiModel(nn.Module):
     config: PhiConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     def setup(self):
         c = self.config
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
         self.layers = [
-            PhiDecoderLayer(c, self.dtype, self.attention_backend, name=f"layers_{i}")
+            PhiDecoderLayer(c, self.dtype, name=f"layers_{i}")
             for i in range(c.num_hidden_layers)
         ]
         self.final_layernorm = LayerNorm(c.hidden_size, c.layer_norm_eps, self.dtype)
@@ -138,14 +126,13 @@ class PhiForCausalLM(nn.Module):
 
     config: PhiConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     config_class: ClassVar[type] = PhiConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
 
     def setup(self):
         c = self.config
-        self.model = PhiModel(c, self.dtype, self.attention_backend)
+        self.model = PhiModel(c, self.dtype)
         if c.tie_word_embeddings:
             self.lm_head = Bias(c.vocab_size, self.dtype)
         else:
@@ -155,11 +142,7 @@ class PhiForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, metadata)
 
     def compute_logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
-        if self.config.tie_word_embeddings:
-            logits = self.lm_head(self.model.embed_tokens.attend(hidden))
-        else:
-            logits = self.lm_head(hidden)
-        return logits.astype(jnp.float32)
+        return lm_logits(hidden, self.model.embed_tokens, self.lm_head, tied=self.config.tie_word_embeddings)
 
 
 _L = r"model\.layers\.(\d+)\."

@@ -22,14 +22,15 @@ from typing import Any, ClassVar, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpaged.attention_metadata import AttentionMetadata
-from models.layers import KVCache, RMSNorm, dense, paged_attention, run_layers
+from models.attention_metadata import AttentionMetadata
+from models.config_utils import PortConfig, common_fields
+from models.layers import KVCache, RMSNorm, dense, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
 from models.weight_table import WeightRule, rule, transpose
 
 
 @dataclasses.dataclass(frozen=True)
-class QWenConfig:
+class QWenConfig(PortConfig):
     """The subset of a Qwen (v1) ``config.json`` the port uses."""
 
     vocab_size: int
@@ -44,9 +45,6 @@ class QWenConfig:
     seq_length: int = 2048
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
-    torch_dtype: str | None = None
 
     @property
     def num_key_value_heads(self) -> int:
@@ -62,7 +60,6 @@ class QWenConfig:
             max_pos = min(max_pos, seq_length)
         rotary_dim = int(head_dim * float(hf.get("rotary_pct", 1.0)))
         rope_hf = {"rope_theta": float(hf.get("rotary_emb_base", 10000.0))}
-        eos = hf.get("eos_token_id")
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -76,16 +73,13 @@ class QWenConfig:
             seq_length=seq_length,
             max_position_embeddings=max_pos,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-            torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
+            **common_fields(hf),
         )
 
 
 class QWenAttention(nn.Module):
     config: QWenConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, cos, sin):
@@ -94,9 +88,7 @@ class QWenAttention(nn.Module):
         qkv = dense(3 * H * D, True, self.dtype, "c_attn")(x)
         q, k, v = (t.reshape(T, H, D) for t in jnp.split(qkv, 3, axis=-1))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, positions, metadata, scale=D**-0.5, backend=self.attention_backend,
-        )
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=D**-0.5)
         return dense(c.hidden_size, not c.no_bias, self.dtype, "c_proj")(out.reshape(T, -1)), kv_cache
 
 
@@ -116,12 +108,11 @@ class QWenMLP(nn.Module):
 class QWenBlock(nn.Module):
     config: QWenConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata, cos, sin):
         c = self.config
-        h, kv_cache = QWenAttention(c, self.dtype, self.attention_backend, name="attn")(
+        h, kv_cache = QWenAttention(c, self.dtype, name="attn")(
             RMSNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype, name="ln_1")(x),
             positions, kv_cache, metadata, cos, sin,
         )
@@ -133,12 +124,11 @@ class QWenBlock(nn.Module):
 class QWenModel(nn.Module):
     config: QWenConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     def setup(self):
         c = self.config
         self.wte = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
-        self.h = [QWenBlock(c, self.dtype, self.attention_backend, name=f"h_{i}") for i in range(c.num_hidden_layers)]
+        self.h = [QWenBlock(c, self.dtype, name=f"h_{i}") for i in range(c.num_hidden_layers)]
         self.ln_f = RMSNorm(c.hidden_size, c.layer_norm_epsilon, self.dtype)
 
     def __call__(self, input_ids, positions, kv_caches: Sequence[KVCache], metadata: AttentionMetadata):
@@ -153,13 +143,12 @@ class QWenLMHeadModel(nn.Module):
 
     config: QWenConfig
     dtype: Any = jnp.float32
-    attention_backend: str = "reference"
 
     config_class: ClassVar[type] = QWenConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
 
     def setup(self):
-        self.transformer = QWenModel(self.config, self.dtype, self.attention_backend)
+        self.transformer = QWenModel(self.config, self.dtype)
         if not self.config.tie_word_embeddings:
             self.lm_head = dense(self.config.vocab_size, False, self.dtype, "lm_head")
 
@@ -167,9 +156,8 @@ class QWenLMHeadModel(nn.Module):
         return self.transformer(input_ids, positions, kv_caches, metadata)
 
     def compute_logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
-        if self.config.tie_word_embeddings:
-            return self.transformer.wte.attend(hidden).astype(jnp.float32)
-        return self.lm_head(hidden).astype(jnp.float32)
+        tied = self.config.tie_word_embeddings
+        return lm_logits(hidden, self.transformer.wte, None if tied else self.lm_head, tied=tied)
 
 
 _H = r"transformer\.h\.(\d+)\."

@@ -1,40 +1,12 @@
 """Paged-attention kernels (Pallas) and their pure-jnp references.
 
-"block" is the KV-cache unit throughout (a kernel may call it a page; page == block).
+"block" is the KV-cache unit throughout (a kernel may call it a page; page == block). The public
+entry point is :func:`pallas_kernels.attention_router.ragged_paged_attention`; the backends and
+where they run are in :mod:`pallas_kernels.backends` (importing this package loads no JAX).
 """
 
 from __future__ import annotations
 
-import jax
+from pallas_kernels.backends import ATTENTION_BACKENDS, check_attention_backend, default_attention_backend
 
-
-def default_attention_backend(platform: str | None = None) -> str:
-    """"pallas" when running on a GPU, else "reference" (the Triton kernels need a GPU).
-
-    ``platform`` defaults to JAX's default backend ("gpu"/"cuda"/"rocm", "cpu", "tpu").
-    """
-    platform = platform or jax.default_backend()
-    return "pallas" if platform in ("gpu", "cuda", "rocm") else "reference"
-
-
-def check_attention_backend(backend: str, platform: str | None = None, compute_capability: str | None = None) -> None:
-    """Raises ValueError naming ``attention_backend`` when ``backend`` cannot run here: the Pallas
-    kernels need a GPU (on CPU they run only in the interpreter, which tests use directly) and the
-    Mosaic GPU prefill kernel a Hopper one (compute capability 9.x).
-
-    ``platform`` / ``compute_capability`` default to JAX's default backend and its first device."""
-    if backend == "reference":
-        return
-    platform = platform or jax.default_backend()
-    if platform not in ("gpu", "cuda"):
-        raise ValueError(
-            f"attention_backend={backend!r} needs an NVIDIA GPU (JAX platform here: {platform!r}); "
-            "use 'reference' or leave attention_backend unset"
-        )
-    if backend == "mosaic":
-        cc = compute_capability or getattr(jax.devices()[0], "compute_capability", "")
-        if not str(cc).startswith("9"):
-            raise ValueError(
-                f"attention_backend='mosaic' needs a Hopper GPU (compute capability 9.x, here {cc!r}); "
-                "use 'pallas' or leave attention_backend unset"
-            )
+__all__ = ["ATTENTION_BACKENDS", "check_attention_backend", "default_attention_backend"]

@@ -8,26 +8,19 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pallas_kernels.sizes import is_pow2
+
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
 MASK_VALUE = -1e30  # finite: an all-masked row stays finite and is zeroed at the end
 
 
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def searchsorted_right(edges: jnp.ndarray, values: jnp.ndarray) -> jnp.ndarray:
     """``jnp.searchsorted(edges, values, side="right")`` unrolled: jnp's default method is a
     ``fori_loop``, an XLA while loop that on the GPU costs a kernel launch and a host round trip per
-    step. Measured on the H200: the Mosaic prefill kernel's call on a 256-sequence step took 0.53 ms
-    against 0.12 ms for the same chunk given as one sequence, and 0.18 ms once unrolled
-    (benchmarks/RESULTS.md, fifth session)."""
+    step, which made the tile plans of many-sequence steps several times slower (benchmarks/RESULTS.md,
+    mixed step)."""
     return jnp.searchsorted(edges, values, side="right", method="scan_unrolled")
 
 
@@ -37,10 +30,6 @@ def token_seq_ids(query_start_loc: jnp.ndarray, num_tokens: int) -> jnp.ndarray:
     t = jnp.arange(num_tokens, dtype=jnp.int32)
     s = searchsorted_right(query_start_loc.astype(jnp.int32), t).astype(jnp.int32) - 1
     return jnp.clip(s, 0, query_start_loc.shape[0] - 2)
-
-
-def is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def validate_kernel_inputs(q: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.ndarray) -> None:
@@ -75,7 +64,6 @@ def validate_mosaic_dtypes(q: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.nd
 
 def validate_decode_shapes(
     q: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.ndarray, seq_lens: jnp.ndarray, block_tables: jnp.ndarray,
-    *, head_major: bool = False,
 ) -> tuple[int, int, int, int, int]:
     """The decode kernels' common shape checks (ValueError naming the shapes); returns
     ``(num_seqs, num_q_heads, head_dim, block_size, num_kv_heads)``."""
@@ -83,8 +71,6 @@ def validate_decode_shapes(
         raise ValueError(f"q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}: expected [S, Hq, D] and equal 4-D caches")
     S, Hq, D = q.shape
     _, bs, hkv, dk = k_cache.shape
-    if head_major:
-        hkv, bs = bs, hkv
     if dk != D:
         raise ValueError(f"head_dim mismatch: q {D} vs cache {dk}")
     if Hq % hkv:

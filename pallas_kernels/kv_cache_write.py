@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.kernel_shapes import next_pow2
+from pallas_kernels.sizes import next_pow2
 
 KV_WRITE_BACKENDS = ("reference", "pallas")
 

@@ -61,49 +61,30 @@ def online_softmax_step(
 def tile_loop(
     lo,
     hi,
-    fetch: Callable[..., tuple],
+    fetch: Callable[[Any], tuple],
     fold: Callable[[Any, tuple, Any], Any],
     state: Any,
     *,
     prefetch: int = 0,
     ahead: tuple | None = None,
-    index: Callable[[Any], Any] | None = None,
 ) -> tuple[Any, tuple]:
     """``state = fold(i, fetch(i), state)`` for KV tiles ``lo <= i < hi``; returns the final state
     and the tiles still in flight.
 
     With ``prefetch = d > 0`` the loads of tile ``i + d`` are issued before tile ``i``'s math and
-    the fetched tiles ride in the loop carry (register prefetch: Triton's own pipelining does not
-    overlap these block-table gathers). ``ahead`` continues from an earlier loop's tiles in
-    flight; by default tiles ``lo .. lo + d - 1`` are fetched first. ``fetch`` must mask what lies
-    past the sequence's keys, since the last ``d`` fetches run past ``hi``.
-
-    ``index`` (with ``prefetch``): the tile's block ids are read one loop step before its data,
-    ``fetch(i, index(i))``, so the table read is off the data load's dependency chain.
+    the fetched tiles ride in the loop carry (register prefetch; the ragged kernel's option, off by
+    default: it measured slower than Triton's own pipelining). ``ahead`` continues from an earlier
+    loop's tiles in flight; by default tiles ``lo .. lo + d - 1`` are fetched first. ``fetch`` must
+    mask what lies past the sequence's keys, since the last ``d`` fetches run past ``hi``.
     """
-    if index is not None and not prefetch:
-        raise ValueError("index needs prefetch >= 1")
     if not prefetch:
         return jax.lax.fori_loop(lo, hi, lambda i, st: fold(i, fetch(i), st), state), ()
 
-    if index is None:
-        def body(i, carry):
-            st, tiles = carry
-            nxt = fetch(i + prefetch)
-            return fold(i, tiles[0], st), (*tiles[1:], nxt)
-
-        if ahead is None:
-            ahead = tuple(fetch(lo + j) for j in range(prefetch))
-        return jax.lax.fori_loop(lo, hi, body, (state, ahead))
-
-    def body_ids(i, carry):
-        st, tiles, ids = carry
-        nxt = fetch(i + prefetch, ids)
-        # Issued after the data loads that needed the previous ids, so it waits on nothing.
-        ids_next = index(i + prefetch + 1)
-        return fold(i, tiles[0], st), (*tiles[1:], nxt), ids_next
+    def body(i, carry):
+        st, tiles = carry
+        nxt = fetch(i + prefetch)
+        return fold(i, tiles[0], st), (*tiles[1:], nxt)
 
     if ahead is None:
-        ahead = tuple(fetch(lo + j, index(lo + j)) for j in range(prefetch))
-    st, tiles, _ = jax.lax.fori_loop(lo, hi, body_ids, (state, ahead, index(lo + prefetch)))
-    return st, tiles
+        ahead = tuple(fetch(lo + j) for j in range(prefetch))
+    return jax.lax.fori_loop(lo, hi, body, (state, ahead))

@@ -13,8 +13,8 @@ unit), so each KV block is read from memory once per step. Each loop iteration g
 K and V tiles with masked loads (nothing outside the sequence's valid keys is read), accumulating
 in float32 with an online (base-2) softmax. Small batches split the context across programs
 (``num_splits``); a second Pallas kernel (one launch, one program per query head) merges the
-partial results: XLA's merge of the same arithmetic took one to four kernels of ~2.3 us each, as
-long as the attention kernel itself at batch 1 (benchmarks/RESULTS.md, device time).
+partial results, because XLA compiles the same merge into several kernels whose launches cost as
+much as the attention itself at batch 1 (benchmarks/RESULTS.md, decode).
 """
 
 from __future__ import annotations
@@ -26,16 +26,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.kernel_shapes import (
-    MASK_VALUE,
-    cdiv,
-    group_slopes,
-    next_pow2,
-    validate_decode_shapes,
-    validate_kernel_inputs,
-)
+from pallas_kernels.kernel_shapes import MASK_VALUE, group_slopes, validate_decode_shapes, validate_kernel_inputs
 from pallas_kernels.online_softmax import log2_logits, online_softmax_step, tile_loop
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+from pallas_kernels.sizes import cdiv, next_pow2
 
 DEFAULT_NUM_SMS = 132  # H100/H200 SXM; only steers the split heuristic
 MAX_SPLITS = 64  # chosen splits: the merge holds a query head's partials in registers
@@ -69,11 +63,9 @@ def choose_num_splits(
     num_sms: int = DEFAULT_NUM_SMS,
 ) -> int:
     """Splits the context when there are fewer than two (sequence, KV head) programs per SM:
-    then about four programs per SM, each split at least one loop step (64 keys) long. Set from
-    the device-time sweep on the H200 (benchmarks/RESULTS.md, fifth session) with the one-launch
-    merge: batch 1 GQA 8192 keys 18.3 -> 17.0 us (33 -> 64 splits), 512 keys 9.0 -> 7.6 us
-    (4 -> 8); batch 1 MHA 8192 43.0 -> 39.4 (9 -> 16); unsplit from 64 x 8 programs up, where
-    one split already streams at 4.3-4.4 TB/s."""
+    then about four programs per SM, each split at least one loop step (64 keys) long, at most
+    ``MAX_SPLITS``. Set from the device-time split sweep on the H200 (benchmarks/HISTORY.md, fifth
+    session); from 64 x 8 programs up one split already streams at the memory bandwidth."""
     base = num_seqs * num_kv_heads
     if base >= 2 * num_sms:
         return 1
@@ -86,16 +78,13 @@ def _decode_kernel(
     q_ref, k_ref, v_ref, bt_ref, sl_ref, *rest,
     block_size: int, blocks_per_iter: int, blocks_per_split: int, num_splits: int,
     head_dim: int, scale: float, sliding_window: int | None, soft_cap: float | None,
-    has_alibi: bool, exact_dot: bool, heads_fastest: bool, head_major: bool, prefetch: int,
-    ids_ahead: bool, flat_gather: bool, group_pad: int, head_dim_pad: int,
+    has_alibi: bool, exact_dot: bool, group_pad: int, head_dim_pad: int,
 ):
     if has_alibi:
         slopes_ref, *out_refs = rest
     else:
         slopes_ref, out_refs = None, list(rest)
     s, h = pl.program_id(0), pl.program_id(1)
-    if heads_fastest:
-        s, h = h, s
     split = pl.program_id(2)
     bs, bpi = block_size, blocks_per_iter
     n = bpi * bs
@@ -124,68 +113,48 @@ def _decode_kernel(
     precision = jax.lax.Precision.HIGHEST if exact_dot else None
     if has_alibi:
         slopes = slopes_ref[...]  # [gp] float32
-    # A tile's keys as [blocks, block_size] (one id per block, the default) or, with flat_gather,
-    # as [keys] with one block id per key: a 2-D [keys, D] gather with no reshape after it, which
-    # Triton's pipeliner can turn into asynchronous copies (cp.async) when nothing rides in
-    # registers (prefetch=0).
-    tile = (n,) if flat_gather else (bpi, bs)
-    if flat_gather:
-        key = jax.lax.broadcasted_iota(jnp.int32, tile, 0)
-        rowk = jax.lax.broadcasted_iota(jnp.int32, (n, dp), 0) % bs
-        dcol = jax.lax.broadcasted_iota(jnp.int32, (n, dp), 1)
-    else:
-        row = jax.lax.broadcasted_iota(jnp.int32, tile, 1)
-        blk = jax.lax.broadcasted_iota(jnp.int32, tile, 0)
-        rowk = jax.lax.broadcasted_iota(jnp.int32, (bpi, bs, dp), 1)
-        dcol = jax.lax.broadcasted_iota(jnp.int32, (bpi, bs, dp), 2)
+    # A tile's keys with one block id per key: a 2-D [keys, D] gather with no reshape after it,
+    # which Triton's pipeliner turns into asynchronous copies (cp.async).
+    key = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+    rowk = jax.lax.broadcasted_iota(jnp.int32, (n, dp), 0) % bs
+    dcol = jax.lax.broadcasted_iota(jnp.int32, (n, dp), 1)
 
     def load_tile(ref, ids, valid):
         # Every index is a full-shape array: the same gather lowers on Triton and in interpret mode.
-        shape = rowk.shape
-        bid = jnp.broadcast_to(ids[..., None] if flat_gather else ids[:, None, None], shape)
-        idx = (bid, h, rowk, dcol) if head_major else (bid, rowk, h, dcol)
-        mask = jnp.broadcast_to(valid[..., None], shape)
+        bid = jnp.broadcast_to(ids[:, None], rowk.shape)
+        mask = jnp.broadcast_to(valid[:, None], rowk.shape)
         if pad_d:
             mask = mask & (dcol < head_dim)
-        return plgpu.load(ref.at[idx], mask=mask, other=0).reshape(n, dp)
+        return plgpu.load(ref.at[bid, rowk, h, dcol], mask=mask, other=0)
 
     def tile_keys(i):
-        blk0 = lo + i * bpi
-        tok2 = blk0 * bs + key if flat_gather else (blk0 + blk) * bs + row  # token positions, [n] / [bpi, bs]
-        valid2 = tok2 < end_tok
+        tok = (lo + i * bpi) * bs + key  # token positions [n]
+        valid = tok < end_tok
         if sliding_window is not None:
-            valid2 = valid2 & (tok2 >= start_tok)
-        return blk0, tok2, valid2
+            valid = valid & (tok >= start_tok)
+        return tok, valid
 
-    def block_ids(i):
-        # Masked instead of a padded table: tiles past the end (prefetch, window overhang) read none.
-        if flat_gather:
-            col = lo + i * bpi + key // bs
-        else:
-            col = lo + i * bpi + jax.lax.broadcasted_iota(jnp.int32, (bpi,), 0)
-        return plgpu.load(bt_ref.at[s, col], mask=col < max_blocks, other=0)
-
-    def fetch(i, ids=None):
-        _, _, valid2 = tile_keys(i)
-        ids = block_ids(i) if ids is None else ids
-        return load_tile(k_ref, ids, valid2), load_tile(v_ref, ids, valid2)
+    def fetch(i):
+        _, valid = tile_keys(i)
+        # Masked instead of a padded table: tiles past the end (window overhang) read none.
+        col = lo + i * bpi + key // bs
+        ids = plgpu.load(bt_ref.at[s, col], mask=col < max_blocks, other=0)
+        return load_tile(k_ref, ids, valid), load_tile(v_ref, ids, valid)
 
     def attend(i, k, v, acc, m_prev, l_prev):
-        _, tok2, valid2 = tile_keys(i)
+        tok, valid = tile_keys(i)
         logits = plgpu.dot(q, k, trans_b=True, precision=precision)  # [gp, n] f32
 
         def alibi():
-            rel = (tok2.reshape(n) - (seq_len - 1)).astype(jnp.float32)
+            rel = (tok - (seq_len - 1)).astype(jnp.float32)
             return slopes[:, None] * rel[None, :]
 
         logits = log2_logits(logits, scale=scale, soft_cap=soft_cap, bias=alibi if has_alibi else None)
-        logits = jnp.where(valid2.reshape(n)[None, :], logits, MASK_VALUE)
+        logits = jnp.where(valid[None, :], logits, MASK_VALUE)
         return online_softmax_step(logits, v, acc, m_prev, l_prev, precision=precision)
 
     state = (jnp.zeros((gp, dp), jnp.float32), jnp.full((gp,), MASK_VALUE, jnp.float32), jnp.zeros((gp,), jnp.float32))
-    # Fetches past the end are fully masked (valid2) and move no data.
-    (acc, m, l), _ = tile_loop(0, num_iters, fetch, lambda i, kv, st: attend(i, *kv, *st), state,
-                               prefetch=prefetch, index=block_ids if ids_ahead and prefetch else None)
+    (acc, m, l), _ = tile_loop(0, num_iters, fetch, lambda i, kv, st: attend(i, *kv, *st), state)
 
     if num_splits == 1:
         (o_ref,) = out_refs
@@ -259,19 +228,15 @@ def merge_splits(o: jnp.ndarray, m: jnp.ndarray, l: jnp.ndarray) -> jnp.ndarray:
     jax.jit,
     static_argnames=(
         "scale", "sliding_window", "logits_soft_cap", "blocks_per_iter", "num_splits",
-        "num_warps", "num_stages", "interpret", "heads_fastest", "head_major", "prefetch",
-        "ids_ahead", "flat_gather",
+        "num_warps", "num_stages", "interpret",
     ),
 )
 def _decode_call(
     q, k_cache, v_cache, seq_lens, block_tables, alibi_slopes, *,
-    scale, sliding_window, logits_soft_cap, blocks_per_iter, num_splits, num_warps, num_stages,
-    interpret, heads_fastest, head_major, prefetch, ids_ahead, flat_gather,
+    scale, sliding_window, logits_soft_cap, blocks_per_iter, num_splits, num_warps, num_stages, interpret,
 ):
     S, Hq, D = q.shape
     _, bs, hkv, _ = k_cache.shape
-    if head_major:
-        hkv, bs = bs, hkv
     G = Hq // hkv
     gp = max(16, next_pow2(G))
     dp = next_pow2(D)
@@ -286,23 +251,18 @@ def _decode_call(
         _decode_kernel, block_size=bs, blocks_per_iter=bpi, blocks_per_split=blocks_per_split,
         num_splits=num_splits, head_dim=D, scale=scale, sliding_window=sliding_window,
         soft_cap=logits_soft_cap, has_alibi=has_alibi, exact_dot=q.dtype == jnp.float32,
-        heads_fastest=heads_fastest, head_major=head_major, prefetch=prefetch, ids_ahead=ids_ahead,
-        flat_gather=flat_gather, group_pad=gp, head_dim_pad=dp,
+        group_pad=gp, head_dim_pad=dp,
     )
-    # Grid axis 0 launches fastest; index maps below take (sequence, kv head, split).
-    if heads_fastest:
-        grid = (hkv, S, num_splits)
-        im = lambda f: (lambda h, s, c: f(s, h, c))  # noqa: E731
-    else:
-        grid = (S, hkv, num_splits)
-        im = lambda f: f  # noqa: E731
+    # Grid (sequence, KV head, split), sequences first: launching a sequence's KV heads next to
+    # each other measured slower (benchmarks/HISTORY.md, first session).
+    grid = (S, hkv, num_splits)
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)  # noqa: E731
     in_specs = [
         whole(qg), whole(k_cache), whole(v_cache), whole(bt), whole(seq_lens),
     ]
     args = [qg, k_cache, v_cache, bt, seq_lens.astype(jnp.int32)]
     if has_alibi:
-        in_specs.append(pl.BlockSpec((None, gp), im(lambda s, h, c: (h, 0))))
+        in_specs.append(pl.BlockSpec((None, gp), lambda s, h, c: (h, 0)))
         args.append(group_slopes(alibi_slopes, hkv, gp))
     if num_splits == 1:
         out_shape = [jax.ShapeDtypeStruct((S, hkv, G, D), q.dtype)]
@@ -314,9 +274,9 @@ def _decode_call(
             jax.ShapeDtypeStruct((S, hkv, num_splits, gp), jnp.float32),
         ]
         out_specs = [
-            pl.BlockSpec((None, None, None, gp, dp), im(lambda s, h, c: (s, h, c, 0, 0))),
-            pl.BlockSpec((None, None, None, gp), im(lambda s, h, c: (s, h, c, 0))),
-            pl.BlockSpec((None, None, None, gp), im(lambda s, h, c: (s, h, c, 0))),
+            pl.BlockSpec((None, None, None, gp, dp), lambda s, h, c: (s, h, c, 0, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda s, h, c: (s, h, c, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda s, h, c: (s, h, c, 0)),
         ]
     outs = pl.pallas_call(
         kernel,
@@ -348,30 +308,19 @@ def paged_attention_decode(
     num_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
-    heads_fastest: bool = False,
-    head_major: bool = False,
-    prefetch: int = 0,
-    ids_ahead: bool = True,
-    flat_gather: bool = True,
     interpret: bool = False,
 ) -> jnp.ndarray:
     """Decode attention: q [S, Hq, D] (one token per sequence) over the paged caches -> [S, Hq, D].
 
-    Tuning knobs (defaults measured best on the H200, see benchmarks/RESULTS.md):
-    ``blocks_per_iter`` (KV blocks loaded per loop step; default: 64 keys a step, 32 when a key
-    row is wider than 256 bytes, so that three stages fit in shared memory), ``prefetch`` (register
-    prefetch: how many tiles ahead the loads are issued, the tiles riding in the loop carry; 0 =
-    none, leaving the pipelining to Triton), ``num_splits`` (context splits; default:
-    :func:`choose_num_splits`), ``num_warps``, ``num_stages``, ``heads_fastest`` (launch the KV
-    heads of one sequence next to each other), ``head_major`` (caches laid out ``[num_blocks,
-    num_kv_heads, block_size, head_dim]``; an ablation, measured no faster), ``ids_ahead`` (with
-    ``prefetch``: read a tile's block ids one loop step before its K/V) and ``flat_gather``
-    (gather a tile as [keys, D] with one block id per key). The default, ``flat_gather`` without
-    register prefetch, is the form Triton's pipeliner turns into asynchronous copies (cp.async):
-    measured 64 x 2048 MHA 0.500 ms vs 0.612 ms for the register-prefetch path (32 keys a step,
-    ids ahead), 15-21 % less time at every shape with batch >= 64, 0-24 % at batch 8.
+    Tuning knobs (defaults measured best on the H200, benchmarks/RESULTS.md): ``blocks_per_iter``
+    (KV blocks loaded per loop step; default: 64 keys a step, 32 when a key row is wider than 256
+    bytes, so that three stages fit in shared memory), ``num_splits`` (context splits; default:
+    :func:`choose_num_splits`), ``num_warps``, ``num_stages``. The loop is the flat per-key gather
+    that Triton pipelines with ``cp.async``; the loops it replaced (register prefetch, block ids a
+    step ahead, a head-major cache layout, KV heads launched first) measured slower or no faster
+    and are recorded in benchmarks/HISTORY.md.
     """
-    S, Hq, D, bs, hkv = validate_decode_shapes(q, k_cache, v_cache, seq_lens, block_tables, head_major=head_major)
+    S, Hq, D, bs, hkv = validate_decode_shapes(q, k_cache, v_cache, seq_lens, block_tables)
     if alibi_slopes is not None and alibi_slopes.shape != (Hq,):
         raise ValueError(f"alibi_slopes {alibi_slopes.shape}: expected ({Hq},)")
     if sliding_window is not None and sliding_window < 1:
@@ -389,6 +338,5 @@ def paged_attention_decode(
         q, k_cache, v_cache, seq_lens, block_tables, alibi_slopes,
         scale=float(scale), sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
         blocks_per_iter=bpi, num_splits=splits, num_warps=num_warps, num_stages=num_stages,
-        interpret=interpret, heads_fastest=heads_fastest, head_major=head_major,
-        prefetch=int(prefetch), ids_ahead=bool(ids_ahead), flat_gather=bool(flat_gather),
+        interpret=interpret,
     )

@@ -26,17 +26,13 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.kernel_shapes import (
     MASK_VALUE,
-    cdiv,
-    next_pow2,
     pad_block_tables,
     searchsorted_right,
     token_seq_ids,
     validate_kernel_inputs,
 )
 from pallas_kernels.online_softmax import log2_logits, online_softmax_step, tile_loop
-
-ATTENTION_BACKENDS = ("reference", "pallas", "mosaic")
-
+from pallas_kernels.sizes import cdiv, next_pow2
 
 def ragged_paged_attention_reference(
     q: jnp.ndarray,
@@ -319,16 +315,17 @@ def ragged_paged_attention_pallas(
     flat_gather: bool = True,
     interpret: bool = False,
 ) -> jnp.ndarray:
-    """The Pallas kernel for a mixed step (shapes as the reference). Expects validated inputs.
+    """The Pallas kernel for a mixed step (shapes as the reference). Expects validated inputs
+    (the router, :mod:`pallas_kernels.attention_router`, checks them).
 
     ``block_m`` is the number of (token, head) rows in a query tile (``block_q = block_m //
     group``); ``blocks_per_iter`` KV blocks are loaded per step (default: 128 keys a step, 64
     when head_dim > 128, where ``num_stages`` also drops to 2 to fit shared memory).
-    ``heads_fastest`` launches the KV heads of one query tile next to each other (measured
-    faster on the H200 than tiles first, see benchmarks/RESULTS.md). ``flat_gather`` gathers a
-    KV tile as [keys, D], one block id per key, with no reshape after the gather: measured 6 %
-    faster than [blocks, block_size, D] on the H200 (4k prefill, 0.530 vs 0.565 ms MHA, 0.512 vs
-    0.544 GQA).
+    ``heads_fastest`` launches the KV heads of one query tile next to each other; ``flat_gather``
+    gathers a KV tile as [keys, D], one block id per key, with no reshape after the gather;
+    ``prefetch`` issues the next KV tile's loads before the current tile's math. The defaults
+    (heads first, flat gather, no prefetch) measured fastest on the H200; the figures are in
+    benchmarks/RESULTS.md and benchmarks/HISTORY.md.
     """
     validate_kernel_inputs(q, k_cache, v_cache)
     G = q.shape[1] // k_cache.shape[2]
@@ -349,100 +346,4 @@ def ragged_paged_attention_pallas(
         scale=float(scale), sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
         block_q=block_q, blocks_per_iter=bpi, num_warps=num_warps, num_stages=num_stages,
         interpret=interpret, heads_fastest=heads_fastest, prefetch=prefetch, flat_gather=bool(flat_gather),
-    )
-
-
-def ragged_paged_attention(
-    q: jnp.ndarray,
-    k_cache: jnp.ndarray,
-    v_cache: jnp.ndarray,
-    positions: jnp.ndarray,
-    query_start_loc: jnp.ndarray,
-    seq_lens: jnp.ndarray,
-    block_tables: jnp.ndarray,
-    *,
-    scale: float,
-    sliding_window: int | None = None,
-    alibi_slopes: jnp.ndarray | None = None,
-    logits_soft_cap: float | None = None,
-    backend: str = "reference",
-    decode_only: bool = False,
-    split_decode_rows: bool | None = None,
-    interpret: bool = False,
-) -> jnp.ndarray:
-    """Validated public entry point; ``backend`` picks the implementation.
-
-    ``backend``: "reference" (plain jnp), "pallas" (Triton-lowered kernels; ``interpret=True``
-    runs them in the Pallas interpreter, e.g. on CPU) or "mosaic" ("pallas", except that mixed
-    steps of at least ``mixed_step.MOSAIC_MIN_TOKENS`` tokens run their prefill chunks through the
-    warp-specialised Mosaic GPU kernel of :mod:`pallas_kernels.ragged_paged_attention_mosaic`,
-    Hopper only, when the model needs none of sliding window, ALiBi or soft cap and the dtype,
-    head_dim and block size are ones it supports; the Mosaic decode kernel measured slower than
-    the Pallas one and is not used). The Mosaic path relies on the engine's contract that a
-    sequence's query tokens are its last ``q_len`` positions. ``decode_only`` (static) promises that
-    every sequence has exactly one query token, token s belonging to sequence s at position
-    ``seq_lens[s] - 1`` (T == S; padding sequences have ``seq_lens == 0``); the pallas backend
-    then uses the decode kernel. ``split_decode_rows`` (static, pallas only) runs a mixed step's
-    single-token sequences through the decode kernel and the rest through the ragged kernel (whose
-    query tiles would carry one real row each for them). ``None`` splits when every query head
-    has its own KV head: measured on the H200 (a 2048-token mixed step, 255 decodes at 512 keys),
-    splitting took MHA 32:32 from 1.455 to 1.152 ms but GQA 32:8 from 0.519 to 0.673 ms, where the
-    ragged kernel's query tiles already hold a whole group per KV read.
-    """
-    if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}: bad ranks")
-    if q.shape[-1] != k_cache.shape[-1]:
-        raise ValueError(f"head_dim mismatch: q {q.shape[-1]} vs cache {k_cache.shape[-1]}")
-    if q.shape[1] % k_cache.shape[2]:
-        raise ValueError(f"num_q_heads {q.shape[1]} is not a multiple of num_kv_heads {k_cache.shape[2]}")
-    if positions.shape != (q.shape[0],):
-        raise ValueError(f"positions {positions.shape}: expected ({q.shape[0]},)")
-    if query_start_loc.shape != (block_tables.shape[0] + 1,) or seq_lens.shape != (block_tables.shape[0],):
-        raise ValueError(
-            f"query_start_loc {query_start_loc.shape}, seq_lens {seq_lens.shape}, block_tables "
-            f"{block_tables.shape}: expected [S+1], [S], [S, max_blocks]"
-        )
-    if alibi_slopes is not None and alibi_slopes.shape != (q.shape[1],):
-        raise ValueError(f"alibi_slopes {alibi_slopes.shape}: expected ({q.shape[1]},)")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window {sliding_window}: expected >= 1 or None")
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend {backend!r} is not available; allowed: {', '.join(map(repr, ATTENTION_BACKENDS))}")
-    if decode_only and q.shape[0] != block_tables.shape[0]:
-        raise ValueError(
-            f"decode_only needs one token per sequence: num_tokens {q.shape[0]} != num_seqs {block_tables.shape[0]}"
-        )
-    kwargs = dict(
-        scale=scale, sliding_window=sliding_window, alibi_slopes=alibi_slopes,
-        logits_soft_cap=logits_soft_cap,
-    )
-    if backend == "reference":
-        return ragged_paged_attention_reference(
-            q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, **kwargs
-        )
-    if backend == "mosaic" and not decode_only:
-        from pallas_kernels.mixed_step import mosaic_mixed_step, mosaic_prefill_applies
-
-        if mosaic_prefill_applies(q, k_cache, sliding_window=sliding_window, alibi_slopes=alibi_slopes,
-                                  logits_soft_cap=logits_soft_cap):
-            return mosaic_mixed_step(
-                q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, scale=scale,
-                interpret=interpret,
-            )
-    if decode_only:
-        # Imported here: the decode module imports this module's reference as its oracle.
-        from pallas_kernels.paged_attention_decode import paged_attention_decode
-
-        return paged_attention_decode(q, k_cache, v_cache, seq_lens, block_tables, interpret=interpret, **kwargs)
-    if split_decode_rows is None:
-        split_decode_rows = q.shape[1] == k_cache.shape[2]
-    if split_decode_rows:
-        from pallas_kernels.mixed_step import split_decode_rows as split
-
-        return split(
-            q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, interpret=interpret, **kwargs
-        )
-    return ragged_paged_attention_pallas(
-        q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables,
-        interpret=interpret, **kwargs,
     )

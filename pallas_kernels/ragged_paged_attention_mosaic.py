@@ -31,7 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.kernel_shapes import LOG2E, MASK_VALUE, cdiv, searchsorted_right, token_seq_ids, validate_mosaic_dtypes
+from pallas_kernels.kernel_shapes import LOG2E, MASK_VALUE, searchsorted_right, token_seq_ids, validate_mosaic_dtypes
+from pallas_kernels.sizes import cdiv
 
 ROWS = 64  # query rows per compute warpgroup (wgmma M)
 TILE = 2 * ROWS  # query rows per block: two compute warpgroups

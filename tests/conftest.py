@@ -1,6 +1,7 @@
 import os
 
-# Tests run on CPU in float32; keep XLA from grabbing all cores' worth of threads per process.
+# Tests run on CPU in float32 unless JAX_PLATFORMS says otherwise (`make test-gpu` sets cuda and
+# runs the GPU-marked tests); keep XLA from grabbing all cores' worth of threads per process.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 

@@ -1,0 +1,69 @@
+"""How many KV blocks the device pool gets (jaxpaged/kv_pool_sizing.py)."""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import pytest
+
+from jaxpaged import kv_pool_sizing
+from jaxpaged.engine_args import EngineArgs
+from jaxpaged.kv_pool_sizing import CPU_KV_CACHE_BYTES, activation_peak_bytes, num_kv_blocks
+from jaxpaged.model_loader import load_model
+from tests.helpers.tiny_checkpoint import make_tiny_checkpoint
+
+GiB = 1 << 30
+
+
+def _blocks(args, **kw):
+    base = dict(max_model_len=100, block_bytes=1 << 20, on_gpu=False, max_num_seqs=4, max_num_batched_tokens=64)
+    return num_kv_blocks(None, args, **{**base, **kw})
+
+
+def test_override_wins_everywhere():
+    args = EngineArgs(num_gpu_blocks_override=7)
+    assert _blocks(args) == 7
+    assert _blocks(args, on_gpu=True) == 7
+
+
+def test_cpu_pool_is_capped_by_the_sequences_it_can_serve_and_holds_at_least_one():
+    args = EngineArgs(block_size=16)
+    # 100 tokens = 7 blocks a sequence; 4 sequences need 28, far below 1 GiB of 1 MiB blocks.
+    assert _blocks(args) == 28
+    assert _blocks(args, max_num_seqs=10_000) == CPU_KV_CACHE_BYTES // (1 << 20)
+    # Blocks bigger than the CPU budget: still one whole sequence.
+    assert _blocks(args, block_bytes=CPU_KV_CACHE_BYTES) == 7
+
+
+def test_gpu_pool_is_what_the_budget_leaves_after_weights_activations_and_margin(monkeypatch):
+    """The arithmetic of the GPU path, on a device whose memory figures are given (the CPU has
+    none); the activation peak is :func:`activation_peak_bytes`'s, tested below on a real model."""
+    limit, in_use, peak = 120 * GiB, 14 * GiB, 3 * GiB
+    device = types.SimpleNamespace(memory_stats=lambda: {"bytes_limit": limit, "bytes_in_use": in_use})
+    monkeypatch.setattr(jax, "devices", lambda *a: [device])
+    monkeypatch.setattr(kv_pool_sizing, "activation_peak_bytes", lambda *a: peak)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    args = EngineArgs(block_size=16, gpu_memory_utilization=0.9)
+    budget = min(limit, limit / 0.95 * 0.9)
+    margin = max(2 * GiB, int(0.03 * budget))
+    want = int((budget - in_use - peak - margin) // (8 << 20))
+    assert _blocks(args, on_gpu=True, block_bytes=8 << 20) == want
+    # Not even one sequence of max_model_len fits: refused, naming the fields to change.
+    with pytest.raises(ValueError, match="not enough GPU memory for one sequence of max_model_len=100"):
+        _blocks(args, on_gpu=True, block_bytes=20 * GiB)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return load_model(make_tiny_checkpoint(str(tmp_path_factory.mktemp("sizing") / "tiny")), dtype="float32")
+
+
+def test_activation_peak_grows_with_the_step(tiny_model):
+    small = activation_peak_bytes(tiny_model, 16, 256, 16, 16)
+    large = activation_peak_bytes(tiny_model, 16, 256, 256, 16)
+    if small == 0:
+        pytest.skip("this backend reports no memory analysis")
+    # At least the step's own outputs: the hidden states [T, 64] and last-token logits [S, vocab].
+    assert large >= 256 * 64 * 4
+    assert large > small
