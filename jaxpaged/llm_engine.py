@@ -1,8 +1,9 @@
 """``LLMEngine``: the loop that ties tokenizer, scheduler, block manager and model runner together.
 
-One ``step()`` = schedule → run the step on the device (sampling included) → append tokens and
-check stop conditions → detokenize incrementally and check stop strings → emit cumulative
-``RequestOutput``s for the requests that progressed. Call ``step()`` from a single thread.
+One ``step()`` = schedule → run the step on the device (sampling included) → the scheduler appends
+tokens and checks stop conditions → the output processor detokenizes, finds stop strings (the
+scheduler finishes those sequences) and builds the ``RequestOutput``s of the requests that
+progressed. A step that fails is contained (``_recover``). Call ``step()`` from a single thread.
 """
 
 from __future__ import annotations
@@ -11,35 +12,24 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from jaxpaged.engine_args import EngineArgs
-from jaxpaged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from jaxpaged.request import Request, Sequence
-from jaxpaged.sampler import SamplingRow, build_logprob_dict, max_bias_entries
-from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
-from jaxpaged.detokenizer import IncrementalDetokenizer, check_stop, decode_logprob_tokens, stop_buffer_length
+from jaxpaged.output_processor import OutputProcessor
+from jaxpaged.outputs import CompletionOutput, RequestOutput
+from jaxpaged.request import Request
+from jaxpaged.sampler import max_bias_entries
+from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.scheduler_output import SchedulerOutput
 from jaxpaged.step_errors import EngineDeadError, SequenceError
 
+if TYPE_CHECKING:  # the runner imports JAX, which the engine loads only once the platform is set
+    from jaxpaged.model_runner import InFlightStep, RunnerOutput
+
 logger = logging.getLogger("jaxpaged")
 
-# Sampling parameters for a row whose sequence finished after it was scheduled (async scheduling).
-_DROPPED_ROW_PARAMS = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
 # Steps in a row that may fail (each recovered from) before the engine declares itself dead.
 MAX_CONSECUTIVE_FAILED_STEPS = 3
-
-
-class _SeqState:
-    """Engine-side state of one sequence: its text so far and its logprobs."""
-
-    def __init__(self, seq: Sequence, req: Request, detok: IncrementalDetokenizer | None):
-        self.seq = seq
-        self.req = req
-        self.detok = detok
-        self.text = ""
-        self.num_detokenized = 0
-        self.logprobs: list[dict[int, Logprob]] = []
 
 
 class LLMEngine:
@@ -119,7 +109,7 @@ class LLMEngine:
                                   with_decode_buckets=backend != "reference", bias_width=self.max_bias_entries)
         self.num_gpu_blocks = num_blocks
         self._warm_up()
-        self._states: dict[int, _SeqState] = {}
+        self.output_processor = OutputProcessor(self.tokenizer)
         self._next_seq_id = 0
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
@@ -247,13 +237,7 @@ class LLMEngine:
         req = Request(request_id, ids, params, self._next_seq_id, prompt=text, arrival_time=arrival_time)
         self.scheduler.add_request(req)  # may raise (duplicate id, pool too small): nothing is kept then
         self._next_seq_id += req.n
-        for seq in req.seqs:
-            detok = None
-            if params.detokenize and self.tokenizer is not None:
-                detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
-                                               params.spaces_between_special_tokens)
-            self._states[seq.seq_id] = _SeqState(seq, req, detok)
-        req.prompt_logprobs = [None] if params.prompt_logprobs is not None else None
+        self.output_processor.add_request(req)
         self._prompt_tokens_total += len(ids)
 
     def _check_params(self, params: SamplingParams) -> None:
@@ -282,10 +266,13 @@ class LLMEngine:
         """Aborts requests in any state and frees their blocks; unknown ids are ignored."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
-            req = self.scheduler.abort_request(rid)
-            if req is not None:
-                for seq in req.seqs:
-                    self._states.pop(seq.seq_id, None)
+            if self.scheduler.abort_request(rid) is not None:
+                self.output_processor.remove_request(rid)
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Most sequences running at once (the batch's sequence slots)."""
+        return self.scheduler.max_num_seqs
 
     def has_unfinished_requests(self) -> bool:
         # A step still in flight once every request has finished (async scheduling) only holds
@@ -296,12 +283,6 @@ class LLMEngine:
         return self.scheduler.get_num_unfinished_requests()
 
     # ---- one step ----------------------------------------------------------------------------
-    def _row(self, seq_id: int) -> SamplingRow:
-        st = self._states.get(seq_id)
-        if st is None:  # finished after its row was scheduled (async): the token is dropped
-            return SamplingRow(_DROPPED_ROW_PARAMS, [], [], 0)
-        return SamplingRow(st.req.sampling_params, st.seq.prompt_token_ids, st.seq.output_token_ids, st.seq.index)
-
     def step(self) -> list[RequestOutput]:
         """Runs one iteration; returns cumulative outputs of the requests that progressed.
 
@@ -331,7 +312,7 @@ class LLMEngine:
         if sched.is_empty:
             return
         self._open_steps = [sched]
-        self._process(sched, self.runner.execute(sched, self._row))
+        self._process(sched, self.runner.execute(sched))
 
     def _step_async(self) -> None:
         prev = self._in_flight
@@ -348,25 +329,25 @@ class LLMEngine:
             self._land(prev)
             landed = True
         self._open_steps.append(sched)
-        self._in_flight = self.runner.dispatch(sched, self._row, prev)
+        self._in_flight = self.runner.dispatch(sched, prev)
         if prev is not None and not landed:
             self._land(prev)
 
-    def _land(self, step) -> None:
+    def _land(self, step: InFlightStep) -> None:
         self._process(step.sched, self.runner.collect(step))
 
-    def _needs_history(self, sched) -> bool:
+    @staticmethod
+    def _needs_history(sched: SchedulerOutput) -> bool:
         for row in sched.scheduled:
-            for sid in row.sample_seq_ids:
-                st = self._states.get(sid)
-                p = st.req.sampling_params if st is not None else None
-                if p is not None and (p.seed is not None or p.min_tokens or p.presence_penalty
-                                      or p.frequency_penalty or p.repetition_penalty != 1.0):
+            for sample in row.sample_rows:
+                p = sample.params
+                if (p.seed is not None or p.min_tokens or p.presence_penalty or p.frequency_penalty
+                        or p.repetition_penalty != 1.0):
                     return True
         return False
 
-    def _process(self, sched: SchedulerOutput, out) -> None:
-        """Hands a finished step's tokens to the scheduler; detokenizes and builds outputs.
+    def _process(self, sched: SchedulerOutput, out: RunnerOutput) -> None:
+        """Hands a finished step's tokens to the scheduler, then to the output processor.
 
         Once the scheduler has taken the tokens the step is committed; what follows is per
         request, and a request whose output processing raises fails alone."""
@@ -375,11 +356,11 @@ class LLMEngine:
         failed: dict[str, BaseException] = {}
         for sid, plp in out.prompt_logprobs.items():
             try:
-                self._record_prompt_logprobs(sid, plp)
+                self.output_processor.record_prompt_logprobs(sid, plp)
             except Exception as exc:  # noqa: BLE001 - blamed on that request alone
-                st = self._states.get(sid)
-                if st is not None:
-                    failed.setdefault(st.req.request_id, exc)
+                req = self.output_processor.request_of(sid)
+                if req is not None:
+                    failed.setdefault(req.request_id, exc)
         sampled = {sid: (t.token_id, t.logprob, t) for sid, t in out.sampled.items()}
         touched = self.scheduler.update_from_output(sched, sampled)
         self._open_steps = [s for s in self._open_steps if s is not sched]
@@ -388,19 +369,16 @@ class LLMEngine:
             if req.request_id in failed:
                 continue
             try:
-                for seq in req.seqs:
-                    st = self._states.get(seq.seq_id)
-                    if st is not None:
-                        self._process_new_tokens(st)
-                finished = req.is_finished()
-                if finished or req.sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
-                    self._outputs.append(self._request_output(req))
+                for seq_id, stop_str in self.output_processor.process_tokens(req):
+                    self.scheduler.finish_sequence(seq_id, "stop", stop_str)
+                output = self.output_processor.make_output(req)
             except Exception as exc:  # noqa: BLE001 - blamed on that request alone
                 failed[req.request_id] = exc
                 continue
-            if finished:
-                for seq in req.seqs:
-                    self._states.pop(seq.seq_id, None)
+            if output is not None:
+                self._outputs.append(output)
+            if req.is_finished():
+                self.output_processor.remove_request(req.request_id)
         for rid, exc in failed.items():
             logger.error("request %r failed while its output was processed; finishing it with an error",
                          rid, exc_info=exc)
@@ -448,84 +426,14 @@ class LLMEngine:
             return
         error = f"{type(exc).__name__}: {exc}"
         try:
-            out = self._request_output(req)
+            out = self.output_processor.make_output(req, error=error)
         except Exception:  # noqa: BLE001 - its text may be what failed: report it without
             out = RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), None,
                                 [CompletionOutput(s.index, "", list(s.output_token_ids), None, None, "error")
-                                 for s in req.seqs], True)
-        out.error = error
-        self._outputs.append(out)
-        for seq in req.seqs:
-            self._states.pop(seq.seq_id, None)
-
-    def _record_prompt_logprobs(self, seq_id: int, plp) -> None:
-        st = self._states.get(seq_id)
-        if st is None or st.req.prompt_logprobs is None:
-            return
-        req, k = st.req, st.req.sampling_params.prompt_logprobs
-        entries = []
-        for j, (lp, rank) in enumerate(zip(plp.token_logprobs, plp.ranks)):
-            token = req.prompt_token_ids[plp.start + 1 + j]
-            entries.append(build_logprob_dict(token, lp, rank, plp.top_ids[j], plp.top_logprobs[j], k))
-        if self.tokenizer is not None:
-            decode_logprob_tokens(self.tokenizer, entries)
-        # Chunks arrive in order; a recompute after preemption never asks again.
-        req.prompt_logprobs.extend(entries[: max(0, len(req.prompt_token_ids) - len(req.prompt_logprobs))])
-
-    def _process_new_tokens(self, st: _SeqState) -> None:
-        seq, params = st.seq, st.req.sampling_params
-        new = seq.output_token_ids[st.num_detokenized :]
-        if not new:
-            return
-        if params.logprobs is not None:
-            for i, tok in enumerate(new):
-                t = seq.output_top_logprobs[st.num_detokenized + i]
-                entry = build_logprob_dict(tok, t.logprob, t.rank, t.top_ids, t.top_logprobs, params.logprobs)
-                if self.tokenizer is not None:
-                    decode_logprob_tokens(self.tokenizer, [entry])
-                st.logprobs.append(entry)
-        st.num_detokenized = len(seq.output_token_ids)
-        if st.detok is None:
-            return
-        # The stop token itself (EOS / stop_token_ids) is not part of the text, as in vLLM.
-        visible = new
-        if seq.is_finished and seq.finish_reason == "stop" and not params.include_stop_str_in_output:
-            visible = new[:-1] if (seq.stop_reason is None or seq.stop_reason == new[-1]) else new
-        delta = st.detok.append(visible)
-        if seq.is_finished:
-            delta += st.detok.flush()
-        st.text += delta
-        if params.stop and not seq.is_finished:
-            hit = check_stop(st.text, len(delta), params.stop, params.include_stop_str_in_output)
-            if hit is not None:
-                stop_str, st.text = hit
-                self.scheduler.finish_sequence(seq.seq_id, "stop", stop_str)
-
-    def _request_output(self, req: Request) -> RequestOutput:
-        params = req.sampling_params
-        outputs = []
-        for seq in req.seqs:
-            st = self._states.get(seq.seq_id)
-            text = st.text if st else ""
-            if not seq.is_finished and params.stop:
-                hold = stop_buffer_length(params.stop, params.include_stop_str_in_output)
-                text = text[: max(0, len(text) - hold)]
-            outputs.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=list(seq.output_token_ids),
-                cumulative_logprob=seq.cumulative_logprob if params.logprobs is not None else None,
-                logprobs=list(st.logprobs) if (st and params.logprobs is not None) else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-            ))
-        now = time.time()
-        metrics = RequestMetrics(
-            arrival_time=req.arrival_time, last_token_time=now, first_scheduled_time=req.first_scheduled_time,
-            first_token_time=req.first_token_time,
-            time_in_queue=(req.first_scheduled_time - req.arrival_time) if req.first_scheduled_time else None,
-            finished_time=req.finished_time,
-        )
-        return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids),
-                             list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
-                             outputs, req.is_finished(), metrics)
+                                 for s in req.seqs], True, error=error)
+        if out is not None:
+            self._outputs.append(out)
+        self.output_processor.remove_request(request_id)
 
     # ---- stats -------------------------------------------------------------------------------
     def get_stats(self) -> dict:

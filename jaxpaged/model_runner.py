@@ -23,10 +23,10 @@ import numpy as np
 from jaxpaged.buckets import Bucket, geometric_range, make_buckets, pick_bucket
 from jaxpaged.kv_cache import KVCache
 from jaxpaged.model_loader import LoadedModel
+from jaxpaged.scheduler_output import SamplingRow, ScheduledSequence, SchedulerOutput
 from jaxpaged.step_errors import SequenceError
 from jaxpaged.sampler import (
     SamplerFlags,
-    SamplingRow,
     SamplingTensors,
     compute_prompt_logprobs,
     sample,
@@ -69,12 +69,12 @@ class RunnerOutput:
 class InFlightStep:
     """A dispatched step whose results are still on the device."""
 
-    sched: Any  # the SchedulerOutput it runs
+    sched: SchedulerOutput  # the step it runs
     bucket: Bucket | None
     chunks: list  # (seq ids, (sampler output, padded token ids)) per sampler call
     token_row: dict[int, int]  # seq id -> index into ``tokens`` (empty: tokens not chainable)
     num_tokens: int  # real tokens computed
-    tokens: Any = None  # [max_rows] device array of sampled ids, for the next step's pending inputs
+    tokens: jax.Array | None = None  # [max_rows] device array of sampled ids, for the next step's pending inputs
     prompt_logprobs: Callable[[], dict] | None = None
 
     @property
@@ -233,7 +233,7 @@ class ModelRunner:
         )
         return last, hidden
 
-    def _pack_arrays(self, scheduled: Sequence[Any], bucket: Bucket):
+    def _pack_arrays(self, scheduled: Sequence[ScheduledSequence], bucket: Bucket):
         """Token ids, attention metadata and positions of the scheduled rows, padded to ``bucket``."""
         n = len(scheduled)
         q_lens = np.fromiter((len(x.token_ids) for x in scheduled), np.int64, n)
@@ -248,14 +248,11 @@ class ModelRunner:
         )
         return ids, md, positions
 
-    def execute(self, sched: Any, get_row: Callable[[int], SamplingRow]) -> RunnerOutput:
-        """Runs the block operations and the forward step of ``sched``, then samples.
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Runs the block operations and the forward step of ``sched``, then samples."""
+        return self.collect(self.dispatch(sched))
 
-        ``get_row(seq_id)`` gives a sequence's sampling parameters and token history.
-        """
-        return self.collect(self.dispatch(sched, get_row))
-
-    def dispatch(self, sched: Any, get_row: Callable[[int], SamplingRow], prev: "InFlightStep | None" = None) -> "InFlightStep":
+    def dispatch(self, sched: SchedulerOutput, prev: InFlightStep | None = None) -> InFlightStep:
         """Enqueues ``sched`` on the device and returns without waiting for it.
 
         ``prev``: the step before, still in flight, whose sampled tokens fill this step's
@@ -286,10 +283,9 @@ class ModelRunner:
         rows: list[SamplingRow] = []
         seq_ids: list[int] = []
         for i, sch in enumerate(scheduled):
-            for sid in sch.sample_seq_ids:
-                row_idx.append(i)
-                rows.append(get_row(sid))
-                seq_ids.append(sid)
+            row_idx.extend([i] * len(sch.sample_seq_ids))
+            rows.extend(sch.sample_rows)
+            seq_ids.extend(sch.sample_seq_ids)
         packed = []
         # More rows than the largest row bucket only happens when several requests fork at once.
         for a in range(0, len(rows), self.max_rows):
@@ -309,7 +305,7 @@ class ModelRunner:
         # One chunk (the rule): its padded token ids can feed the next step on the device.
         token_row = {sid: j for j, sid in enumerate(chunks[0][0])} if len(chunks) == 1 else {}
         tokens = chunks[0][1][1] if len(chunks) == 1 else None
-        prompt_lp = self._dispatch_prompt_logprobs(scheduled, hidden, bucket, get_row)
+        prompt_lp = self._dispatch_prompt_logprobs(scheduled, hidden, bucket)
         return InFlightStep(sched, bucket, chunks, token_row, num_tokens, tokens, prompt_lp)
 
     def _unpackable(self, rows: Sequence[SamplingRow], seq_ids: Sequence[int]) -> list[int]:
@@ -322,7 +318,7 @@ class ModelRunner:
                 bad.append(sid)
         return bad or list(seq_ids)
 
-    def collect(self, step: "InFlightStep") -> RunnerOutput:
+    def collect(self, step: InFlightStep) -> RunnerOutput:
         """Waits for a dispatched step and returns its sampled tokens (and prompt logprobs)."""
         sampled: dict[int, SampledToken] = {}
         for sids, (out, _) in step.chunks:
@@ -336,7 +332,8 @@ class ModelRunner:
         padded = step.bucket.num_tokens if step.bucket else 0
         return RunnerOutput(sampled, prompt_lp, step.num_tokens, padded)
 
-    def _dispatch_prompt_logprobs(self, scheduled, hidden, bucket: Bucket, get_row) -> Callable[[], dict] | None:
+    def _dispatch_prompt_logprobs(self, scheduled: Sequence[ScheduledSequence], hidden: jax.Array,
+                                  bucket: Bucket) -> Callable[[], dict[int, PromptLogprobs]] | None:
         """Enqueues the prompt-logprob program; returns a function that reads its result."""
         want = [(i, s) for i, s in enumerate(scheduled) if s.want_prompt_logprobs]
         if not want:
@@ -352,7 +349,7 @@ class ModelRunner:
             off_all += len(s.token_ids)
         n = 0
         for i, s in want:
-            prompt = get_row(s.seq_id).prompt_token_ids
+            prompt = s.prompt_token_ids
             start = s.num_computed_tokens
             # Position p predicts prompt token p + 1; the prompt's last position predicts nothing.
             count = min(len(s.token_ids), len(prompt) - 1 - start)

@@ -169,10 +169,9 @@ class Request:
             Sequence(first_seq_id + i, i, request_id, self.prompt_token_ids) for i in range(n)
         ]
         self.forked = n == 1  # a single sequence has nothing to fork
-        # The engine fills prompt logprobs; the scheduler stops asking for them once the prompt has
-        # been computed (a recompute after preemption does not ask again).
+        # The scheduler stops asking for prompt logprobs once the prompt has been computed (a
+        # recompute after preemption does not ask again); the output processor keeps them.
         self.prompt_logprobs_done = False
-        self.prompt_logprobs: list[Any] | None = None
         # Timestamps for RequestMetrics (time.time()); set by the scheduler.
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None

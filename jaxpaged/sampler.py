@@ -30,25 +30,13 @@ import numpy as np
 
 from jaxpaged.outputs import Logprob
 from jaxpaged.sampling_params import SAMPLING_EPS, SamplingParams
+from jaxpaged.scheduler_output import SamplingRow
 from pallas_kernels.sizes import next_pow2
 
 # Padding token id in the history / bias arrays: out of range for any vocab, dropped by the scatters.
 PAD_TOKEN_ID = 1 << 30
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
 _MASK64 = (1 << 64) - 1
-
-
-class SamplingRow(NamedTuple):
-    """One row to sample: a sequence's params and token history.
-
-    `sample_index` is the sequence's index among its request's `n` samples; a seeded request's
-    sample i draws with seed + i (as vLLM v1), so parallel samples differ but stay reproducible.
-    """
-
-    params: SamplingParams
-    prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int]
-    sample_index: int = 0
 
 
 def _splitmix64(x: int) -> int:

@@ -18,6 +18,7 @@ class RequestOutputKind(enum.IntEnum):
     """Which outputs ``LLMEngine.step`` emits for a request (vLLM's names)."""
 
     CUMULATIVE = 0  # every step: everything so far
+    DELTA = 1  # every step: only what is new since the request's previous output (the server)
     FINAL_ONLY = 2  # only when the request finishes (what offline ``LLM.generate`` needs)
 
 
@@ -72,7 +73,8 @@ class SamplingParams:
         spaces_between_special_tokens: join special tokens with spaces (slow tokenizers only, as vLLM).
         logit_bias: token id -> value added to that token's logit before sampling.
         detokenize: produce output text (stop strings need it).
-        output_kind: CUMULATIVE (an output every step) or FINAL_ONLY (only the finished one).
+        output_kind: CUMULATIVE (everything so far, every step), DELTA (only what is new) or
+            FINAL_ONLY (only the finished output).
     """
 
     n: int = 1

@@ -32,7 +32,7 @@ from typing import Any
 
 from jaxpaged.block_manager import BlockManager
 from jaxpaged.request import Request, Sequence, SequenceStatus
-from jaxpaged.scheduler_output import PENDING_TOKEN, ScheduledSequence, SchedulerOutput, SchedulerStats
+from jaxpaged.scheduler_output import PENDING_TOKEN, SamplingRow, ScheduledSequence, SchedulerOutput, SchedulerStats
 
 class _Step:
     """Scratch state of one ``schedule()`` call."""
@@ -317,6 +317,8 @@ class Scheduler:
                    and not req.prompt_logprobs_done and start < req.num_prompt_tokens)
         known = min(start + k, seq.num_tokens)
         token_ids = seq.get_token_ids_range(start, known) + [PENDING_TOKEN] * (start + k - known)
+        rows = [SamplingRow(req.sampling_params, s.prompt_token_ids, s.output_token_ids, s.index)
+                for s in (self._seqs[sid] for sid in sample)]
         step.out.scheduled.append(ScheduledSequence(
             seq_id=seq.seq_id,
             token_ids=token_ids,
@@ -324,6 +326,8 @@ class Scheduler:
             block_table=bm.get_block_table(seq.seq_id),
             sample_seq_ids=sample,
             want_prompt_logprobs=want_pl,
+            sample_rows=rows,
+            prompt_token_ids=seq.prompt_token_ids,
         ))
         if self.async_scheduling:  # the step is committed: later schedules build on it at once
             for sid in [seq.seq_id] + sample[1:]:  # forked siblings share this row's cache

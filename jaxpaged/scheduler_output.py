@@ -1,11 +1,34 @@
 """The contract between the scheduler and the model runner: one step's ragged batch as plain
-dataclasses (vLLM v1's ``SchedulerOutput`` idea), plus the scheduler's counters. No JAX, no logic."""
+dataclasses (vLLM v1's ``SchedulerOutput`` idea), plus the scheduler's counters. No JAX, no logic.
+
+It is the runner's whole input: the tokens to compute, where their keys/values go, the block moves
+to apply first, and for every sequence that samples, its sampling parameters and token history
+(``SamplingRow``, holding references to the sequence's lists, not copies). The runner never asks
+the engine for anything else.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from jaxpaged.sampling_params import SamplingParams
 
 PENDING_TOKEN = -1  # a row's input id that the previous (in-flight) step samples
+
+
+class SamplingRow(NamedTuple):
+    """One sequence to sample: its request's params and its token history.
+
+    ``sample_index`` is the sequence's index among its request's ``n`` samples; a seeded request's
+    sample i draws with seed + i (as vLLM v1), so parallel samples differ but stay reproducible.
+    """
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]  # the live list: read when the step is packed
+    sample_index: int = 0
 
 
 @dataclass
@@ -21,6 +44,8 @@ class ScheduledSequence:
     #   [] for a non-final prefill chunk; [seq_id] normally; all n sequences of a request when its
     #   prompt finishes and it forks
     want_prompt_logprobs: bool  # this chunk's tokens need prompt logprobs
+    sample_rows: list[SamplingRow] = field(default_factory=list)  # one per sample_seq_ids entry, same order
+    prompt_token_ids: Sequence[int] = ()  # the whole prompt (prompt logprobs pair position p with token p + 1)
 
 
 @dataclass

@@ -5,10 +5,10 @@ calls it; clients (coroutines on any event loop) hand it adds and aborts through
 inbox and receive their results on their own ``asyncio.Queue``, fed with
 ``loop.call_soon_threadsafe`` once per loop per step.
 
-The engine's ``RequestOutput`` is cumulative and may share lists with the engine's live state, so
-the loop thread turns it into deltas (``RequestUpdate``) right after ``step()`` returns: the event
-loop never reads engine-owned objects. Text that could be the start of a stop string is held back
-until the string is ruled out, so a streamed response never contains text the engine later cuts.
+Requests run with ``output_kind=DELTA``: the engine's output processor hands out only what is new
+(and holds back text that could still become a stop string), so the loop thread only repackages
+each ``RequestOutput`` as a ``RequestUpdate`` of freshly built lists, and the event loop never
+reads engine-owned state.
 """
 
 from __future__ import annotations
@@ -18,11 +18,16 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+from jaxpaged.outputs import RequestOutput
+from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 from jaxpaged.server.metrics import ServerMetrics
 from jaxpaged.step_errors import EngineDeadError  # also: the loop has stopped (crashed or shut down)
 from jaxpaged.server.request_stream import OutputDelta, RequestStream, RequestUpdate
+
+if TYPE_CHECKING:  # the engine imports JAX; the server loads it only once its arguments are valid
+    from jaxpaged.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
@@ -39,61 +44,19 @@ class RequestAbortedError(RuntimeError):
     """The request was aborted by the server (shutdown) before it finished."""
 
 
-class _DeltaTracker:
-    """Per-request state of the loop thread: how much of each sequence was already handed out."""
+class _Tracker:
+    """Per-request state of the loop thread (the text itself is the output processor's)."""
 
-    def __init__(self, stream: RequestStream, holdback: int) -> None:
+    def __init__(self, stream: RequestStream) -> None:
         self.stream = stream
-        self.holdback = holdback
-        self.sent_chars: dict[int, int] = {}
-        self.sent_tokens: dict[int, int] = {}
-        self.done: set[int] = set()
         self.first_token_time: float | None = None
-        self.sent_prompt_logprobs = False
-
-    def prompt_logprobs(self, out: Any) -> list[dict[int, Any] | None] | None:
-        """The prompt logprobs, the first time they are complete."""
-        plp = getattr(out, "prompt_logprobs", None)
-        if self.sent_prompt_logprobs or plp is None or len(plp) < len(out.prompt_token_ids or ()):
-            return None
-        self.sent_prompt_logprobs = True
-        return [dict(entry) if entry is not None else None for entry in plp]
-
-    def delta(self, out: Any) -> OutputDelta | None:
-        idx = out.index
-        if idx in self.done:
-            return None
-        text, token_ids = out.text, out.token_ids
-        n_tok = len(token_ids)
-        finish = out.finish_reason
-        chars = self.sent_chars.get(idx, 0)
-        toks = self.sent_tokens.get(idx, 0)
-        visible = len(text) if finish is not None else max(chars, len(text) - self.holdback)
-        if visible <= chars and n_tok <= toks and finish is None:
-            return None
-        new_logprobs = None
-        if out.logprobs is not None:
-            new_logprobs = [dict(lp) for lp in out.logprobs[toks:n_tok]]
-        delta = OutputDelta(
-            index=idx,
-            text=text[chars:visible] if visible > chars else "",
-            token_ids=list(token_ids[toks:n_tok]),
-            logprobs=new_logprobs,
-            finish_reason=finish,
-            stop_reason=getattr(out, "stop_reason", None),
-            num_tokens=n_tok,
-        )
-        self.sent_chars[idx] = max(chars, visible)
-        self.sent_tokens[idx] = n_tok
-        if finish is not None:
-            self.done.add(idx)
-        return delta
+        self.num_tokens: dict[int, int] = {}  # output tokens handed out, per sequence index
 
 
 class AsyncEngine:
     """Runs ``engine.step()`` on one thread; ``add_request`` / ``abort`` from any event loop."""
 
-    def __init__(self, engine: Any, metrics: ServerMetrics | None = None, idle_poll_s: float = 0.5,
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None, idle_poll_s: float = 0.5,
                  stall_timeout_s: float = 60.0, on_dead: Callable[[BaseException], None] | None = None) -> None:
         """``stall_timeout_s``: how long one loop iteration (a step) may take before ``/health``
         reports the loop as stuck. ``on_dead(exc)`` runs on the loop thread when the loop dies of
@@ -108,7 +71,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._num_pending_adds = 0
         self._stats: dict[str, Any] = dict(engine.get_stats())
-        self._trackers: dict[str, _DeltaTracker] = {}  # engine thread only
+        self._trackers: dict[str, _Tracker] = {}  # engine thread only
         self._thread: threading.Thread | None = None
         self._dead: BaseException | None = None
         self._accepting = True
@@ -164,7 +127,7 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ client API (event loop)
     async def add_request(
-        self, request_id: str, prompt: str | dict, params: Any, max_waiting: int | None = None
+        self, request_id: str, prompt: str | dict, params: SamplingParams, max_waiting: int | None = None
     ) -> RequestStream:
         """Hands a request to the loop and waits until the engine accepted it.
 
@@ -184,6 +147,8 @@ class AsyncEngine:
                     f"the server has {waiting} requests waiting (max_waiting_requests={max_waiting}); retry later"
                 )
             self._num_pending_adds += 1
+        params = params.clone()
+        params.output_kind = RequestOutputKind.DELTA
         self._inbox.put(("add", stream, prompt, params))
         try:
             await stream._ack
@@ -200,7 +165,7 @@ class AsyncEngine:
         # batch has free sequence slots: only what exceeds those slots is "waiting". Counting every
         # pending add made a burst's admissions depend on how often the engine thread ran.
         queued = self._num_pending_adds + int(self._stats.get("num_waiting", 0))
-        max_seqs = getattr(getattr(self.engine, "scheduler", None), "max_num_seqs", 0)
+        max_seqs = self.engine.max_num_seqs
         free_slots = max(0, max_seqs - int(self._stats.get("num_running_seqs", 0)))
         return max(0, queued - free_slots)
 
@@ -266,7 +231,7 @@ class AsyncEngine:
             except Exception as exc:  # noqa: BLE001 - handed to the client, the loop goes on
                 error = exc
             else:
-                self._trackers[stream.request_id] = _DeltaTracker(stream, _stop_holdback(params))
+                self._trackers[stream.request_id] = _Tracker(stream)
             with self._lock:
                 self._num_pending_adds -= 1
                 if error is None:
@@ -280,32 +245,30 @@ class AsyncEngine:
         elif kind == "stop":
             self._stopping = True
 
-    def _publish(self, outputs: list[Any]) -> None:
+    def _publish(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestUpdate | BaseException]]] = {}
         for out in outputs:
             tracker = self._trackers.get(out.request_id)
             if tracker is None:
                 continue  # aborted by its client after this step was scheduled
-            deltas = [d for d in (tracker.delta(o) for o in out.outputs) if d is not None]
-            finished = bool(out.finished)
-            prompt_logprobs = tracker.prompt_logprobs(out)
-            if not deltas and not finished and prompt_logprobs is None:
-                continue
+            deltas = [OutputDelta(o.index, o.text, list(o.token_ids), o.logprobs, o.finish_reason, o.stop_reason)
+                      for o in out.outputs]
+            for d in deltas:
+                tracker.num_tokens[d.index] = tracker.num_tokens.get(d.index, 0) + len(d.token_ids)
             if tracker.first_token_time is None and any(d.token_ids for d in deltas):
                 tracker.first_token_time = now
                 if self.metrics is not None:
                     self.metrics.observe_first_token(now - tracker.stream.arrival)
             num_prompt = len(out.prompt_token_ids) if out.prompt_token_ids is not None else 0
-            update: RequestUpdate | BaseException = RequestUpdate(out.request_id, num_prompt, deltas, finished,
-                                                                  prompt_logprobs)
-            if finished:
+            update: RequestUpdate | BaseException = RequestUpdate(out.request_id, num_prompt, deltas, out.finished,
+                                                                  out.prompt_logprobs)
+            if out.finished:
                 del self._trackers[out.request_id]
                 if self.metrics is not None:
                     self._observe_finished(tracker, out, now)
-                error = getattr(out, "error", None)
-                if error is not None:  # the client gets an error instead of a final update
-                    update = RequestFailedError(f"the engine failed while running this request ({error}); "
+                if out.error is not None:  # the client gets an error instead of a final update
+                    update = RequestFailedError(f"the engine failed while running this request ({out.error}); "
                                                 "other requests were not affected")
             by_loop.setdefault(tracker.stream.loop, []).append((tracker.stream, update))
         for loop, items in by_loop.items():
@@ -314,8 +277,8 @@ class AsyncEngine:
                     self._trackers.pop(stream.request_id, None)
                     self.engine.abort_request(stream.request_id)
 
-    def _observe_finished(self, tracker: _DeltaTracker, out: Any, now: float) -> None:
-        lengths = [len(o.token_ids) for o in out.outputs]
+    def _observe_finished(self, tracker: _Tracker, out: RequestOutput, now: float) -> None:
+        lengths = list(tracker.num_tokens.values())
         first = tracker.first_token_time if tracker.first_token_time is not None else now
         longest = max(lengths, default=0)
         tpot = (now - first) / (longest - 1) if longest > 1 else None
@@ -359,11 +322,3 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> bool:
         return True
     except RuntimeError:  # loop closed
         return False
-
-
-def _stop_holdback(params: Any) -> int:
-    stop = getattr(params, "stop", None)
-    if not stop:
-        return 0
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    return max((len(s) for s in stops), default=1) - 1

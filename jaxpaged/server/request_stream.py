@@ -23,7 +23,6 @@ class OutputDelta:
     logprobs: list[dict[int, Any]] | None  # per new token: {token id: Logprob}
     finish_reason: str | None
     stop_reason: int | str | None
-    num_tokens: int  # cumulative output tokens of this sequence
 
 
 @dataclasses.dataclass
@@ -99,6 +98,6 @@ def _merge(a: RequestUpdate, b: RequestUpdate) -> RequestUpdate:
         by_index[d.index] = OutputDelta(
             index=d.index, text=prev.text + d.text, token_ids=prev.token_ids + d.token_ids,
             logprobs=(prev.logprobs or []) + (d.logprobs or []) if (prev.logprobs is not None or d.logprobs is not None) else None,
-            finish_reason=d.finish_reason, stop_reason=d.stop_reason, num_tokens=d.num_tokens)
+            finish_reason=d.finish_reason, stop_reason=d.stop_reason)
     return RequestUpdate(b.request_id, b.num_prompt_tokens, sorted(by_index.values(), key=lambda d: d.index),
                          b.finished, a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs)

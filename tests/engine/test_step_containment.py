@@ -81,15 +81,15 @@ def test_a_row_that_cannot_be_packed_fails_alone(llm, reference, monkeypatch):
 
 
 def test_a_failed_output_fails_that_request_and_keeps_the_others_outputs(llm, reference, monkeypatch):
-    engine = llm.llm_engine
-    process = engine._process_new_tokens
+    processor = llm.llm_engine.output_processor
+    process = processor.process_tokens
 
-    def faulty(st):
-        if st.req.request_id == "r2" and len(st.seq.output_token_ids) >= 3:
+    def faulty(req):
+        if req.request_id == "r2" and len(req.seqs[0].output_token_ids) >= 3:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected detokenizer fault")
-        return process(st)
+        return process(req)
 
-    monkeypatch.setattr(engine, "_process_new_tokens", faulty)
+    monkeypatch.setattr(processor, "process_tokens", faulty)
     prompts, params = _workload()
     before = llm.get_stats()
     outs = _run(llm, prompts, params)

@@ -17,8 +17,8 @@ class _Owner:
 
 
 def _update(texts, finished=False, finish=None, start=0):
-    outs = [OutputDelta(i, t, [start + i * 100 + j for j in range(len(t))], None, finish if finished else None, None,
-                        start + len(t)) for i, t in enumerate(texts) if t is not None]
+    outs = [OutputDelta(i, t, [start + i * 100 + j for j in range(len(t))], None, finish if finished else None, None)
+            for i, t in enumerate(texts) if t is not None]
     return RequestUpdate("r", 5, outs, finished)
 
 

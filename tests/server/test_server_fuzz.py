@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jaxpaged.engine_args import EngineArgs
-from tests.server_harness import Stack
-from tests.tiny_checkpoint import make_tiny_checkpoint
+from tests.helpers.server_harness import Stack
+from tests.helpers.tiny_checkpoint import make_tiny_checkpoint
 
 MAX_MODEL_LEN = 128
 NUM_BODIES = 200  # per endpoint
