@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from jaxpaged.engine_args import EngineArgs
+from jaxpaged.model_source import DEFAULT_SERVED_MODEL_NAME
 from jaxpaged.server.async_engine import AsyncEngine
 from jaxpaged.server.chat_template import ChatTemplate, ChatTemplateError, load_template_arg, tokenizer_template
 from jaxpaged.server.errors import APIError, bad_request, error_body, status_phrase
@@ -167,14 +168,15 @@ def create_app(async_engine: AsyncEngine, tokenizer: ServerTokenizer | None, con
 def make_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jaxpaged.serve",
-        description="OpenAI-compatible server for jaxpaged. Without --model it serves the embedded default model.")
+        description="OpenAI-compatible server for jaxpaged. Without --model it serves the default model "
+                    "(SmolLM2-135M-Instruct, fetched once from PyPI).")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' (default: $JAXPAGED_API_KEY; prefer the "
                              "variable, a flag is visible in the process list)")
     parser.add_argument("--served-model-name", nargs="+", default=None,
-                        help="model name(s) clients may ask for (default: --model, or the default model's name)")
+                        help=f"model name(s) clients may ask for (default: --model, or {DEFAULT_SERVED_MODEL_NAME!r})")
     parser.add_argument("--chat-template", default=None, help="Jinja chat template file (or text) overriding the tokenizer's")
     parser.add_argument("--max-waiting-requests", type=int, default=1024,
                         help="requests allowed to wait for the engine; beyond it new requests get 503")
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     from jaxpaged.llm_engine import LLMEngine  # heavy import (JAX) only once arguments are valid
 
     logger.info("loading %s and compiling the step functions (the port opens when warm)...",
-                engine_args.model or "the embedded default model")
+                engine_args.model or "the default model")
     start = time.monotonic()
     engine = LLMEngine.from_engine_args(engine_args)
     stats = engine.get_stats()
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                 time.monotonic() - start, engine.model_path, engine.max_model_len, stats.get("num_gpu_blocks", "?"),
                 engine_args.block_size, stats.get("num_compilations", "?"))
 
-    default_name = engine_args.model or os.path.basename(os.path.normpath(engine.model_path))
+    default_name = engine_args.model or DEFAULT_SERVED_MODEL_NAME
     config = server_config_from_args(args, default_name)
     tokenizer = None
     if engine.tokenizer is None:
@@ -253,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
 
     metrics = ServerMetrics(config.model_name)
     async_engine = AsyncEngine(engine, metrics)
-    model = ModelInfo(engine.model_path, engine.max_model_len, engine.vocab_size)
+    model = ModelInfo(engine.model_path, engine.max_model_len, engine.vocab_size,
+                      engine.generation_config.default_sampling_params)
     app = create_app(async_engine, tokenizer, config, model, metrics)
     async_engine.start()
     try:

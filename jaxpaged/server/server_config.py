@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 
 @dataclasses.dataclass
@@ -48,3 +49,5 @@ class ModelInfo:
     model_path: str
     max_model_len: int
     vocab_size: int  # the model's (token ids in [0, vocab_size) are valid prompts)
+    # generation_config.json's defaults for fields a request leaves unset; its max_tokens caps all
+    default_sampling_params: dict[str, Any] = dataclasses.field(default_factory=dict)
