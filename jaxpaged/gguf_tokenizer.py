@@ -77,7 +77,9 @@ def _byte_level_bpe(meta: dict[str, Any]):
         spelled = tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8"))
         vocab.setdefault(spelled, i)
     merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
-    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+    unk_id = meta.get("unknown_token_id")  # only reached by a vocabulary without the full byte alphabet
+    unk = meta["tokens"][unk_id] if unk_id is not None and 0 <= unk_id < len(meta["tokens"]) else None
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = _split_pre_tokenizer(PRE_TOKENIZER_SPLITS[pre])
     tok.decoder = decoders.ByteLevel()
     return tok, alphabet
