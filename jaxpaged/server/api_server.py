@@ -255,8 +255,7 @@ def main(argv: list[str] | None = None) -> None:
 
     metrics = ServerMetrics(config.model_name)
     async_engine = AsyncEngine(engine, metrics)
-    model = ModelInfo(engine.model_path, engine.max_model_len, engine.vocab_size,
-                      engine.generation_config.default_sampling_params)
+    model = ModelInfo.for_engine(engine)
     app = create_app(async_engine, tokenizer, config, model, metrics)
     async_engine.start()
     try:
