@@ -73,11 +73,48 @@ def _tokenizer_metadata(writer, model_dir: str, pre: str = "default") -> None:
         writer.add_chat_template(template)
 
 
-def write_gguf(model_dir: str, path: str, qtype: str = "F32", arch: str = "llama",
-               with_tokenizer: bool = True, keep_f32: tuple[str, ...] = ("norm",)) -> str:
-    """Writes ``model_dir`` (config.json + model.safetensors) as ``path``. Matrices are stored as
-    ``qtype`` (1-D tensors and names containing ``keep_f32`` stay F32, as llama.cpp keeps norms)."""
+# K-quant -> (offset of d, offset of dmin or None, mean of the unsigned quant values)
+_K_FIELDS = {"Q2_K": (80, 82, 1.5), "Q3_K": (108, None, 0.0), "Q4_K": (0, 2, 7.5), "Q5_K": (0, 2, 15.5),
+             "Q6_K": (208, None, 0.0)}
+
+
+def random_k_blocks(data: np.ndarray, qtype) -> np.ndarray:
+    """Random K-quant blocks for a tensor of ``data``'s shape (gguf has no K-quant quantiser).
+
+    The quant bits are random; the scales are set so the weights are about zero-mean (a random
+    model with all-positive weights collapses to one token): where a block has mins, each
+    sub-block's min equals its scale and dmin = d * mean(q)."""
     import gguf
+
+    name = qtype.name
+    block_values, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = data.shape
+    rng = np.random.default_rng(rows * 7919 + cols)
+    raw = rng.integers(0, 256, size=(rows * cols // block_values, block_bytes), dtype=np.uint8)
+    d_at, dmin_at, mean_q = _K_FIELDS[name]
+    d = (np.abs(rng.standard_normal(len(raw))) * 0.002 + 0.0005).astype(np.float16)
+    if name == "Q2_K":  # 16 bytes: low nibble scale, high nibble min
+        raw[:, :16] = (raw[:, :16] & 0x0F) * 0x11
+        d = (d * 8).astype(np.float16)
+    elif name in ("Q4_K", "Q5_K"):  # 12 bytes of 6-bit scales and mins (get_scale_min_k4's packing)
+        raw[:, 8:12] = raw[:, 4:8]
+        raw[:, 12:16] = (raw[:, 12:16] & 0x0F) * 0x11
+    elif name in ("Q3_K", "Q6_K"):  # signed quant values and scales: zero-mean already
+        d = (d * (0.2 if name == "Q6_K" else 1.0)).astype(np.float16)
+    raw[:, d_at:d_at + 2] = d.reshape(-1, 1).view(np.uint8)
+    if dmin_at is not None:
+        raw[:, dmin_at:dmin_at + 2] = (d.astype(np.float32) * mean_q).astype(np.float16).reshape(-1, 1).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def write_gguf(model_dir: str, path: str, qtype: str = "F32", arch: str = "llama",
+               with_tokenizer: bool = True, keep_f32: tuple[str, ...] = ("norm",), quantize=None) -> str:
+    """Writes ``model_dir`` (config.json + model.safetensors) as ``path``. Matrices are stored as
+    ``qtype`` (1-D tensors and names containing ``keep_f32`` stay F32, as llama.cpp keeps norms),
+    quantised by ``quantize(data, qtype)`` (default: gguf's own quantiser)."""
+    import gguf
+
+    quantize = quantize or gguf.quants.quantize
 
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
@@ -114,7 +151,7 @@ def write_gguf(model_dir: str, path: str, qtype: str = "F32", arch: str = "llama
             w.add_tensor(gguf_name(name), data.astype(np.float16))
         else:
             qt = gguf.GGMLQuantizationType[kind]
-            w.add_tensor(gguf_name(name), gguf.quants.quantize(data, qt), raw_dtype=qt)
+            w.add_tensor(gguf_name(name), quantize(data, qt), raw_dtype=qt)
     st.close()
     w.write_header_to_file()
     w.write_kv_data_to_file()

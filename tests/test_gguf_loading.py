@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from jaxpaged.gguf_checkpoint import gguf_side_dir  # noqa: E402
 from jaxpaged.model_loader import load_model  # noqa: E402
 from jaxpaged.safetensors_file import CheckpointError  # noqa: E402
-from tests.gguf_writer import write_gguf  # noqa: E402
+from tests.gguf_writer import random_k_blocks, write_gguf  # noqa: E402
 from tests.parity_helpers import (  # noqa: E402
     NEW_TOKENS, assert_port_matches, make_hf_model, prompt_for, save_hf, torch_reference,
 )
@@ -51,6 +51,26 @@ def test_llama_gguf_matches_transformers_gguf_loader(tiny_dir, tmp_path, qtype):
         orig_tokens, orig_logits = torch_reference(orig, prompt, NEW_TOKENS)
         assert orig_tokens == ref_tokens
         np.testing.assert_allclose(ref_logits, orig_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory):
+    """Rows of 256 values, the K-quants' super-block."""
+    model = make_hf_model("LlamaConfig", dict(
+        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.05))
+    return save_hf(model, str(tmp_path_factory.mktemp("wide")))
+
+
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_gguf_matches_transformers_gguf_loader(wide_dir, tmp_path, qtype):
+    # gguf has no K-quant quantiser: the blocks are random bytes with small float16 scales
+    path = write_gguf(wide_dir, str(tmp_path / f"wide-{qtype}.gguf"), qtype, with_tokenizer=False,
+                      quantize=random_k_blocks)
+    ref = _transformers_gguf(path)
+    prompt = prompt_for(256)
+    ref_tokens, ref_logits = torch_reference(ref, prompt, NEW_TOKENS)
+    assert_port_matches(path, prompt, ref_tokens, ref_logits, "LlamaForCausalLM")
 
 
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
