@@ -2,7 +2,7 @@
 # machine (PATH, then pyenv) and installs the project; repeated runs reuse it.
 PY := .venv/bin/python
 
-.PHONY: setup demo serve test test-fast clean
+.PHONY: setup demo serve test test-all test-fast clean
 
 setup:
 	bash scripts/bootstrap.sh test
@@ -15,6 +15,10 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests $(ARGS)
+
+# the whole suite, including the tests marked `exhaustive`
+test-all: setup
+	JAXPAGED_TEST_ALL=1 $(PY) -m pytest -q -p no:cacheprovider tests $(ARGS)
 
 clean:
 	rm -rf .venv

@@ -11,6 +11,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("JAXPAGED_TEST_ALL") != "1":  # `make test-all` sets it
+        exhaustive = pytest.mark.skip(reason="exhaustive: run by `make test-all`")
+        for item in items:
+            if "exhaustive" in item.keywords:
+                item.add_marker(exhaustive)
     if jax.default_backend() == "gpu":
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU")

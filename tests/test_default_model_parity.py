@@ -172,3 +172,31 @@ def test_greedy_chat_matches_transformers_through_preemption(engines, reference,
         assert out.outputs[0].token_ids == ref_tokens, (tok.decode(out.outputs[0].token_ids), tok.decode(ref_tokens))
         assert out.outputs[0].text == tok.decode(ref_tokens, skip_special_tokens=True)
     print(f"\n{mode}: {len(outs) * NEW_TOKENS} tokens in {seconds:.1f} s, {stats['num_preemptions_total']} preemptions")
+
+
+MORE_QUESTIONS = [
+    "Explain photosynthesis in two sentences.",
+    "What is the boiling point of water at sea level?",
+    "List four planets of the solar system.",
+    "Who wrote Romeo and Juliet?",
+    "Describe a cat to someone who has never seen one.",
+    "What does a compiler do?",
+    "Suggest a name for a small bakery.",
+    "How do I make a cup of tea?",
+]
+
+
+@pytest.mark.exhaustive
+def test_sixteen_conversations_of_128_tokens_exhaustive(engines, hf_model, conversations):
+    llm = engines("recompute")
+    tok = llm.get_tokenizer()
+    convs = conversations + [[{"role": "user", "content": q}] for q in MORE_QUESTIONS]
+    prompts = [list(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+               for c in convs]
+    with one_torch_thread():
+        want = [torch_reference(hf_model, ids, 128)[0] for ids in prompts]
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True), use_tqdm=False)
+    assert llm.get_stats()["num_preemptions_total"] > 0
+    for out, ref in zip(outs, want):
+        assert out.outputs[0].token_ids == ref, (tok.decode(out.outputs[0].token_ids), tok.decode(ref))
