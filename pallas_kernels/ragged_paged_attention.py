@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.blockwise_attention import ragged_paged_attention_blockwise
 from pallas_kernels.kernel_shapes import (
     MASK_VALUE,
     cdiv,
@@ -372,7 +373,9 @@ def ragged_paged_attention(
 ) -> jnp.ndarray:
     """Validated public entry point; ``backend`` picks the implementation.
 
-    ``backend``: "reference" (plain jnp), "pallas" (Triton-lowered kernels; ``interpret=True``
+    ``backend``: "reference" (plain jnp: ``blockwise_attention``, which reads keys only up to the
+    longest sequence; ``ragged_paged_attention_reference`` above is the all-at-once oracle the
+    kernels are tested against), "pallas" (Triton-lowered kernels; ``interpret=True``
     runs them in the Pallas interpreter, e.g. on CPU) or "mosaic" ("pallas", except that mixed
     steps of at least ``mixed_step.MOSAIC_MIN_TOKENS`` tokens run their prefill chunks through the
     warp-specialised Mosaic GPU kernel of :mod:`pallas_kernels.ragged_paged_attention_mosaic`,
@@ -417,7 +420,7 @@ def ragged_paged_attention(
         logits_soft_cap=logits_soft_cap,
     )
     if backend == "reference":
-        return ragged_paged_attention_reference(
+        return ragged_paged_attention_blockwise(
             q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, **kwargs
         )
     if backend == "mosaic" and not decode_only:
