@@ -19,6 +19,24 @@ from pallas_kernels.kernel_shapes import MASK_VALUE, token_seq_ids
 KEYS_PER_CHUNK = 128
 
 
+def masked_scores(qg, k, kv_pos, qpos, kv_len, *, scale: float, sliding_window: int | None,
+                  slopes: jnp.ndarray | None, logits_soft_cap: float | None):
+    """Scores [T, Hkv, G, L] of the grouped queries qg [T, Hkv, G, D] against each token's keys
+    k [T, L, Hkv, D] at positions kv_pos [1, L] (soft cap, then ALiBi), hidden ones set to
+    MASK_VALUE, and the visibility mask [T, L]: key j is visible to a token at qpos [T, 1] iff
+    j < kv_len (its sequence's length; 0 for padding tokens), j <= qpos and j is in the window."""
+    s = jnp.einsum("thgd,tlhd->thgl", qg, k) * scale
+    if logits_soft_cap is not None:
+        s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+    if slopes is not None:
+        rel = (kv_pos - qpos).astype(jnp.float32)  # [T, L]
+        s = s + slopes[None, :, :, None] * rel[:, None, None, :]
+    mask = (kv_pos < kv_len[:, None]) & (kv_pos <= qpos)
+    if sliding_window is not None:
+        mask = mask & (qpos - kv_pos < sliding_window)
+    return jnp.where(mask[:, None, None, :], s, MASK_VALUE), mask
+
+
 def ragged_paged_attention_blockwise(
     q: jnp.ndarray,
     k_cache: jnp.ndarray,
@@ -62,17 +80,9 @@ def ragged_paged_attention_blockwise(
         blocks = jax.lax.dynamic_slice_in_dim(tables, c * C, C, axis=1)  # [S, C]
         k = k_cache[blocks].reshape(S, keys, Hkv, D)[tok_seq].astype(jnp.float32)  # [T, keys, Hkv, D]
         v = v_cache[blocks].reshape(S, keys, Hkv, D)[tok_seq].astype(jnp.float32)
-        s = jnp.einsum("thgd,tlhd->thgl", qg, k) * scale
-        if logits_soft_cap is not None:
-            s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
         kv_pos = c * keys + jnp.arange(keys, dtype=jnp.int32)[None, :]
-        if slopes is not None:
-            rel = (kv_pos - qpos).astype(jnp.float32)
-            s = s + slopes[None, :, :, None] * rel[:, None, None, :]
-        mask = (kv_pos < tok_len[:, None]) & (kv_pos <= qpos)
-        if sliding_window is not None:
-            mask = mask & (qpos - kv_pos < sliding_window)
-        s = jnp.where(mask[:, None, None, :], s, MASK_VALUE)
+        s, mask = masked_scores(qg, k, kv_pos, qpos, tok_len, scale=scale, sliding_window=sliding_window,
+                                slopes=slopes, logits_soft_cap=logits_soft_cap)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[..., None])
         alpha = jnp.exp(m - m_new)
