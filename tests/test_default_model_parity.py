@@ -20,7 +20,7 @@ pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
 
 from jaxpaged import LLM, SamplingParams  # noqa: E402
-from jaxpaged.default_gguf import DEFAULT_GGUF_DESCRIPTION, ensure_default_gguf  # noqa: E402
+from jaxpaged.default_gguf import DEFAULT_GGUF_DESCRIPTION, DEFAULT_MODEL_SAMPLING, ensure_default_gguf  # noqa: E402
 from jaxpaged.model_source import default_model_source  # noqa: E402
 from tests.paged_driver import PagedSequence, max_rel_err  # noqa: E402
 from tests.parity_helpers import torch_reference  # noqa: E402
@@ -126,6 +126,8 @@ def test_default_is_the_trained_gguf_with_its_tokenizer(gguf_path, hf_gguf, engi
         text = ours.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
         assert text == ref.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
         assert ours(text, add_special_tokens=False).input_ids == ref(text, add_special_tokens=False).input_ids
+    # requests without a temperature decode greedily; an explicit SamplingParams is kept
+    assert llm.llm_engine.generation_config.default_sampling_params == DEFAULT_MODEL_SAMPLING
     # the turn ends at <|im_end|> (EOS) and at <|endoftext|>, llama.cpp's end-of-generation set
     assert set(llm.llm_engine.generation_config.eos_token_ids) == {ours.convert_tokens_to_ids("<|im_end|>"),
                                                                     ours.convert_tokens_to_ids("<|endoftext|>")}
