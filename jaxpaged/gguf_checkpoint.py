@@ -95,6 +95,8 @@ def hf_config_from_gguf(gguf: GGUFFile) -> dict[str, Any]:
         value = gguf.require(full) if default is ... else gguf.get(full, default)
         return _one_value(value, full)
 
+    if "token_embd.weight" not in names:
+        raise CheckpointError(f"GGUF file {os.path.basename(gguf.path)!r} has no 'token_embd.weight' tensor")
     if "rope_freqs.weight" in names:
         raise CheckpointError("GGUF tensor 'rope_freqs.weight' (per-frequency rotary factors, Llama-3.1 style) "
                               "is not supported")

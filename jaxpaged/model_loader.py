@@ -160,6 +160,9 @@ def load_model(
     if load_format == "gguf" or is_gguf_path(model_path):
         if not is_gguf_path(model_path):
             raise CheckpointError(f"load_format='gguf' needs a .gguf file as the model, got {model_path!r}")
+        if load_format == "safetensors":
+            raise CheckpointError(f"load_format='safetensors' cannot read the GGUF file {model_path!r}; "
+                                  "use 'auto' or 'gguf'")
         gguf = GGUFFile(model_path)
         hf_config = hf_config_from_gguf(gguf)
         if dtype in (None, "auto"):  # a GGUF file has no one dtype: the engine's default for the device

@@ -170,3 +170,8 @@ def test_unsupported_architecture_and_tensor_type_are_refused_by_name(tmp_path):
         load_model(bad_type)
     with pytest.raises(CheckpointError, match="load_format='gguf' needs a .gguf file"):
         load_model(str(tmp_path), load_format="gguf")
+    with pytest.raises(CheckpointError, match="load_format='safetensors' cannot read the GGUF file"):
+        load_model(bad_arch, load_format="safetensors")
+    no_embedding = _write_minimal(str(tmp_path / "e.gguf"), "llama", {"output_norm.weight": (np.ones(32, np.float32), None)})
+    with pytest.raises(CheckpointError, match="has no 'token_embd.weight' tensor"):
+        load_model(no_embedding)
