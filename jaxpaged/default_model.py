@@ -1,9 +1,9 @@
-"""The embedded default model: a small Llama-architecture checkpoint in HF format, created
-deterministically on first use so the demo and the server need no download.
+"""The random tiny model: a small Llama-architecture checkpoint in HF format, created
+deterministically on first use with no download.
 
-Its tokenizer is a byte-level BPE trained on the text below; its weights are RANDOM (seeded), so
-it produces fluent-looking gibberish until a trained default exists. Pass ``--model PATH`` (or
-``LLM(model=PATH)``) to use a real HF checkpoint directory.
+Its tokenizer is a byte-level BPE trained on the text below; its weights are RANDOM (seeded), so it
+produces fluent-looking gibberish. It serves fast tests and notebooks that count rather than read
+text, and is the fallback default when the trained default (``default_gguf``) cannot be fetched.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import tempfile
 
 import numpy as np
 
+from jaxpaged.cache_dir import cache_root
 from jaxpaged.safetensors_file import save_safetensors
 
 DEFAULT_MODEL_VERSION = "1"
-DEFAULT_MODEL_NOTE = (
-    "the embedded default model has RANDOM weights (no trained default exists yet), so its text is "
-    "gibberish; pass --model PATH (an HF checkpoint directory with safetensors) for a real model"
+TINY_MODEL_NOTE = (
+    "the tiny model has RANDOM weights, so its text is gibberish; pass --model (an HF checkpoint "
+    "directory, a .gguf file or a Hub name) for a real model"
 )
 
 # Vicuna v1.1-style template, the format the seed tutorial's prompts use.
@@ -71,10 +72,9 @@ CONFIG = {
 }
 
 
-def default_model_dir() -> str:
-    """Where the default model lives (``$JAXPAGED_CACHE`` or ``~/.cache/jaxpaged``)."""
-    root = os.environ.get("JAXPAGED_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxpaged")
-    return os.path.join(root, f"default-model-v{DEFAULT_MODEL_VERSION}")
+def tiny_model_dir() -> str:
+    """Where the tiny model lives (under ``cache_root()``)."""
+    return os.path.join(cache_root(), f"default-model-v{DEFAULT_MODEL_VERSION}")
 
 
 def _build_tokenizer(out_dir: str) -> int:
@@ -137,12 +137,12 @@ def build_default_model(out_dir: str) -> None:
         json.dump({"bos_token_id": 1, "eos_token_id": 2}, f, indent=2)
     save_safetensors(_build_weights(config), os.path.join(out_dir, "model.safetensors"))
     with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(f"# jaxpaged embedded default model (v{DEFAULT_MODEL_VERSION})\n\nNote: {DEFAULT_MODEL_NOTE}.\n")
+        f.write(f"# jaxpaged random tiny model (v{DEFAULT_MODEL_VERSION})\n\nNote: {TINY_MODEL_NOTE}.\n")
 
 
-def ensure_default_model() -> str:
-    """Returns the default model's directory, creating it (atomically) on first use."""
-    path = default_model_dir()
+def ensure_tiny_model() -> str:
+    """Returns the tiny model's directory, creating it (atomically) on first use."""
+    path = tiny_model_dir()
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return path
     parent = os.path.dirname(path)

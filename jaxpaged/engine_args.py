@@ -15,7 +15,9 @@ PREEMPTION_MODES = ("recompute", "swap")
 class EngineArgs:
     """Everything that configures an engine. ``None`` means "derive it" (documented per field)."""
 
-    model: str | None = None  # HF-format checkpoint directory; None = the embedded default model
+    # An HF checkpoint directory, a .gguf file or a Hub name (org/name); None = the default model
+    model: str | None = None
+    revision: str | None = None  # Hub branch, tag or commit of ``model``
     tokenizer: str | None = None  # defaults to ``model``
     skip_tokenizer_init: bool = False  # token-id prompts only, no text (benchmarks on dummy weights)
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
@@ -28,7 +30,8 @@ class EngineArgs:
     num_gpu_blocks_override: int | None = None
     swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks
     preemption_mode: str = "recompute"
-    load_format: str = "auto"  # auto | safetensors | dummy
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy ("auto": gguf for a .gguf file)
+    generation_config: str = "auto"  # auto | vllm | a folder (see jaxpaged/generation_config.py)
     tensor_parallel_size: int = 1
     attention_backend: str | None = None  # None: the fastest available on the device
     max_logprobs: int = 20

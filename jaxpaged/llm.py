@@ -14,7 +14,7 @@ from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 class LLM:
     """Generate text for a batch of prompts with a paged-KV continuous-batching engine.
 
-    Args mirror vLLM's ``LLM`` (``model=None`` uses the embedded default model); any other
+    Args mirror vLLM's ``LLM`` (``model=None`` uses the default model, SmolLM2-135M-Instruct); any other
     :class:`~jaxpaged.engine_args.EngineArgs` field (``attention_backend``, ``max_logprobs``,
     ``skip_tokenizer_init``, ...) can be passed by keyword.
     """
@@ -57,6 +57,11 @@ class LLM:
     def get_stats(self) -> dict:
         return self.llm_engine.get_stats()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate``/``chat`` use when given none: the model's generation_config.json
+        defaults (``generation_config="auto"``), else SamplingParams' own (vLLM's rule)."""
+        return SamplingParams(**self.llm_engine.generation_config.default_sampling_params)
+
     def generate(
         self,
         prompts: str | dict | Sequence[str | dict] | None = None,
@@ -78,7 +83,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:

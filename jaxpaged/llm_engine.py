@@ -41,11 +41,12 @@ class LLMEngine:
 
         from jaxpaged.block_manager import BlockManager
         from jaxpaged.compilation_counter import CompilationCounter
-        from jaxpaged.default_model import DEFAULT_MODEL_NOTE, ensure_default_model
+        from jaxpaged.generation_config import load_generation_config
         from jaxpaged.kv_cache import KVCache
         from jaxpaged.kv_pool_sizing import num_kv_blocks
         from jaxpaged.model_loader import load_model, read_hf_config
         from jaxpaged.model_runner import ModelRunner
+        from jaxpaged.model_source import resolve_model_source
         from jaxpaged.scheduler import Scheduler
         from pallas_kernels import check_attention_backend, default_attention_backend
 
@@ -57,11 +58,12 @@ class LLMEngine:
                 f"tensor_parallel_size must be 1 for now (got {args.tensor_parallel_size}); "
                 "sharding across devices is not implemented yet"
             )
-        self.model_path = args.model or ensure_default_model()
-        if args.model is None:
-            logger.warning("Using the embedded default model: %s", DEFAULT_MODEL_NOTE)
-        hf_config = read_hf_config(self.model_path)
-        self.tokenizer = None if args.skip_tokenizer_init else self._load_tokenizer(args.tokenizer or self.model_path)
+        source = resolve_model_source(args.model, args.revision)
+        logger.info("Model: %s", source.description)
+        self.model_path = source.model_path
+        hf_config = read_hf_config(source.config_dir)
+        self.generation_config = load_generation_config(args.generation_config, source.config_dir)
+        self.tokenizer = None if args.skip_tokenizer_init else self._load_tokenizer(args.tokenizer or source.config_dir)
 
         backend = args.attention_backend or default_attention_backend()
         check_attention_backend(backend)
@@ -97,12 +99,15 @@ class LLMEngine:
         eos_ids = hf_config.get("eos_token_id")
         if self.eos_token_id is not None and eos_ids is None:
             eos_ids = self.eos_token_id
+        # generation_config.json's EOS ids beyond the tokenizer's stop as stop_token_ids (vLLM's way)
+        self._extra_eos_ids = set(self.generation_config.eos_token_ids) - {self.eos_token_id}
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_tokens, self.max_model_len,
                                    preemption_mode=args.preemption_mode, eos_token_id=eos_ids,
                                    async_scheduling=args.async_scheduling)
         # The sampler's bias width covers the largest request admission lets through: its
         # logit_bias, plus (under min_tokens) its stop ids and every EOS id.
-        self.max_bias_entries = args.max_logit_bias + args.max_stop_token_ids + len(self.scheduler.eos_token_ids) + 1
+        self.max_bias_entries = (args.max_logit_bias + args.max_stop_token_ids
+                                 + len(self.scheduler.eos_token_ids | self._extra_eos_ids) + 1)
         self.runner = ModelRunner(self.lm, self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens,
                                   max_model_len=self.max_model_len, max_logprobs=args.max_logprobs,
                                   eos_token_id=self.eos_token_id, seed=args.seed,
@@ -234,6 +239,13 @@ class LLMEngine:
         if len(ids) > self.max_model_len:
             raise ValueError(f"prompt is {len(ids)} tokens long, more than max_model_len ({self.max_model_len})")
         self._check_params(params)
+        if self._extra_eos_ids - params.all_stop_token_ids:
+            params.update_from_generation_config(self.generation_config.fields, self.eos_token_id)
+        # Implied by the caps; checked on the exact set the sampler packs (EOS ids folded in).
+        width = max_bias_entries(params, self.eos_token_id)
+        if width > self.max_bias_entries:
+            raise ValueError(f"logit_bias and the stop ids banned under min_tokens come to {width} entries, "
+                             f"more than the {self.max_bias_entries} the sampler holds")
         req = Request(request_id, ids, params, self._next_seq_id, prompt=text, arrival_time=arrival_time)
         self.scheduler.add_request(req)  # may raise (duplicate id, pool too small): nothing is kept then
         self._next_seq_id += req.n
@@ -254,11 +266,6 @@ class LLMEngine:
             raise ValueError(f"stop_token_ids may hold at most {args.max_stop_token_ids} ids (max_stop_token_ids), "
                              f"got {len(params.stop_token_ids)}")
         params.verify_vocab(self.vocab_size)
-        # Implied by the two caps above; checked on the exact set the sampler packs.
-        width = max_bias_entries(params, self.eos_token_id)
-        if width > self.max_bias_entries:
-            raise ValueError(f"logit_bias and the stop ids banned under min_tokens come to {width} entries, "
-                             f"more than the {self.max_bias_entries} the sampler holds")
         if (params.detokenize and self.tokenizer is None) and (params.stop or params.logprobs is not None):
             raise ValueError("stop strings need a tokenizer (the engine was built with skip_tokenizer_init)")
 

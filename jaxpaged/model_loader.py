@@ -1,8 +1,9 @@
-"""Loading an HF-format checkpoint directory into a Flax port.
+"""Loading an HF-format checkpoint directory (or a GGUF file) into a Flax port.
 
 ``config.json`` → the port's frozen config; weights from a single ``model.safetensors``, a sharded
-set indexed by ``model.safetensors.index.json``, or (``load_format="dummy"``) random weights of the
-right shapes built on the device from the config alone. Tensors stream one at a time from a
+set indexed by ``model.safetensors.index.json``, a ``.gguf`` file (``load_format="gguf"``, implied
+by the suffix: config and dequantised tensors under HF names from ``gguf_checkpoint``), or
+(``load_format="dummy"``) random weights of the right shapes built on the device from the config alone. Tensors stream one at a time from a
 memory map to the device, so host memory never holds a second full copy of the weights.
 """
 
@@ -20,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged.gguf_checkpoint import hf_config_from_gguf, hf_tensors
+from jaxpaged.gguf_file import GGUFFile, is_gguf_path
 from jaxpaged.safetensors_file import CheckpointError, SafetensorsFile
 from models import get_model_class
 from models.attention_metadata import pack_attention_metadata
@@ -32,7 +35,7 @@ DTYPES: dict[str, Any] = {
     "float16": jnp.float16,
     "half": jnp.float16,
 }
-LOAD_FORMATS = ("auto", "safetensors", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
 ParamPath = tuple[str, ...]
 PlaceFn = Callable[[ParamPath, np.ndarray | jax.Array], jax.Array]
@@ -155,7 +158,19 @@ def load_model(
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r} is not supported; allowed: {', '.join(LOAD_FORMATS)}")
-    hf_config = read_hf_config(model_path)
+    gguf = None
+    if load_format == "gguf" or is_gguf_path(model_path):
+        if not is_gguf_path(model_path):
+            raise CheckpointError(f"load_format='gguf' needs a .gguf file as the model, got {model_path!r}")
+        if load_format == "safetensors":
+            raise CheckpointError(f"load_format='safetensors' cannot read the GGUF file {model_path!r}; "
+                                  "use 'auto' or 'gguf'")
+        gguf = GGUFFile(model_path)
+        hf_config = hf_config_from_gguf(gguf)
+        if dtype in (None, "auto"):  # a GGUF file has no one dtype: the engine's default for the device
+            dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    else:
+        hf_config = read_hf_config(model_path)
     arch = architecture_of(hf_config)
     model_cls = get_model_class(arch)
     config = model_cls.config_class.from_hf_config(hf_config)
@@ -166,40 +181,50 @@ def load_model(
     if load_format == "dummy":
         flat = _dummy_params(expected, seed, place)
     else:
-        flat = _load_safetensors(model_path, model_cls, config, expected, jdtype, place)
+        tensors = hf_tensors(gguf, hf_config) if gguf is not None else _safetensors_tensors(model_path)
+        flat = _place_tensors(tensors, model_path, model_cls, config, expected, jdtype, place)
     params = flax.traverse_util.unflatten_dict(flat)
     return LoadedModel(model, params, config, hf_config, arch, jdtype, model_path, attention_backend)
 
 
-def _load_safetensors(model_path, model_cls, config, expected, jdtype, place) -> dict:
+def _safetensors_tensors(model_path: str):
+    """(name, array, file name) for every tensor of the checkpoint's safetensors files."""
+    for path in _weight_files(model_path):
+        f = SafetensorsFile(path)
+        try:
+            for name in f.keys():
+                yield name, f.get(name), os.path.basename(path)
+        finally:
+            f.close()
+
+
+def _place_tensors(tensors, model_path, model_cls, config, expected, jdtype, place) -> dict:
     flat: dict[ParamPath, jax.Array] = {}
     np_dtype = np.dtype(jdtype)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    for path in _weight_files(model_path):
-        f = SafetensorsFile(path)
-        for name in f.keys():
-            mapped = map_hf_name(model_cls.hf_weight_table, name, f.get(name), config)
-            if mapped is None:
+    for name, array, *where in tensors:
+        source = where[0] if where else os.path.basename(model_path)
+        mapped = map_hf_name(model_cls.hf_weight_table, name, array, config)
+        if mapped is None:
+            raise CheckpointError(
+                f"unexpected tensor {name!r} in {source}: no {model_cls.__name__} "
+                f"parameter corresponds to it"
+            )
+        for pp, arr in mapped:
+            if pp not in expected:
+                if tied and pp[0] == "lm_head":
+                    continue  # a tied checkpoint may still store the (identical) head
                 raise CheckpointError(
-                    f"unexpected tensor {name!r} in {os.path.basename(path)}: no {model_cls.__name__} "
-                    f"parameter corresponds to it"
+                    f"unexpected tensor {name!r} in {source} (maps to "
+                    f"{'/'.join(pp)}, which {model_cls.__name__} does not have)"
                 )
-            for pp, arr in mapped:
-                if pp not in expected:
-                    if tied and pp[0] == "lm_head":
-                        continue  # a tied checkpoint may still store the (identical) head
-                    raise CheckpointError(
-                        f"unexpected tensor {name!r} in {os.path.basename(path)} (maps to "
-                        f"{'/'.join(pp)}, which {model_cls.__name__} does not have)"
-                    )
-                want = expected[pp].shape
-                if tuple(arr.shape) != tuple(want):
-                    raise CheckpointError(
-                        f"shape mismatch for tensor {name!r}: checkpoint has {tuple(arr.shape)}, the "
-                        f"config implies {tuple(want)} for {'/'.join(pp)}"
-                    )
-                flat[pp] = place(pp, np.asarray(arr).astype(np_dtype, copy=False))
-        f.close()
+            want = expected[pp].shape
+            if tuple(arr.shape) != tuple(want):
+                raise CheckpointError(
+                    f"shape mismatch for tensor {name!r}: checkpoint has {tuple(arr.shape)}, the "
+                    f"config implies {tuple(want)} for {'/'.join(pp)}"
+                )
+            flat[pp] = place(pp, np.asarray(arr).astype(np_dtype, copy=False))
     missing = [("/".join(p)) for p in expected if p not in flat]
     if missing:
         raise CheckpointError(

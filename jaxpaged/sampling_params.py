@@ -58,7 +58,7 @@ class SamplingParams:
             positive and multiplied by it when negative (1 = off).
         temperature: >= 0; below 1e-5 the request is greedy.
         top_p: in (0, 1]; smallest set of tokens whose probability mass reaches top_p.
-        top_k: -1 (off) or >= 1; the k most likely tokens.
+        top_k: 0 or -1 (off; 0 is current vLLM's spelling, stored as -1) or >= 1; the k most likely tokens.
         min_p: in [0, 1]; drop tokens whose probability is below min_p times the top token's.
         seed: makes the request's tokens reproducible, independent of the rest of the batch.
         stop: strings that end generation (normalised to a list).
@@ -148,8 +148,10 @@ class SamplingParams:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         _check_int("top_k", self.top_k)
-        if self.top_k < -1 or self.top_k == 0:
-            raise ValueError(f"top_k must be -1 (disable) or at least 1, got {self.top_k}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be 0 or -1 (disable) or at least 1, got {self.top_k}")
+        if self.top_k == 0:
+            self.top_k = -1
         self.min_p = _check_number("min_p", self.min_p)
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")

@@ -1,6 +1,8 @@
 """The public attention entry point: validates a step's shapes and routes it to a backend's kernels.
 
-``backend``: "reference" (plain jnp), "pallas" (Triton-lowered kernels; ``interpret=True`` runs them
+``backend``: "reference" (plain jnp: ``blockwise_attention``, which reads keys only up to the
+longest sequence of the step; ``ragged_paged_attention_reference`` is the all-at-once oracle the
+kernels are tested against), "pallas" (Triton-lowered kernels; ``interpret=True`` runs them
 in the Pallas interpreter, e.g. on CPU) or "mosaic" ("pallas", with the Mosaic GPU prefill kernel
 for large mixed steps on Hopper). On the kernel backends:
 
@@ -28,8 +30,9 @@ import jax.numpy as jnp
 
 from pallas_kernels.backends import ATTENTION_BACKENDS
 from pallas_kernels.kernel_shapes import MOSAIC_DTYPES, token_seq_ids
+from pallas_kernels.blockwise_attention import ragged_paged_attention_blockwise
 from pallas_kernels.paged_attention_decode import paged_attention_decode
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention_pallas, ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention_pallas
 from pallas_kernels.ragged_paged_attention_mosaic import (
     MOSAIC_BLOCK_SIZES,
     MOSAIC_HEAD_DIMS,
@@ -94,7 +97,7 @@ def ragged_paged_attention(
         logits_soft_cap=logits_soft_cap,
     )
     if backend == "reference":
-        return ragged_paged_attention_reference(
+        return ragged_paged_attention_blockwise(
             q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_tables, **kwargs
         )
     if backend == "mosaic" and not decode_only:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.blockwise_attention import masked_scores, ragged_paged_attention_blockwise
 from pallas_kernels.kernel_shapes import (
     MASK_VALUE,
     pad_block_tables,
@@ -61,19 +62,12 @@ def ragged_paged_attention_reference(
     k = k_cache[block_tables].reshape(S, L, Hkv, D)[tok_seq]  # [T, L, Hkv, D]
     v = v_cache[block_tables].reshape(S, L, Hkv, D)[tok_seq]
     qg = q.reshape(T, Hkv, G, D).astype(jnp.float32)
-    s = jnp.einsum("thgd,tlhd->thgl", qg, k.astype(jnp.float32)) * scale
-    if logits_soft_cap is not None:
-        s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
     kv_pos = jnp.arange(L, dtype=jnp.int32)[None, :]
     qpos = positions.astype(jnp.int32)[:, None]
-    if alibi_slopes is not None:
-        rel = (kv_pos - qpos).astype(jnp.float32)  # [T, L]
-        slopes = alibi_slopes.astype(jnp.float32).reshape(Hkv, G)
-        s = s + slopes[None, :, :, None] * rel[:, None, None, :]
-    mask = (kv_pos < seq_lens[tok_seq][:, None]) & (kv_pos <= qpos) & tok_valid[:, None]
-    if sliding_window is not None:
-        mask = mask & (qpos - kv_pos < sliding_window)
-    s = jnp.where(mask[:, None, None, :], s, MASK_VALUE)  # finite: all-masked padding rows stay NaN-free
+    slopes = None if alibi_slopes is None else alibi_slopes.astype(jnp.float32).reshape(Hkv, G)
+    # masked with a finite value: all-masked padding rows stay NaN-free
+    s, mask = masked_scores(qg, k.astype(jnp.float32), kv_pos, qpos, jnp.where(tok_valid, seq_lens[tok_seq], 0),
+                            scale=scale, sliding_window=sliding_window, slopes=slopes, logits_soft_cap=logits_soft_cap)
     p = jax.nn.softmax(s, axis=-1)
     # Zero masked values too: unwritten slots may hold anything (NaN included) and 0 * NaN = NaN.
     v = jnp.where(mask[:, :, None, None], v.astype(jnp.float32), 0.0)

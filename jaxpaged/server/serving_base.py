@@ -98,6 +98,8 @@ class ServingBase:
         self.max_model_len = model.max_model_len
         self.vocab_size = model.vocab_size
         self.metrics = metrics
+        self.default_max_tokens = model.default_sampling_params.get("max_tokens")
+        self.default_sampling = {k: v for k, v in model.default_sampling_params.items() if k != "max_tokens"}
 
     def tokenizer(self, param: str, what: str) -> ServerTokenizer:
         if self._tokenizer is None:
@@ -160,9 +162,18 @@ class ServingBase:
             out[token] = value
         return out
 
+    def sampling_kwargs(self, req: SamplingRequest) -> dict[str, Any]:
+        """The request's sampling fields over the model's generation_config defaults."""
+        return {**self.default_sampling, **req.sampling_kwargs()}
+
     def resolve_max_tokens(self, requested: int | None, num_prompt: int, param: str, prompt_param: str) -> int:
         """``requested``, or what is left of the context when None; a 400 (OpenAI's wording) when
-        the prompt, or prompt + requested, does not fit."""
+        the prompt, or prompt + requested, does not fit. generation_config's max_new_tokens caps
+        the result (vLLM's server-wide limit)."""
+        tokens = self._max_tokens(requested, num_prompt, param, prompt_param)
+        return tokens if self.default_max_tokens is None else min(tokens, self.default_max_tokens)
+
+    def _max_tokens(self, requested: int | None, num_prompt: int, param: str, prompt_param: str) -> int:
         room = self.max_model_len - num_prompt
         if room < 1:
             raise bad_request(

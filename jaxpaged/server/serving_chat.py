@@ -65,7 +65,7 @@ class ServingChat(ServingBase):
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.resolve_max_tokens(requested, len(prompt_ids), param, "messages")
-        kwargs = req.sampling_kwargs()
+        kwargs = self.sampling_kwargs(req)
         kwargs.update(max_tokens=max_tokens, logit_bias=self.logit_bias(req),
                       logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         params = self.make_params(kwargs)

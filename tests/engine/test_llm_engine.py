@@ -167,7 +167,7 @@ def test_bad_input_raises_before_scheduling_and_others_go_on(ckpt, prompts):
         with pytest.raises(ValueError, match=match):
             engine.add_request(f"bad{i}", prompt, params)
     for field, kwargs in [("temperature", dict(temperature=-1)), ("top_p", dict(top_p=1.5)), ("top_p", dict(top_p=0)),
-                          ("top_k", dict(top_k=0)), ("top_k", dict(top_k=-2)), ("min_p", dict(min_p=1.5)),
+                          ("top_k", dict(top_k=-2)), ("min_p", dict(min_p=1.5)),
                           ("max_tokens", dict(max_tokens=0)), ("n", dict(n=0))]:
         with pytest.raises(ValueError, match=field):
             SamplingParams(**kwargs)

@@ -14,6 +14,11 @@ def test_defaults_match_vllm():
     assert p.sampling_type == SamplingType.RANDOM
 
 
+def test_top_k_zero_means_off_as_in_current_vllm():
+    assert SamplingParams(top_k=0).top_k == -1 == SamplingParams(top_k=-1).top_k
+    assert SamplingParams(top_k=5).top_k == 5
+
+
 @pytest.mark.parametrize(
     "kwargs, field, allowed",
     [
@@ -23,7 +28,6 @@ def test_defaults_match_vllm():
         ({"temperature": float("nan")}, "temperature", "NaN"),
         ({"top_p": 1.5}, "top_p", "(0, 1]"),
         ({"top_p": 0.0}, "top_p", "(0, 1]"),
-        ({"top_k": 0}, "top_k", "-1"),
         ({"top_k": -2}, "top_k", "-1"),
         ({"min_p": -0.1}, "min_p", "[0, 1]"),
         ({"min_p": 1.1}, "min_p", "[0, 1]"),

@@ -12,6 +12,17 @@ from pallas_kernels.sizes import cdiv
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 TOL = {F32: 1e-5, BF16: 1.5e-2, F16: 4e-3}
 
+# (hq, hkv, head_dim, block_size, dtype, sliding_window, alibi, soft_cap, block_m, blocks_per_iter)
+RAGGED_CASES = [
+    (4, 2, 32, 8, F32, None, False, None, 16, 2),  # many q tiles, unmasked + masked KV tiles
+    (4, 4, 64, 16, F32, None, False, None, 32, 2),
+    (8, 1, 80, 8, F32, 9, False, None, 16, 2),  # MQA, window, padded head_dim
+    (4, 2, 96, 32, F32, None, True, None, 16, 1),  # ALiBi, one block a KV tile
+    (6, 2, 64, 8, F32, None, False, 20.0, 16, 2),  # group of 3 padded to 4, soft cap
+    (4, 2, 64, 16, BF16, None, False, None, 32, 1),
+    (4, 2, 64, 8, F16, 13, False, None, 16, 2),
+]
+
 
 def rel_err(out, ref) -> float:
     out = np.asarray(out, np.float64)

@@ -31,7 +31,7 @@ BAD_INPUTS = [  # (name, path, body: dict | bytes, status, param)
     ("temperature < 0", C, dict(P, temperature=-1), 400, "temperature"),
     ("top_p = 0", C, dict(P, top_p=0), 400, "top_p"),
     ("top_p > 1", CHAT, dict(M, top_p=1.5), 400, "top_p"),
-    ("top_k = 0", C, dict(P, top_k=0), 400, "top_k"),
+    ("top_k = -2", C, dict(P, top_k=-2), 400, "top_k"),
     ("min_p > 1", C, dict(P, min_p=2.0), 400, "min_p"),
     ("presence_penalty > 2", C, dict(P, presence_penalty=3), 400, "presence_penalty"),
     ("frequency_penalty < -2", CHAT, dict(M, frequency_penalty=-3), 400, "frequency_penalty"),

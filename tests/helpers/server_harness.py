@@ -57,7 +57,7 @@ class Stack:
     def serve(self, tokenizer: ServerTokenizer | None | object = "engine's", **config) -> LiveServer:
         """A new app on this loop; ``tokenizer=None`` serves without one (--skip-tokenizer-init)."""
         cfg = ServerConfig(served_model_names=("tiny", "tiny-alias"), **config)
-        model = ModelInfo(self.engine.model_path, self.engine.max_model_len, self.engine.vocab_size)
+        model = ModelInfo.for_engine(self.engine)
         app = create_app(self.async_engine, self.tokenizer if tokenizer == "engine's" else tokenizer, cfg,
                          model, self.metrics)
         server = LiveServer(app).start()

@@ -27,7 +27,7 @@ from pallas_kernels.ragged_paged_attention import (
     ragged_paged_attention_pallas,
     ragged_paged_attention_reference,
 )
-from tests.helpers.paged_cases import BF16, F16, F32, TOL, attention_features, paged_case, rel_err
+from tests.helpers.paged_cases import BF16, F16, F32, RAGGED_CASES, TOL, attention_features, paged_case, rel_err
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -94,16 +94,6 @@ def test_merge_splits_kernel_matches_jnp_merge_interpret(dtype):
                             dtype=dtype, interpret=True)
 
 
-# (hq, hkv, head_dim, block_size, dtype, sliding_window, alibi, soft_cap, block_m, blocks_per_iter)
-RAGGED_CASES = [
-    (4, 2, 32, 8, F32, None, False, None, 16, 2),  # many q tiles, unmasked + masked KV tiles
-    (4, 4, 64, 16, F32, None, False, None, 32, 2),
-    (8, 1, 80, 8, F32, 9, False, None, 16, 2),  # MQA, window, padded head_dim
-    (4, 2, 96, 32, F32, None, True, None, 16, 1),  # ALiBi, one block a KV tile
-    (6, 2, 64, 8, F32, None, False, 20.0, 16, 2),  # group of 3 padded to 4, soft cap
-    (4, 2, 64, 16, BF16, None, False, None, 32, 1),
-    (4, 2, 64, 8, F16, 13, False, None, 16, 2),
-]
 
 
 @pytest.mark.parametrize("loop", [(False, False), (True, False), (False, True)],

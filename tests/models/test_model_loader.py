@@ -204,5 +204,5 @@ def test_sharded_index_names_missing_file(hf_dir, tmp_path):
 def test_bad_dtype_and_load_format(hf_dir):
     with pytest.raises(ValueError, match="dtype='float8'.*allowed: auto, float32, bfloat16, float16"):
         load_model(hf_dir[0], dtype="float8")
-    with pytest.raises(ValueError, match="load_format='pt'.*allowed: auto, safetensors, dummy"):
+    with pytest.raises(ValueError, match="load_format='pt'.*allowed: auto, safetensors, gguf, dummy"):
         load_model(hf_dir[0], load_format="pt")
