@@ -33,9 +33,12 @@ def run_jaxpaged(args, reqs) -> dict:
     startup = time.perf_counter() - t0
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True, detokenize=False) for r in reqs]
+    timeline = llm.llm_engine.timeline
+    timeline.enable()  # per-step phase times by bucket (a few perf_counter calls a step)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
+    timeline.enabled = False
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     assert n_out == sum(r.output_len for r in reqs), "engine produced a wrong number of tokens"
     stats = llm.get_stats()
@@ -57,7 +60,7 @@ def run_jaxpaged(args, reqs) -> dict:
     return {"elapsed_s": elapsed, "output_tokens": n_out, "startup_s": startup, "batch1_decode_tok_s": b1,
             "num_compilations_after_warmup": stats.get("num_compilations_after_warmup"),
             "num_preemptions": stats.get("num_preemptions_total"), "padding_waste": stats.get("padding_waste"),
-            "num_gpu_blocks": stats.get("num_gpu_blocks"), **prefix}
+            "num_gpu_blocks": stats.get("num_gpu_blocks"), "timeline": timeline.summary(), **prefix}
 
 
 def _hf_model(args, attn_implementation: str):
@@ -136,6 +139,17 @@ def run_hf_cb(args, reqs) -> dict:
     return {"elapsed_s": elapsed, "output_tokens": n_out}
 
 
+def print_timeline(timeline: dict, elapsed: float) -> None:
+    """Per bucket: steps, ms per step by phase, share of the run's wall time."""
+    print(f"\n{'bucket':>7s} {'steps':>6s} {'pad':>5s} | ms/step: {'wall':>6s} {'sched':>6s} {'disp':>6s} "
+          f"{'wait':>6s} {'proc':>6s} | share")
+    for label, row in timeline.items():
+        pad = row["padded_tokens"] / row["tokens"] - 1 if row["tokens"] else 0.0
+        print(f"{label:>7s} {int(row['steps']):6d} {pad:5.2f} |          {row['wall_ms_per_step']:6.2f} "
+              f"{row['schedule_ms_per_step']:6.2f} {row['dispatch_ms_per_step']:6.2f} {row['wait_ms_per_step']:6.2f} "
+              f"{row['process_ms_per_step']:6.2f} | {row['wall'] / elapsed:5.1%}")
+
+
 def main() -> None:
     import logging
 
@@ -202,6 +216,8 @@ def main() -> None:
         if "prefix_output_tokens_per_s" in j:
             print(f"jaxpaged on the first {j['prefix_num_requests']} requests (the HF prefix): "
                   f"{j['prefix_output_tokens_per_s']:.0f} output tok/s")
+    if "jaxpaged" in results:
+        print_timeline(results["jaxpaged"]["timeline"], results["jaxpaged"]["elapsed_s"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -22,6 +22,7 @@ from jaxpaged.sampler import max_bias_entries
 from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.scheduler_output import SchedulerOutput
 from jaxpaged.step_errors import EngineDeadError, SequenceError
+from jaxpaged.step_timeline import StepTimeline
 
 if TYPE_CHECKING:  # the runner imports JAX, which the engine loads only once the platform is set
     from jaxpaged.model_runner import InFlightStep, RunnerOutput
@@ -123,6 +124,7 @@ class LLMEngine:
         self._in_flight = None  # async scheduling: the dispatched step not yet processed
         self._open_steps: list[SchedulerOutput] = []  # scheduled, results not yet processed
         self._outputs: list[RequestOutput] = []  # what the current step() returns
+        self.timeline = StepTimeline()  # off unless enabled (benchmarks)
         self._num_failed_steps = 0  # consecutive
         self.num_failed_steps_total = 0
 
@@ -315,20 +317,33 @@ class LLMEngine:
         return self._outputs
 
     def _step_sync(self) -> None:
+        tl = self.timeline
+        tl.start()
         sched = self.scheduler.schedule()
+        tl.mark("schedule")
         if sched.is_empty:
             return
         self._open_steps = [sched]
-        self._process(sched, self.runner.execute(sched))
+        step = self.runner.dispatch(sched)
+        tl.mark("dispatch")
+        self._land(step)
+        tl.end(step.label, step.num_tokens, step.bucket.num_tokens if step.bucket else 0)
 
     def _step_async(self) -> None:
+        tl = self.timeline
+        tl.start()
         prev = self._in_flight
         self._in_flight = None
         if prev is not None and not prev.chainable:
-            return self._land(prev)  # its tokens cannot feed the next step on the device
+            self._land(prev)  # its tokens cannot feed the next step on the device
+            return tl.end(prev.label)
         sched = self.scheduler.schedule()
+        tl.mark("schedule")
         if sched.is_empty:
-            return self._land(prev) if prev is not None else None
+            if prev is not None:
+                self._land(prev)
+                tl.end(prev.label)
+            return
         landed = False
         if prev is not None and self._needs_history(sched):
             # Seeds, penalties and min_tokens read the token history: land the previous tokens
@@ -336,12 +351,17 @@ class LLMEngine:
             self._land(prev)
             landed = True
         self._open_steps.append(sched)
-        self._in_flight = self.runner.dispatch(sched, prev)
+        step = self._in_flight = self.runner.dispatch(sched, prev)
+        tl.mark("dispatch")
         if prev is not None and not landed:
             self._land(prev)
+        tl.end(step.label, step.num_tokens, step.bucket.num_tokens if step.bucket else 0)
 
     def _land(self, step: InFlightStep) -> None:
-        self._process(step.sched, self.runner.collect(step))
+        out = self.runner.collect(step)
+        self.timeline.mark("wait")
+        self._process(step.sched, out)
+        self.timeline.mark("process")
 
     @staticmethod
     def _needs_history(sched: SchedulerOutput) -> bool:

@@ -78,6 +78,13 @@ class InFlightStep:
     prompt_logprobs: Callable[[], dict] | None = None
 
     @property
+    def label(self) -> str | None:
+        """The bucket it ran in ("256d": decode-only, 256 rows; "512": mixed, 512 tokens)."""
+        if self.bucket is None:
+            return None
+        return f"{self.bucket.num_tokens}{'d' if self.bucket.decode_only else ''}"
+
+    @property
     def chainable(self) -> bool:
         """Whether the next step can take this one's sampled tokens on the device (one sampler call)."""
         return len(self.chunks) <= 1
