@@ -148,6 +148,12 @@ def print_timeline(timeline: dict, elapsed: float) -> None:
         print(f"{label:>7s} {int(row['steps']):6d} {pad:5.2f} |          {row['wall_ms_per_step']:6.2f} "
               f"{row['schedule_ms_per_step']:6.2f} {row['dispatch_ms_per_step']:6.2f} {row['wait_ms_per_step']:6.2f} "
               f"{row['process_ms_per_step']:6.2f} | {row['wall'] / elapsed:5.1%}")
+    parts = sorted({k[: -len("_ms_per_step")] for row in timeline.values() for k in row
+                    if k.startswith("dispatch.") and k.endswith("_ms_per_step")})
+    if parts:
+        print(f"\n{'bucket':>7s} | dispatch parts, ms/step: " + " ".join(f"{p[len('dispatch.'):]:>10s}" for p in parts))
+        for label, row in timeline.items():
+            print(f"{label:>7s} |                          " + " ".join(f"{row.get(p + '_ms_per_step', 0.0):10.2f}" for p in parts))
 
 
 def main() -> None:

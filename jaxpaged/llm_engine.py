@@ -124,7 +124,7 @@ class LLMEngine:
         self._in_flight = None  # async scheduling: the dispatched step not yet processed
         self._open_steps: list[SchedulerOutput] = []  # scheduled, results not yet processed
         self._outputs: list[RequestOutput] = []  # what the current step() returns
-        self.timeline = StepTimeline()  # off unless enabled (benchmarks)
+        self.timeline = self.runner.timeline = StepTimeline()  # off unless enabled (benchmarks)
         self._num_failed_steps = 0  # consecutive
         self.num_failed_steps_total = 0
 

@@ -25,6 +25,7 @@ from jaxpaged.kv_cache import KVCache
 from jaxpaged.model_loader import LoadedModel
 from jaxpaged.scheduler_output import SamplingRow, ScheduledSequence, SchedulerOutput
 from jaxpaged.step_errors import SequenceError
+from jaxpaged.step_timeline import StepTimeline
 from jaxpaged.sampler import (
     SamplerFlags,
     SamplingTensors,
@@ -71,7 +72,7 @@ class InFlightStep:
 
     sched: SchedulerOutput  # the step it runs
     bucket: Bucket | None
-    chunks: list  # (seq ids, (sampler output, padded token ids)) per sampler call
+    chunks: list  # (seq ids, (sampler output, padded token ids), with logprobs) per sampler call
     token_row: dict[int, int]  # seq id -> index into ``tokens`` (empty: tokens not chainable)
     num_tokens: int  # real tokens computed
     tokens: jax.Array | None = None  # [max_rows] device array of sampled ids, for the next step's pending inputs
@@ -97,14 +98,41 @@ def forward_step(model: Any, params: Any, caches: Any, input_ids, positions, md:
     return last, hidden, caches
 
 
+def _pack_step_inputs(ids: np.ndarray, positions: np.ndarray, prev_idx: np.ndarray,
+                      md: AttentionMetadata) -> tuple[np.ndarray, tuple[int, int, int, bool, str]]:
+    """The step's int32 inputs as one flat array, and the static layout that cuts it back."""
+    T, (S, MB) = len(ids), md.block_tables.shape
+    flat = np.concatenate([ids, positions, prev_idx, md.slot_mapping, md.query_start_loc, md.seq_lens,
+                           md.logits_indices, np.asarray(md.block_tables).reshape(-1)]).astype(np.int32, copy=False)
+    return flat, (T, S, MB, md.decode_only, md.attention_backend)
+
+
+def _unpack_step_inputs(flat: jax.Array, layout: tuple[int, int, int, bool, str]):
+    T, S, MB, decode_only, backend = layout
+    sizes = (T, T, T, T, S + 1, S, S)
+    parts, at = [], 0
+    for n in sizes:
+        parts.append(flat[at : at + n])
+        at += n
+    ids, positions, prev_idx, slots, qsl, seq_lens, logits_idx = parts
+    md = AttentionMetadata(slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens,
+                           block_tables=flat[at : at + S * MB].reshape(S, MB), logits_indices=logits_idx,
+                           decode_only=decode_only, attention_backend=backend)
+    return ids, positions, prev_idx, md
+
+
 class ModelRunner:
     """Owns the KV pool and the compiled step/sampler programs for one loaded model."""
 
     # Sampler variants compiled at start-up: a superset of what a batch needs is always correct,
-    # so three profiles cover every request mix with a handful of programs.
+    # so four profiles cover every request mix with a handful of programs. Each sends the device
+    # only what it reads: greedy nothing but the logits' row indices; random the temperatures and
+    # keys (and top-k / top-p / min-p); full also the token history and logit biases.
     GREEDY = "greedy"
     RANDOM = "random"
+    TOPKP = "topkp"
     FULL = "full"
+    PROFILES = (GREEDY, RANDOM, TOPKP, FULL)
 
     def __init__(
         self,
@@ -139,13 +167,17 @@ class ModelRunner:
         self.history_width = next_pow2(max_model_len, 16)
         # Logit-bias slots per row in the full sampler: sized by the engine from its admission caps.
         self.bias_width = next_pow2(bias_width, 8)
-        self._step = jax.jit(self._step_impl, donate_argnums=(1,))
+        self._step = jax.jit(self._step_impl, donate_argnums=(1,), static_argnums=(4,))
         self._no_prev_tokens = jnp.zeros(self.max_rows, jnp.int32)
         self._sample = jax.jit(self._sample_impl, static_argnums=(3,))
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnums=(4,))
+        self.timeline = StepTimeline()  # the engine's, when it profiles its steps
 
     # ---- device programs ------------------------------------------------------------------
-    def _step_impl(self, params, caches, input_ids, positions, md: AttentionMetadata, prev_tokens, prev_idx):
+    def _step_impl(self, params, caches, flat, prev_tokens, layout: tuple[int, int, int, bool, str]):
+        # The host packs every int32 input of the step into one array (one host-to-device copy a
+        # step instead of eight); ``layout`` (static) says how to cut it.
+        input_ids, positions, prev_idx, md = _unpack_step_inputs(flat, layout)
         # Async scheduling: an input id the previous step samples is read from its output here
         # (prev_idx >= 0), so the host never waits for it.
         input_ids = jnp.where(prev_idx >= 0, prev_tokens[jnp.maximum(prev_idx, 0)], input_ids)
@@ -168,6 +200,8 @@ class ModelRunner:
             return SamplerFlags()
         if profile == self.RANDOM:
             return SamplerFlags(all_greedy=False)
+        if profile == self.TOPKP:
+            return SamplerFlags(all_greedy=False, do_min_p=True, do_top_k_top_p=True)
         return SamplerFlags(
             all_greedy=False, do_min_p=True, do_top_k_top_p=True, do_penalties=True, do_logit_bias=True,
             return_logprobs=True, num_top_logprobs=self.max_logprobs,
@@ -179,9 +213,15 @@ class ModelRunner:
             return self.GREEDY
         if need == SamplerFlags(all_greedy=False):
             return self.RANDOM
+        if not (need.do_penalties or need.do_logit_bias or need.return_logprobs):
+            return self.TOPKP
         return self.FULL
 
-    def _tensors(self, rows: Sequence[SamplingRow], num_rows: int, profile: str) -> SamplingTensors:
+    def _tensors(self, rows: Sequence[SamplingRow], num_rows: int, profile: str) -> SamplingTensors | None:
+        if profile == self.GREEDY:
+            for r in rows:  # what from_rows would check, for the same error at the same place
+                r.params.verify_vocab(self.vocab_size)
+            return None  # argmax of the logits: the sampler reads nothing else
         full = profile == self.FULL
         return SamplingTensors.from_rows(
             rows, self.vocab_size, num_rows, generator=self.generator, eos_token_id=self.eos_token_id,
@@ -197,7 +237,7 @@ class ModelRunner:
         for b in self.buckets:
             jobs.append((f"step {b}", functools.partial(self._warm_step, b)))
         for r in geometric_range(8, self.max_rows):
-            for profile in (self.GREEDY, self.RANDOM, self.FULL):
+            for profile in self.PROFILES:
                 jobs.append((f"sampler {profile} rows={r}", functools.partial(self._warm_sampler, r, profile)))
         for b in self.buckets:
             if not b.decode_only:  # decode steps never carry prompt tokens
@@ -234,9 +274,9 @@ class ModelRunner:
         returns (last-token logits padded to ``max_rows``, hidden states), both on the device."""
         if prev_idx is None:
             prev_idx = np.full(len(ids), -1, np.int32)
+        flat, layout = _pack_step_inputs(ids, positions, prev_idx, md)
         last, hidden, self.kv.caches = self._step(
-            self.lm.params, self.kv.caches, ids, positions, md,
-            self._no_prev_tokens if prev_tokens is None else prev_tokens, prev_idx,
+            self.lm.params, self.kv.caches, flat, self._no_prev_tokens if prev_tokens is None else prev_tokens, layout,
         )
         return last, hidden
 
@@ -266,9 +306,11 @@ class ModelRunner:
         ``PENDING_TOKEN`` (negative) inputs (async scheduling); every pending input must belong to a
         sequence ``prev`` sampled.
         """
+        tl = self.timeline
         self.kv.swap_out(sched.blocks_to_swap_out)
         self.kv.swap_in(sched.blocks_to_swap_in)
         self.kv.copy(sched.blocks_to_copy)
+        tl.mark("dispatch.blocks")
         scheduled = sched.scheduled
         if not scheduled:
             return InFlightStep(sched, None, [], {}, 0)
@@ -284,6 +326,7 @@ class ModelRunner:
             row_of = np.repeat(np.arange(len(scheduled)), [len(s.token_ids) for s in scheduled])
             prev_idx[pending] = [prev.token_row[scheduled[r].seq_id] for r in row_of[pending]]
             ids[pending] = 0
+        tl.mark("dispatch.pack")
         # Rows to sample: one per (scheduled row, sequence drawing from it). Their inputs are
         # packed before the step runs, so a row that cannot be packed fails nothing on the device.
         row_idx: list[int] = []
@@ -307,8 +350,12 @@ class ModelRunner:
             ridx[: len(chunk)] = row_idx[a : a + self.max_rows]
             packed.append((seq_ids[a : a + self.max_rows], ridx, tensors, self._flags(profile)))
 
+        tl.mark("dispatch.sampling_inputs")
         last, hidden = self.run_step(ids, positions, md, prev.tokens if pending.size else None, prev_idx)
-        chunks = [(sids, self._sample(last, ridx, tensors, flags)) for sids, ridx, tensors, flags in packed]
+        tl.mark("dispatch.step_call")
+        chunks = [(sids, self._sample(last, ridx, tensors, flags), flags.return_logprobs)
+                  for sids, ridx, tensors, flags in packed]
+        tl.mark("dispatch.sample_call")
         # One chunk (the rule): its padded token ids can feed the next step on the device.
         token_row = {sid: j for j, sid in enumerate(chunks[0][0])} if len(chunks) == 1 else {}
         tokens = chunks[0][1][1] if len(chunks) == 1 else None
@@ -328,13 +375,19 @@ class ModelRunner:
     def collect(self, step: InFlightStep) -> RunnerOutput:
         """Waits for a dispatched step and returns its sampled tokens (and prompt logprobs)."""
         sampled: dict[int, SampledToken] = {}
-        for sids, (out, _) in step.chunks:
-            out = jax.device_get(out)
-            # Whole-array tolist() once: per-element NumPy indexing dominated this loop.
-            toks, lps, ranks = out.token_ids.tolist(), out.logprobs.tolist(), out.ranks.tolist()
-            top_ids, top_lps = out.topk_ids.tolist(), out.topk_logprobs.tolist()
-            for j, sid in enumerate(sids):
-                sampled[sid] = SampledToken(toks[j], lps[j], ranks[j], top_ids[j], top_lps[j])
+        for sids, (out, _), with_logprobs in step.chunks:
+            # Whole-array tolist() once: per-element NumPy indexing dominated this loop. Without
+            # logprobs only the token ids cross back (one device-to-host copy, not five).
+            toks = jax.device_get(out.token_ids).tolist()
+            if with_logprobs:
+                out = jax.device_get(out)
+                lps, ranks = out.logprobs.tolist(), out.ranks.tolist()
+                top_ids, top_lps = out.topk_ids.tolist(), out.topk_logprobs.tolist()
+                for j, sid in enumerate(sids):
+                    sampled[sid] = SampledToken(toks[j], lps[j], ranks[j], top_ids[j], top_lps[j])
+            else:
+                for j, sid in enumerate(sids):
+                    sampled[sid] = SampledToken(toks[j], 0.0, 0, [], [])
         prompt_lp = step.prompt_logprobs() if step.prompt_logprobs else {}
         padded = step.bucket.num_tokens if step.bucket else 0
         return RunnerOutput(sampled, prompt_lp, step.num_tokens, padded)

@@ -2,7 +2,8 @@
 
 Off by default (a disabled timeline's ``mark`` returns at once). When on (``LLMEngine.timeline
 .enable()``), every ``step()`` records the wall time of its phases — ``schedule``, ``dispatch``
-(block moves, packing, enqueueing the device work), ``wait`` (blocking on the device for the
+(block moves, packing, enqueueing the device work; split into ``dispatch.*`` parts by the runner),
+``wait`` (blocking on the device for the
 results: with async scheduling, the part of the device step the host did not overlap), ``process``
 (scheduler update and output building) — under the label of the bucket it ran ("256d": a decode-only
 step of 256 rows; "512": a mixed step of 512 tokens). ``summary()`` groups them per label, which is
@@ -60,7 +61,7 @@ class StepTimeline:
         for label, totals in sorted(self._totals.items(), key=lambda kv: -kv[1]["wall"]):
             row = dict(totals)
             steps = max(1.0, totals["steps"])
-            for phase in (*PHASES, "wall"):
+            for phase in {*PHASES, "wall", *totals} - {"steps", "tokens", "padded_tokens"}:
                 row[f"{phase}_ms_per_step"] = 1e3 * totals.get(phase, 0.0) / steps
             out[label] = row
         return out
