@@ -39,9 +39,22 @@ def run_jaxpaged(args, reqs) -> dict:
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     timeline.enabled = False
+    greedy_timeline = timeline.summary()
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     assert n_out == sum(r.output_len for r in reqs), "engine produced a wrong number of tokens"
     stats = llm.get_stats()
+    sampling = {}
+    if args.also_sampling:  # the same requests again, sampled (vLLM's usual T / top-p / top-k), same engine
+        sparams = [SamplingParams(temperature=0.8, top_p=0.95, top_k=50, seed=None, max_tokens=r.output_len,
+                                  ignore_eos=True, detokenize=False) for r in reqs]
+        timeline.enable()
+        t1 = time.perf_counter()
+        souts = llm.generate(prompts, sparams, use_tqdm=False)
+        s_elapsed = time.perf_counter() - t1
+        timeline.enabled = False
+        s_out = sum(len(o.outputs[0].token_ids) for o in souts)
+        sampling = {"sampling_elapsed_s": s_elapsed, "sampling_output_tokens_per_s": s_out / s_elapsed,
+                    "sampling_timeline": timeline.summary()}
     # The HF backends run a prefix of the same requests: time that prefix too, for a like-for-like ratio.
     prefix = {}
     if args.hf_num_requests < len(reqs):
@@ -60,7 +73,7 @@ def run_jaxpaged(args, reqs) -> dict:
     return {"elapsed_s": elapsed, "output_tokens": n_out, "startup_s": startup, "batch1_decode_tok_s": b1,
             "num_compilations_after_warmup": stats.get("num_compilations_after_warmup"),
             "num_preemptions": stats.get("num_preemptions_total"), "padding_waste": stats.get("padding_waste"),
-            "num_gpu_blocks": stats.get("num_gpu_blocks"), "timeline": timeline.summary(), **prefix}
+            "num_gpu_blocks": stats.get("num_gpu_blocks"), "timeline": greedy_timeline, **sampling, **prefix}
 
 
 def _hf_model(args, attn_implementation: str):
@@ -175,6 +188,8 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--attention-backend", default=None)
     ap.add_argument("--async-scheduling", action="store_true", help="schedule step N+1 while step N runs")
+    ap.add_argument("--also-sampling", action="store_true",
+                    help="run the requests again with temperature 0.8, top_p 0.95, top_k 50 on the same engine")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--json", default=None)
     ap.add_argument("--hf-static-num-requests", type=int, default=64, help="prefix for the static-batch HF backend")
@@ -219,6 +234,10 @@ def main() -> None:
         for b in ("hf-cb", "hf"):
             if b in results:
                 print(f"jaxpaged / {b}: {j['output_tokens_per_s'] / results[b]['output_tokens_per_s']:.1f}x output tok/s")
+        if "sampling_output_tokens_per_s" in j:
+            print(f"jaxpaged sampled (T=0.8, top_p=0.95, top_k=50): {j['sampling_output_tokens_per_s']:.0f} output tok/s "
+                  f"= {j['sampling_output_tokens_per_s'] / j['output_tokens_per_s']:.1%} of greedy")
+            print_timeline(j["sampling_timeline"], j["sampling_elapsed_s"])
         if "prefix_output_tokens_per_s" in j:
             print(f"jaxpaged on the first {j['prefix_num_requests']} requests (the HF prefix): "
                   f"{j['prefix_output_tokens_per_s']:.0f} output tok/s")

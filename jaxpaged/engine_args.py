@@ -39,7 +39,9 @@ class EngineArgs:
     # ValueError naming the field): logit_bias entries (OpenAI's limit) and stop_token_ids.
     max_logit_bias: int = 300
     max_stop_token_ids: int = 64
-    compilation_cache_dir: str | None = None  # JAX persistent compilation cache
+    # JAX persistent compilation cache: "auto" = $JAXPAGED_CACHE/xla (~/.cache/jaxpaged/xla) on a
+    # GPU, none on the CPU; a path; or "" / None for none.
+    compilation_cache_dir: str | None = "auto"
     # Schedule step N+1 while step N runs on the device (its sampled tokens feed N+1 there); a
     # step whose sampling needs the exact token history (seed, penalties, min_tokens) waits.
     async_scheduling: bool = False

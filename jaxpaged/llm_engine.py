@@ -14,6 +14,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
+from jaxpaged.cache_dir import cache_root
 from jaxpaged.engine_args import EngineArgs
 from jaxpaged.output_processor import OutputProcessor
 from jaxpaged.outputs import CompletionOutput, RequestOutput
@@ -137,11 +138,17 @@ class LLMEngine:
     def _setup_platform(args: EngineArgs) -> None:
         # JAX reserves 75% of GPU memory at start unless told otherwise; make that our budget.
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{args.gpu_memory_utilization:.3f}")
-        if args.compilation_cache_dir:
-            import jax
+        import jax
 
-            jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
+        cache_dir = args.compilation_cache_dir
+        if cache_dir == "auto":
+            # On by default where compiling is slow (GPU: minutes of start-up for a 7B model); off on
+            # the CPU, where programs compile in seconds and the suite builds hundreds of engines.
+            cache_dir = os.path.join(cache_root(), "xla") if jax.default_backend() == "gpu" else None
+        if cache_dir:
+            jax.config.update("jax_compilation_cache_dir", cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+            logger.info("JAX compilation cache: %s", cache_dir)
 
     @staticmethod
     def _load_tokenizer(path: str):
