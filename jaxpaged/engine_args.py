@@ -9,6 +9,8 @@ from typing import Any
 from pallas_kernels.backends import ATTENTION_BACKENDS
 
 PREEMPTION_MODES = ("recompute", "swap")
+# vLLM's names: "auto" = the model's dtype; "fp8" = "fp8_e4m3" (float8_e4m3fn); "fp8_e5m2".
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclasses.dataclass
@@ -23,6 +25,7 @@ class EngineArgs:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     seed: int = 0
     block_size: int = 16
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES: fp8 halves the KV bytes (capacity x2)
     max_num_seqs: int | None = None  # None: 256 on GPU, 16 on CPU
     max_num_batched_tokens: int | None = None  # None: 2048 on GPU, 512 on CPU (at least max_num_seqs)
     max_model_len: int | None = None  # None: the config's max_position_embeddings
@@ -65,6 +68,8 @@ class EngineArgs:
             raise bad("num_gpu_blocks_override", ">= 1", self.num_gpu_blocks_override)
         if self.swap_space < 0:
             raise bad("swap_space", ">= 0 (GiB)", self.swap_space)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise bad("kv_cache_dtype", f"one of {KV_CACHE_DTYPES}", self.kv_cache_dtype)
         if self.preemption_mode not in PREEMPTION_MODES:
             raise bad("preemption_mode", f"one of {PREEMPTION_MODES}", self.preemption_mode)
         if self.tensor_parallel_size < 1:

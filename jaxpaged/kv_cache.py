@@ -21,6 +21,21 @@ from jaxpaged.buckets import geometric_range
 from pallas_kernels.sizes import next_pow2
 
 KVCaches = list[tuple[jax.Array, jax.Array]]
+_FP8 = {"fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: Any) -> Any:
+    """The pool's element type: the model's for "auto", else the fp8 format named (vLLM's names).
+
+    fp8 blocks hold keys and values cast with a per-tensor scale of 1.0 (vLLM's default when no
+    scales are calibrated), saturating at the format's largest finite value; attention reads them
+    back in the model's dtype. Quality and speed: benchmarks/RESULTS.md (fp8 KV cache).
+    """
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype not in _FP8:
+        raise ValueError(f"kv_cache_dtype must be one of auto, {', '.join(_FP8)}, got {kv_cache_dtype!r}")
+    return _FP8[kv_cache_dtype]
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))

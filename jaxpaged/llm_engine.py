@@ -44,7 +44,7 @@ class LLMEngine:
         from jaxpaged.block_manager import BlockManager
         from jaxpaged.compilation_counter import CompilationCounter
         from jaxpaged.generation_config import load_generation_config
-        from jaxpaged.kv_cache import KVCache
+        from jaxpaged.kv_cache import KVCache, resolve_kv_cache_dtype
         from jaxpaged.kv_pool_sizing import num_kv_blocks
         from jaxpaged.model_loader import load_model, read_hf_config
         from jaxpaged.model_runner import ModelRunner
@@ -84,14 +84,15 @@ class LLMEngine:
         self.vocab_size = config.vocab_size
         self.eos_token_id = self._eos_token_id(hf_config)
 
+        self.kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, self.lm.dtype)
         block_bytes = KVCache.bytes_per_block(config.num_hidden_layers, args.block_size,
-                                              config.num_key_value_heads, config.head_dim, self.lm.dtype)
+                                              config.num_key_value_heads, config.head_dim, self.kv_dtype)
         num_blocks = num_kv_blocks(self.lm, args, max_model_len=self.max_model_len, block_bytes=block_bytes,
                                    on_gpu=on_gpu, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens)
         num_host_blocks = int(args.swap_space * (1 << 30) // block_bytes)
         self.kv = KVCache(num_layers=config.num_hidden_layers, num_blocks=num_blocks, num_host_blocks=num_host_blocks,
                           block_size=args.block_size, num_kv_heads=config.num_key_value_heads,
-                          head_dim=config.head_dim, dtype=self.lm.dtype)
+                          head_dim=config.head_dim, dtype=self.kv_dtype)
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); %d host blocks for swap; "
                     "max concurrency at max_model_len=%d: %.1f sequences", num_blocks, args.block_size,
                     num_blocks * args.block_size, num_blocks * block_bytes / (1 << 30), num_host_blocks,

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from pallas_kernels.sizes import is_pow2
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+# An fp8 KV cache: the kernels load its tiles and convert them to q's dtype in registers.
+FP8_CACHE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
 MASK_VALUE = -1e30  # finite: an all-masked row stays finite and is zeroed at the end
@@ -34,13 +36,15 @@ def token_seq_ids(query_start_loc: jnp.ndarray, num_tokens: int) -> jnp.ndarray:
 
 def validate_kernel_inputs(q: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.ndarray) -> None:
     """Checks what the Pallas kernels need beyond the common rank/shape checks."""
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+    if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"q dtype {q.dtype} is not supported by the pallas kernels; allowed: bfloat16, float16, float32")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES + FP8_CACHE_DTYPES:
             raise ValueError(
                 f"{name} dtype {x.dtype} is not supported by the pallas kernels; allowed: "
-                "bfloat16, float16, float32"
+                "bfloat16, float16, float32, float8_e4m3fn, float8_e5m2"
             )
-    if k_cache.dtype != v_cache.dtype or k_cache.dtype != q.dtype:
+    if k_cache.dtype != v_cache.dtype or (k_cache.dtype != q.dtype and jnp.dtype(k_cache.dtype) not in FP8_CACHE_DTYPES):
         raise ValueError(f"dtype mismatch: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
     head_dim = q.shape[-1]
     if not 16 <= head_dim <= MAX_HEAD_DIM:

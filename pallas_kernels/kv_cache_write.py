@@ -3,7 +3,8 @@
 Cache layout (per layer): ``[num_blocks, block_size, num_kv_heads, head_dim]``; slot
 ``b * block_size + i`` is row i of block b. Slots < 0 mark padding tokens and are dropped.
 
-Two implementations: XLA's scatter (``backend="reference"``; in place when the caches are donated
+An fp8 cache (``kv_cache_dtype="fp8"``) stores the values saturated to the format's range
+(``to_cache_dtype``). Two implementations: XLA's scatter (``backend="reference"``; in place when the caches are donated
 into the jitted step) and a Pallas kernel (``backend="pallas"``: one program per token, masked
 stores into the caches aliased to the outputs with ``input_output_aliases``).
 """
@@ -22,6 +23,16 @@ from pallas_kernels.sizes import next_pow2
 KV_WRITE_BACKENDS = ("reference", "pallas")
 
 
+def to_cache_dtype(x: jnp.ndarray, dtype) -> jnp.ndarray:
+    """``x`` in the cache's dtype; into an fp8 cache with saturation (scale 1.0, as vLLM without
+    calibrated scales): a plain cast would turn values past the format's range into NaN."""
+    dtype = jnp.dtype(dtype)
+    if dtype.itemsize == 1 and jnp.issubdtype(dtype, jnp.floating):
+        big = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x.astype(jnp.float32), -big, big)
+    return x.astype(dtype)
+
+
 def write_kv_reference(
     k_cache: jnp.ndarray,
     v_cache: jnp.ndarray,
@@ -35,10 +46,11 @@ def write_kv_reference(
     """
     nb, bs, h, d = k_cache.shape
     num_slots = nb * bs
+    k, v = to_cache_dtype(k, k_cache.dtype), to_cache_dtype(v, v_cache.dtype)
     # An out-of-range index is dropped by mode="drop"; negative ones would wrap, so remap them.
     slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)
-    kc = k_cache.reshape(num_slots, h, d).at[slots].set(k.astype(k_cache.dtype), mode="drop")
-    vc = v_cache.reshape(num_slots, h, d).at[slots].set(v.astype(v_cache.dtype), mode="drop")
+    kc = k_cache.reshape(num_slots, h, d).at[slots].set(k, mode="drop")
+    vc = v_cache.reshape(num_slots, h, d).at[slots].set(v, mode="drop")
     return kc.reshape(nb, bs, h, d), vc.reshape(nb, bs, h, d)
 
 
@@ -56,7 +68,7 @@ def _write_kv_kernel(slot_ref, k_ref, v_ref, kc_in, vc_in, kc_ref, vc_ref, *, bl
     tt = jnp.full((hp, dp), t, jnp.int32)
     for src, dst in ((k_ref, kc_ref), (v_ref, vc_ref)):
         x = plgpu.load(src.at[tt, hh, dd], mask=mask, other=0)
-        plgpu.store(dst.at[blk, off, hh, dd], x.astype(dst.dtype), mask=mask)
+        plgpu.store(dst.at[blk, off, hh, dd], to_cache_dtype(x, dst.dtype), mask=mask)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))

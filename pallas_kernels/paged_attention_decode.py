@@ -125,7 +125,8 @@ def _decode_kernel(
         mask = jnp.broadcast_to(valid[:, None], rowk.shape)
         if pad_d:
             mask = mask & (dcol < head_dim)
-        return plgpu.load(ref.at[bid, rowk, h, dcol], mask=mask, other=0)
+        # An fp8 cache's tile converts to q's dtype here, in registers (a no-op otherwise).
+        return plgpu.load(ref.at[bid, rowk, h, dcol], mask=mask, other=0).astype(q_ref.dtype)
 
     def tile_keys(i):
         tok = (lo + i * bpi) * bs + key  # token positions [n]

@@ -155,8 +155,10 @@ def _ragged_kernel(
         elif mask is not None and pad_d:
             mask = mask & (kd < head_dim)
         if mask is None:
-            return plgpu.load(ref.at[idx]).reshape(bk, dp)
-        return plgpu.load(ref.at[idx], mask=mask, other=0).reshape(bk, dp)
+            tile = plgpu.load(ref.at[idx]).reshape(bk, dp)
+        else:
+            tile = plgpu.load(ref.at[idx], mask=mask, other=0).reshape(bk, dp)
+        return tile.astype(q_ref.dtype)  # an fp8 cache's tile, in q's dtype (a no-op otherwise)
 
     def tile_mask(blk0):
         if flat_gather:
