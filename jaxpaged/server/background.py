@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from jaxpaged.llm_engine import LLMEngine
 from jaxpaged.model_source import DEFAULT_SERVED_MODEL_NAME
 from jaxpaged.server.api_server import create_app
 from jaxpaged.server.async_engine import AsyncEngine
 from jaxpaged.server.metrics import ServerMetrics
 from jaxpaged.server.server_config import ModelInfo, ServerConfig
 from jaxpaged.server.server_tokenizer import ServerTokenizer
+
+if TYPE_CHECKING:  # the caller has built the engine (and loaded JAX) already
+    from jaxpaged.llm_engine import LLMEngine
 
 
 class BackgroundServer:
