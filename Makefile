@@ -7,7 +7,7 @@ GPU_PY ?= python3
 # The test files that hold GPU-marked tests (the others import packages the GPU image may lack).
 GPU_TESTS = $(shell grep -rl --include='test_*.py' 'mark\.gpu' tests)
 
-.PHONY: setup demo serve test test-all test-gpu clean
+.PHONY: setup demo serve test test-all test-gpu notebooks clean
 
 setup:
 	bash scripts/bootstrap.sh test
@@ -30,6 +30,11 @@ test-all: setup
 # on the Pallas and Mosaic backends; jax-triton's ablation test skips without jax_triton).
 test-gpu:
 	JAX_PLATFORMS=cuda PYTHONPATH=. $(GPU_PY) -m pytest -q -p no:cacheprovider -m gpu $(GPU_TESTS) $(ARGS)
+
+# Executes every notebooks/*.ipynb in place at the CPU scale, saving outputs and notebooks/figures/*.png
+# (NB="notebooks/x.ipynb" for one; JAXPAGED_NOTEBOOK_SCALE=gpu on the GPU machine for the 7B scale).
+notebooks: setup
+	$(PY) scripts/run_notebooks.py $(NB)
 
 clean:
 	rm -rf .venv
