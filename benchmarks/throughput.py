@@ -29,7 +29,8 @@ def run_jaxpaged(args, reqs) -> dict:
     llm = LLM(model=args.model, load_format="dummy", dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
               block_size=args.block_size, skip_tokenizer_init=True, attention_backend=args.attention_backend,
-              gpu_memory_utilization=args.gpu_memory_utilization, async_scheduling=args.async_scheduling)
+              gpu_memory_utilization=args.gpu_memory_utilization, async_scheduling=args.async_scheduling,
+              enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype)
     startup = time.perf_counter() - t0
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True, detokenize=False) for r in reqs]
@@ -188,6 +189,8 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--attention-backend", default=None)
     ap.add_argument("--async-scheduling", action="store_true", help="schedule step N+1 while step N runs")
+    ap.add_argument("--enforce-eager", action="store_true", help="XLA command buffers (CUDA graphs) off")
+    ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--also-sampling", action="store_true",
                     help="run the requests again with temperature 0.8, top_p 0.95, top_k 50 on the same engine")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -196,6 +199,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="small ceiling measurement (CPU smoke test of the script)")
     args = ap.parse_args()
 
+    if args.enforce_eager:  # before the ceilings below start JAX's backend: the flag is read at start
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     shape = LlamaShape.from_config(os.path.join(args.model, "config.json"))
     reqs = sharegpt_like(args.num_requests, seed=args.seed, max_total=args.max_model_len, vocab_size=shape.vocab)
     results: dict = {"args": vars(args), "mean_prompt": sum(len(r.prompt_token_ids) for r in reqs) / len(reqs),

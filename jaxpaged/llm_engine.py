@@ -139,6 +139,9 @@ class LLMEngine:
     def _setup_platform(args: EngineArgs) -> None:
         # JAX reserves 75% of GPU memory at start unless told otherwise; make that our budget.
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{args.gpu_memory_utilization:.3f}")
+        flags = os.environ.get("XLA_FLAGS", "")
+        if args.enforce_eager and "xla_gpu_enable_command_buffer" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_command_buffer=".strip()
         import jax
 
         cache_dir = args.compilation_cache_dir
