@@ -20,6 +20,13 @@ admission (falling back to recompute when the host pool is full). A request alre
 this step is never preempted in the same step (its row would have to be unwound), so a prefill that
 finds no blocks shrinks its chunk to what fits or waits a step instead.
 
+Sharing (``kv_cache_manager.py``): an admitted sequence starts from its longest cached prefix
+(prefix caching), the blocks a step filled are registered once it has finished, parallel samples
+fork the prompt's blocks when it completes, and a beam search's beams are the request's sequences,
+reassigned after every step by ``beam_search.py`` (forks and frees, copy-on-write on the shared
+last block). A request with ``best_of`` runs ``best_of`` sequences; the output side returns the
+best ``n``.
+
 Pure Python; no JAX.
 """
 
@@ -30,9 +37,12 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+from jaxpaged.beam_search import BeamSearchState, assign_beams
 from jaxpaged.block_manager import BlockManager
+from jaxpaged.kv_cache_manager import KVCacheManager
 from jaxpaged.request import Request, Sequence, SequenceStatus
 from jaxpaged.scheduler_output import PENDING_TOKEN, SamplingRow, ScheduledSequence, SchedulerOutput, SchedulerStats
+
 
 class _Step:
     """Scratch state of one ``schedule()`` call."""
@@ -90,6 +100,7 @@ class Scheduler:
         if preemption_mode == "swap" and block_manager.num_host_blocks == 0:
             raise ValueError("preemption_mode='swap' needs swap space (num_host_blocks > 0)")
         self.block_manager = block_manager
+        self.kv = KVCacheManager(block_manager)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -122,7 +133,8 @@ class Scheduler:
         if p > self.max_model_len:
             raise ValueError(f"prompt_token_ids has {p} tokens, more than max_model_len ({self.max_model_len})")
         if request.n > self.max_num_seqs:
-            raise ValueError(f"n ({request.n}) must be <= max_num_seqs ({self.max_num_seqs})")
+            field = "best_of" if request.n > request.num_returned else "n"
+            raise ValueError(f"{field} ({request.n}) must be <= max_num_seqs ({self.max_num_seqs})")
         for s in request.seqs:
             if s.seq_id in self._seqs:
                 raise ValueError(f"seq_id {s.seq_id} is already in use")
@@ -137,6 +149,12 @@ class Scheduler:
                 f"request {rid!r} needs up to {need} KV blocks (n={request.n}, prompt_token_ids {p} tokens, "
                 f"max_tokens {max_tokens}) but the pool has {self.block_manager.num_device_blocks}; "
                 "lower max_tokens or n, or give the KV cache more memory")
+        params = request.sampling_params
+        if getattr(params, "use_beam_search", False):
+            stop_ids = frozenset(getattr(params, "stop_token_ids", None) or ())
+            request.beam_search = BeamSearchState(
+                request.n, params.length_penalty, params.early_stopping, final_len - p,
+                frozenset() if params.ignore_eos else self.eos_token_ids, stop_ids - self.eos_token_ids)
         self._requests[rid] = request
         self._order[rid] = self._next_order
         self._next_order += 1
@@ -179,6 +197,8 @@ class Scheduler:
                 s.num_computed_tokens = 0
                 s.num_pending_tokens = 0
                 s.status = SequenceStatus.WAITING
+            if req.beam_search is not None:
+                req.beam_search.drop_candidates([s.seq_id for s in req.seqs])
             if req in self._waiting:
                 self._waiting.remove(req)
             self._waiting.appendleft(req)
@@ -209,9 +229,17 @@ class Scheduler:
     def get_request(self, request_id: str) -> Request | None:
         return self._requests.get(request_id)
 
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached prefix (blocks in use stay with their sequences)."""
+        return self.kv.reset_prefix_cache()
+
     def get_stats(self) -> SchedulerStats:
         bm = self.block_manager
         return SchedulerStats(
+            prefix_cache_queries=self.kv.stats.queries,
+            prefix_cache_hits=self.kv.stats.hits,
+            num_used_blocks=bm.get_num_used_blocks(),
+            num_logical_blocks=bm.get_num_logical_blocks(),
             num_running_reqs=len(self._running),
             num_waiting_reqs=len(self._waiting),
             num_swapped_reqs=len(self._swapped),
@@ -258,14 +286,17 @@ class Scheduler:
     def _num_running_seqs(self) -> int:
         return sum(len(r.unfinished_seqs()) for r in self._running)
 
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """Tokens of ``remaining`` that one step computes within ``budget``."""
+        return min(remaining, budget) if self.enable_chunked_prefill else (remaining if remaining <= budget else 0)
+
     def _plan(self, req: Request, budget: int) -> list[tuple[Sequence, int]]:
         """Tokens each active sequence would compute within ``budget``, before checking blocks."""
         plan = []
         for s in req.active_seqs():
             if self._finishes_when_pending_lands(s, req):
                 continue
-            remaining = self._remaining(s)
-            k = min(remaining, budget) if self.enable_chunked_prefill else (remaining if remaining <= budget else 0)
+            k = self._chunk(self._remaining(s), budget)
             if k > 0:
                 plan.append((s, k))
                 budget -= k
@@ -306,10 +337,12 @@ class Scheduler:
         sample: list[int] = []
         if start + k == seq.num_tokens + seq.num_pending_tokens:
             sample = [seq.seq_id]
-            if not req.forked:  # the prompt completes this step: share it with the siblings
+            # The prompt completes this step: share it with the siblings (beams fork in the first
+            # beam step instead, once they know which tokens continue it).
+            if not req.forked and req.beam_search is None:
                 for sib in req.seqs[1:]:
                     if not sib.is_finished:
-                        bm.fork(seq.seq_id, sib.seq_id)
+                        self.kv.fork(seq, sib)
                         sib.status = SequenceStatus.RUNNING
                         sample.append(sib.seq_id)
                 req.forked = True
@@ -332,8 +365,9 @@ class Scheduler:
         if self.async_scheduling:  # the step is committed: later schedules build on it at once
             for sid in [seq.seq_id] + sample[1:]:  # forked siblings share this row's cache
                 self._seqs[sid].num_computed_tokens = start + k
-            for sid in sample:
-                self._seqs[sid].num_pending_tokens += 1
+            if req.beam_search is None:  # a beam's next token is chosen on the host, not pending
+                for sid in sample:
+                    self._seqs[sid].num_pending_tokens += 1
         step.token_budget -= k
         step.touched.add(req.request_id)
         if req.first_scheduled_time is None:
@@ -358,6 +392,8 @@ class Scheduler:
             bm.free(s.seq_id)
             s.num_computed_tokens = 0
             s.status = SequenceStatus.WAITING
+        if req.beam_search is not None:  # recomputed beams return their candidates again
+            req.beam_search.drop_candidates([s.seq_id for s in req.seqs])
         self._waiting.appendleft(req)  # preempted requests resume before new ones
 
     def _schedule_swapped(self, step: _Step) -> None:
@@ -389,13 +425,18 @@ class Scheduler:
             plan = self._plan(req, step.token_budget)
             if not plan:
                 break
-            # The watermark keeps room for running requests to grow; with none running, the whole
-            # pool is this request's (add_request checked that it fits), so it must not apply.
-            first_chunk = plan[0][0].num_computed_tokens + plan[0][1]
-            if not (bm.can_allocate(first_chunk) if self._running else bm.can_append_slots(plan[0][0].seq_id, 0, first_chunk)):
+            # Its first chunk, after the prefix the cache already holds, must fit. The watermark
+            # keeps room for running requests to grow; with none running, the whole pool is this
+            # request's (add_request checked that it fits), so it must not apply.
+            seq = plan[0][0]
+            hits = self.kv.find_cached_prefix(req, seq)
+            start = len(hits) * bm.block_size
+            k = self._chunk(self._remaining(seq) - start, step.token_budget)
+            if k == 0 or not bm.can_allocate(start + k, hits, use_watermark=bool(self._running)):
                 break
             self._waiting.popleft()
             self._running.append(req)
+            self.kv.admit(req, req.active_seqs())
             for s in req.active_seqs():
                 s.status = SequenceStatus.RUNNING
             self._schedule_running(req, step, allow_preempt=False)
@@ -425,6 +466,8 @@ class Scheduler:
                 seq.num_computed_tokens = computed
             if seq.index == 0 and computed >= req.num_prompt_tokens:
                 req.prompt_logprobs_done = True
+            if seq.status == SequenceStatus.RUNNING:
+                self.kv.cache_computed(req, seq, computed)
             for sid in row.sample_seq_ids:
                 s = self._seqs.get(sid)
                 if s is None or not self._takes_output(s):
@@ -432,6 +475,14 @@ class Scheduler:
                 if sid not in sampled:
                     raise KeyError(f"the runner returned no token for sampled sequence {sid}")
                 token_id, logprob, top = sampled[sid]
+                if req.beam_search is not None:
+                    # Candidates of the history as it is now (not of one since reset for recompute).
+                    if s.num_computed_tokens == computed == s.num_tokens:
+                        req.beam_search.add_candidates(sid, top)
+                    if req.first_token_time is None:
+                        req.first_token_time = now
+                    touched[req.request_id] = req
+                    continue
                 if self.async_scheduling:
                     s.num_pending_tokens -= 1
                 else:
@@ -441,7 +492,25 @@ class Scheduler:
                     req.first_token_time = now
                 touched[req.request_id] = req
                 self._check_stop(s, req)
+            if req.beam_search is not None and req.beam_search.ready(req.active_seqs()):
+                self._beam_step(req)
         return list(touched.values())
+
+    def _beam_step(self, req: Request) -> None:
+        """Every running beam has its candidates: choose the next beams and continue them on
+        shared blocks, or finish the request when the search is done."""
+        state, beams = req.beam_search, req.active_seqs()
+        choices = state.step(beams)
+        if state.done:
+            results = state.results()
+            status = SequenceStatus.FINISHED_STOPPED if results and results[0].finish_reason == "stop" \
+                else SequenceStatus.FINISHED_LENGTH_CAPPED
+            for s in req.unfinished_seqs():
+                self._finish(s, status, None)
+            return
+        spare = [s for s in req.unfinished_seqs() if s not in beams]
+        self.kv.continue_beams(assign_beams(beams, spare, choices))
+        req.forked = True
 
     def _takes_output(self, seq: Sequence) -> bool:
         """Whether a finished step's row still counts for the sequence. Synchronously only running
