@@ -27,6 +27,8 @@ HF's rules, step by step, with ``g`` tokens generated so far:
     ``early_stopping="never"`` with a positive penalty - is not above the worst finished score;
   - the search ends at the length limit, when no improvement is possible, or (``early_stopping``
     True) as soon as k hypotheses are finished; the result is the finished hypotheses, best first.
+Width 1 is greedy decoding, as ``generate(num_beams=1)`` is: the search ends at the first stop
+token (HF's rules with ``early_stopping=True``, which for one beam are exactly greedy decoding).
 
 Pure Python; no JAX.
 """
@@ -146,8 +148,9 @@ class BeamSearchState:
             top = self.candidates[beams[c[1]].seq_id]
             return BeamToken(c[2], c[3], c[4], list(top.top_ids[:num]), list(top.top_logprobs[:num]))
 
+        early_stopping = True if k == 1 else self.early_stopping
         full = len(self.finished) == k
-        if self.improvable and not (full and self.early_stopping is True):
+        if self.improvable and not (full and early_stopping is True):
             for c, hit in zip(cands[:k], hits[:k]):
                 if hit:
                     parent = beams[c[1]]
@@ -162,11 +165,11 @@ class BeamSearchState:
         running = [c for c, hit in zip(cands, hits) if not hit][:k]
         self.num_generated = length
         if len(self.finished) == k and running:
-            horizon = self.max_new_tokens if (self.early_stopping == "never" and self.length_penalty > 0) else length
+            horizon = self.max_new_tokens if (early_stopping == "never" and self.length_penalty > 0) else length
             best_possible = running[0][0] / horizon**self.length_penalty
             self.improvable = self.improvable and best_possible > self.finished[-1].score
         self.done = (at_limit or not running or not self.improvable
-                     or (self.early_stopping is True and len(self.finished) == k))
+                     or (early_stopping is True and len(self.finished) == k))
         choices = [] if self.done else [BeamChoice(beams[c[1]], token_of(c)) for c in running]
         self.candidates.clear()
         return choices
