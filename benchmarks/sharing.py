@@ -46,7 +46,7 @@ class Scale:
     load_format: str
     dtype: str
     num_requests: int  # per savings run
-    length_scale: float  # multiplies the mixes' mean lengths
+    length_scale: dict[str, float]  # per mix: multiplies its mean lengths
     max_model_len: int
     max_num_seqs: int
     max_num_batched_tokens: int
@@ -63,11 +63,13 @@ class Scale:
 
 
 SCALES = {
-    "cpu": Scale(None, "auto", "float32", num_requests=24, length_scale=0.25, max_model_len=1024, max_num_seqs=32,
-                 max_num_batched_tokens=512, system_prompt_len=256, num_prefix_requests=48, prefix_output_mean=16),
-    "7b": Scale(os.path.join(HERE, "configs", "llama-2-7b"), "dummy", "bfloat16", num_requests=200, length_scale=1.0,
-                max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=2048, system_prompt_len=1000,
-                num_prefix_requests=200, prefix_output_mean=128),
+    # CPU: ShareGPT lengths at a quarter (the tiny model's steps are cheap, not free), Alpaca's as they are.
+    "cpu": Scale(None, "auto", "float32", num_requests=16, length_scale={"sharegpt": 0.25, "alpaca": 1.0},
+                 max_model_len=1024, max_num_seqs=32, max_num_batched_tokens=256, system_prompt_len=256,
+                 num_prefix_requests=48, prefix_output_mean=16),
+    "7b": Scale(os.path.join(HERE, "configs", "llama-2-7b"), "dummy", "bfloat16", num_requests=100,
+                length_scale={"sharegpt": 1.0, "alpaca": 1.0}, max_model_len=2048, max_num_seqs=256,
+                max_num_batched_tokens=2048, system_prompt_len=1000, num_prefix_requests=200, prefix_output_mean=128),
 }
 
 
@@ -80,9 +82,9 @@ def make_llm(scale: Scale, **overrides: Any):
 def workload(scale: Scale, mix: str, num_requests: int | None = None, seed: int = 0, vocab_size: int = 1000):
     """``(prompt token ids, output length)`` pairs with the mix's length distribution."""
     prompt_mean, output_mean = MIXES[mix]
-    reqs = sharegpt_like(num_requests or scale.num_requests, seed=seed, mean_prompt=prompt_mean * scale.length_scale,
-                         mean_output=output_mean * scale.length_scale, vocab_size=vocab_size,
-                         max_total=scale.max_model_len)
+    k = scale.length_scale[mix]
+    reqs = sharegpt_like(num_requests or scale.num_requests, seed=seed, mean_prompt=prompt_mean * k,
+                         mean_output=output_mean * k, vocab_size=vocab_size, max_total=scale.max_model_len)
     return [(r.prompt_token_ids, r.output_len) for r in reqs]
 
 
@@ -129,22 +131,26 @@ def system_prompt_savings(llm, reqs, system_prompt: list[int]) -> dict[str, floa
     return measure_blocks(llm, [system_prompt + p for p, _ in reqs], params)
 
 
-def savings_table(scale: Scale, mixes=("sharegpt", "alpaca"), widths=(2, 4, 6), llm=None) -> list[dict]:
+KINDS = ("parallel", "beam", "system")
+
+
+def savings_table(scale: Scale, mixes=("sharegpt", "alpaca"), widths=(2, 4, 6), kinds=KINDS, llm=None) -> list[dict]:
     """Rows ``{mix, kind, param, saving, ...}`` for parallel sampling, beam search and a shared
-    system prompt, on one engine."""
+    system prompt (``kinds``), on one engine."""
     llm = llm or make_llm(scale)
     vocab = llm.llm_engine.vocab_size
     rows = []
     for mix in mixes:
         reqs = workload(scale, mix, vocab_size=vocab)
-        for n in widths:
+        for n in widths if "parallel" in kinds else ():
             rows.append(dict(mix=mix, kind="parallel sampling", param=n, **parallel_sampling_savings(llm, reqs, n)))
-        for w in widths:
+        for w in widths if "beam" in kinds else ():
             rows.append(dict(mix=mix, kind="beam search", param=w, **beam_search_savings(llm, reqs, w)))
-        system = workload(scale, mix, num_requests=1, seed=99, vocab_size=vocab)[0][0]
-        system = (system * (scale.system_prompt_len // len(system) + 1))[: scale.system_prompt_len]
-        rows.append(dict(mix=mix, kind="shared system prompt", param=len(system),
-                         **system_prompt_savings(llm, reqs, system)))
+        if "system" in kinds:
+            system = workload(scale, mix, num_requests=1, seed=99, vocab_size=vocab)[0][0]
+            system = (system * (scale.system_prompt_len // len(system) + 1))[: scale.system_prompt_len]
+            rows.append(dict(mix=mix, kind="shared system prompt", param=len(system),
+                             **system_prompt_savings(llm, reqs, system)))
     return rows
 
 
@@ -155,7 +161,7 @@ def prefix_caching_speed(scale: Scale, enable: bool, seed: int = 1) -> dict[str,
 
     llm = make_llm(scale, enable_prefix_caching=enable)
     vocab = llm.llm_engine.vocab_size
-    reqs = sharegpt_like(scale.num_prefix_requests, seed=seed, mean_prompt=MIXES["sharegpt"][0] * scale.length_scale,
+    reqs = sharegpt_like(scale.num_prefix_requests, seed=seed, mean_prompt=MIXES["sharegpt"][0] * scale.length_scale["sharegpt"],
                          mean_output=scale.prefix_output_mean, vocab_size=vocab, max_total=scale.max_model_len // 2)
     system = sharegpt_like(1, seed=seed + 1, mean_prompt=scale.system_prompt_len, vocab_size=vocab,
                            max_total=4 * scale.system_prompt_len)[0].prompt_token_ids
@@ -185,13 +191,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     ap.add_argument("--only", default="savings,prefix", help="comma list: savings, prefix")
+    ap.add_argument("--mixes", default="sharegpt,alpaca", help=f"savings: comma list of {sorted(MIXES)}")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"savings: comma list of {KINDS}")
+    ap.add_argument("--num-requests", type=int, default=None, help="override the scale's requests per savings run")
+    ap.add_argument("--num-prefix-requests", type=int, default=None, help="override the prefix-caching run's requests")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     scale = SCALES[args.scale]
+    if args.num_requests:
+        scale = dataclasses.replace(scale, num_requests=args.num_requests)
+    if args.num_prefix_requests:
+        scale = dataclasses.replace(scale, num_prefix_requests=args.num_prefix_requests)
     results: dict[str, Any] = {"scale": args.scale, "config": dataclasses.asdict(scale)}
     if "savings" in args.only:
         t0 = time.perf_counter()
-        rows = savings_table(scale)
+        rows = savings_table(scale, mixes=args.mixes.split(","), kinds=args.kinds.split(","))
         results["savings"] = rows
         print(f"\nKV blocks saved by sharing ({args.scale}, {time.perf_counter() - t0:.0f} s); paper (Alpaca): "
               f"parallel sampling {PAPER_RANGES['parallel sampling']} %, beam search {PAPER_RANGES['beam search']} %")
