@@ -144,9 +144,9 @@ class BeamSearchState:
         hits = [at_limit or c[2] in stops for c in cands]
         length = self.num_generated + 1
 
-        def token_of(c: tuple) -> BeamToken:
+        def token_of(c: tuple) -> BeamToken:  # the row's whole top list: output logprobs may want more than K
             top = self.candidates[beams[c[1]].seq_id]
-            return BeamToken(c[2], c[3], c[4], list(top.top_ids[:num]), list(top.top_logprobs[:num]))
+            return BeamToken(c[2], c[3], c[4], list(top.top_ids), list(top.top_logprobs))
 
         early_stopping = True if k == 1 else self.early_stopping
         full = len(self.finished) == k

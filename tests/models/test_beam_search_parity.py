@@ -139,6 +139,12 @@ def test_llm_beam_search_api(tmp_path_factory):
         assert s.text == tok.decode(s.tokens) and s.finish_reason == "length"
         assert len(s.logprobs) == MAX_TOKENS
         assert s.cum_logprob == pytest.approx(sum(d[t].logprob for d, t in zip(s.logprobs, s.tokens[len(prompt):])))
+    # Output logprobs may ask for more entries than the K candidates a step keeps (here 6 > K = 4).
+    [out] = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(
+        n=2, use_beam_search=True, temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=6), use_tqdm=False)
+    for c in out.outputs:
+        assert len(c.logprobs) == 5 and all(len(d) >= 6 and t in d for d, t in zip(c.logprobs, c.token_ids))
+        assert c.cumulative_logprob == pytest.approx(sum(d[t].logprob for d, t in zip(c.logprobs, c.token_ids)))
     with pytest.raises(ValueError, match="temperature"):
         llm.beam_search([{"prompt_token_ids": prompt}], BeamSearchParams(beam_width=2, max_tokens=4, temperature=0.7))
     with pytest.raises(ValueError, match="max_logprobs"):
