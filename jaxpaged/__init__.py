@@ -4,8 +4,8 @@
 """
 
 from jaxpaged.engine_args import EngineArgs
-from jaxpaged.outputs import CompletionOutput, Logprob, RequestOutput
-from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.outputs import BeamSearchOutput, BeamSearchSequence, CompletionOutput, Logprob, RequestOutput
+from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
 
 
 def __getattr__(name: str):
@@ -21,4 +21,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'jaxpaged' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "LLMEngine", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "LLMEngine", "EngineArgs", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput",
+           "Logprob", "BeamSearchOutput", "BeamSearchSequence"]

@@ -7,55 +7,32 @@ filled block per sequence. A block is taken only when a sequence's tokens reach 
 lets many more sequences share a pool than a worst-case reservation would.
 
 Blocks are reference counted so that sequences can share them: ``fork`` gives a child the parent's
-table (all counts + 1), and a write into a shared block first copies it (copy-on-write). The copies
-and the swaps are not done here: this class only decides them and returns ``(src, dst)`` block id
-pairs that the model runner applies to the device arrays before the step.
+table (all counts + 1) - parallel samples after their prompt, a beam that continues another - and a
+write into a shared block first copies it (copy-on-write). The copies and the swaps are not done
+here: this class only decides them and returns ``(src, dst)`` block id pairs that the model runner
+applies to the device arrays before the step.
 
-Free-list order (deterministic, tested): both pools hand out blocks from the head of a FIFO queue
-that starts as ``0, 1, ..., num_blocks - 1``; a released block is appended to the tail, and the
-blocks of one sequence are released last-block-first. This is vLLM v1's order: a just-freed block
-is reused as late as possible, and a sequence's tail blocks (the least likely to be a shared
-prefix) come back before its head blocks, which is the eviction order prefix caching will want.
+Prefix caching (``enable_caching``): sequences of different requests share full blocks with the
+same token prefix through the device pool's hash -> block map (``block_pool.py``): a new or
+re-admitted sequence starts with the cached blocks of its longest cached prefix
+(``find_cached_blocks`` + ``allocate(..., cached_blocks=)``), and the blocks a step has filled are
+registered for later ones (``cache_blocks``). A registered block is never written again: writes
+start at a sequence's ``num_computed_tokens``, which is past every full block it holds.
+
+Free-list order (deterministic, tested): see ``block_pool.py`` - the head of the free queue is
+the block freed longest ago (vLLM v1's order), so a just-freed block, and the cached prefix it may
+hold, is reused as late as possible.
 
 Pure Python/NumPy; no JAX.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-import numpy as np
-
+from jaxpaged.block_pool import BlockPool
+from jaxpaged.prefix_cache import BlockKey
 from pallas_kernels.sizes import cdiv
-
-
-class _BlockPool:
-    """Reference counts and a FIFO free queue for one pool of ``num_blocks`` blocks."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self.ref_counts = np.zeros(num_blocks, np.int32)
-        self.free: deque[int] = deque(range(num_blocks))
-
-    def take(self) -> int:
-        if not self.free:
-            raise RuntimeError("out of KV blocks: the caller must check capacity first")
-        block = self.free.popleft()
-        self.ref_counts[block] = 1
-        return block
-
-    def incref(self, block: int) -> None:
-        self.ref_counts[block] += 1
-
-    def release(self, blocks: list[int]) -> None:
-        """Drops one reference from each block, tail first; blocks reaching 0 go to the free tail."""
-        for block in reversed(blocks):
-            if self.ref_counts[block] <= 0:
-                raise RuntimeError(f"block {block} released more often than it was referenced")
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free.append(block)
 
 
 class BlockManager:
@@ -66,6 +43,7 @@ class BlockManager:
         num_host_blocks: blocks in the host swap pool (the engine derives it from ``swap_space``
             GiB); 0 disables swapping.
         block_size: token slots per block.
+        enable_caching: keep full blocks findable by their prefix (device pool only).
         watermark: fraction of the device pool that admitting a new sequence (``can_allocate``)
             must leave free, so that running sequences can still grow by a block without
             immediately preempting the sequence just admitted. Growth (``append_slots``) and
@@ -76,7 +54,8 @@ class BlockManager:
     sequences; this class only owns blocks.
     """
 
-    def __init__(self, num_device_blocks: int, num_host_blocks: int, block_size: int, watermark: float = 0.01) -> None:
+    def __init__(self, num_device_blocks: int, num_host_blocks: int, block_size: int, watermark: float = 0.01,
+                 enable_caching: bool = False) -> None:
         if not isinstance(num_device_blocks, int) or num_device_blocks < 1:
             raise ValueError(f"num_device_blocks must be an integer >= 1, got {num_device_blocks!r}")
         if not isinstance(num_host_blocks, int) or num_host_blocks < 0:
@@ -89,22 +68,38 @@ class BlockManager:
         self.num_device_blocks = num_device_blocks
         self.num_host_blocks = num_host_blocks
         self.watermark_blocks = int(watermark * num_device_blocks)
-        self._device = _BlockPool(num_device_blocks)
-        self._host = _BlockPool(num_host_blocks)
+        self.enable_caching = enable_caching
+        self._device = BlockPool(num_device_blocks, enable_caching)
+        self._host = BlockPool(num_host_blocks)
         self._device_tables: dict[int, list[int]] = {}
         self._host_tables: dict[int, list[int]] = {}
+        # Leading blocks of a device table already offered to the prefix cache (cache_blocks).
+        self._num_offered: dict[int, int] = {}
 
     # ------------------------------------------------------------------ queries
     def get_num_free_blocks(self) -> int:
-        """Free blocks in the device pool."""
-        return len(self._device.free)
+        """Free blocks in the device pool (cached ones waiting in the free queue included)."""
+        return self._device.num_free
 
     def get_num_free_host_blocks(self) -> int:
-        return len(self._host.free)
+        return self._host.num_free
 
     def get_usage(self) -> float:
         """Fraction of the device pool in use (vLLM's ``kv_cache_usage``)."""
-        return 1.0 - len(self._device.free) / self.num_device_blocks
+        return 1.0 - self._device.num_free / self.num_device_blocks
+
+    def get_num_used_blocks(self) -> int:
+        """Device blocks referenced by at least one sequence."""
+        return self.num_device_blocks - self._device.num_free
+
+    def get_num_logical_blocks(self) -> int:
+        """Device blocks the sequences' tables list, a shared block once per table: what the
+        pool would hold if nothing were shared."""
+        return sum(len(t) for t in self._device_tables.values())
+
+    def get_num_cached_blocks(self) -> int:
+        """Device blocks registered in the prefix cache (in use or free)."""
+        return self._device.num_cached
 
     def get_free_block_ids(self, host: bool = False) -> list[int]:
         """The free queue in allocation order (head first)."""
@@ -131,20 +126,69 @@ class BlockManager:
         return cdiv(num_tokens, self.block_size)
 
     # ------------------------------------------------------------ allocation
-    def can_allocate(self, num_tokens: int) -> bool:
-        """Whether a new sequence's first ``num_tokens`` slots fit and still leave the watermark."""
-        return len(self._device.free) - self.num_blocks_for(num_tokens) >= self.watermark_blocks
+    def _num_blocks_to_allocate(self, num_tokens: int, cached_blocks: Sequence[int]) -> int:
+        """Free blocks a new table of ``num_tokens`` slots takes: fresh ones past the cached
+        prefix, plus the cached ones that wait in the free queue."""
+        fresh = max(0, self.num_blocks_for(num_tokens) - len(cached_blocks))
+        return fresh + self._device.num_free_among(cached_blocks)
 
-    def allocate(self, seq_id: int, num_tokens: int) -> list[int]:
-        """Creates the table of a sequence that has none, covering ``num_tokens`` slots."""
+    def can_allocate(self, num_tokens: int, cached_blocks: Sequence[int] = (), use_watermark: bool = True) -> bool:
+        """Whether a new sequence's first ``num_tokens`` slots (starting with ``cached_blocks``)
+        fit and still leave the watermark (``use_watermark``)."""
+        left = self._device.num_free - self._num_blocks_to_allocate(num_tokens, cached_blocks)
+        return left >= (self.watermark_blocks if use_watermark else 0)
+
+    def allocate(self, seq_id: int, num_tokens: int, cached_blocks: Sequence[int] = ()) -> list[int]:
+        """Creates the table of a sequence that has none, covering ``num_tokens`` slots; it starts
+        with ``cached_blocks`` (a prefix-cache hit from ``find_cached_blocks``, shared), the rest
+        are fresh blocks."""
         if seq_id in self._device_tables or seq_id in self._host_tables:
             raise ValueError(f"sequence {seq_id} already has a block table")
-        need = self.num_blocks_for(num_tokens)
-        if need > len(self._device.free):
-            raise RuntimeError(f"sequence {seq_id} needs {need} blocks, {len(self._device.free)} free")
-        table = [self._device.take() for _ in range(need)]
+        if len(cached_blocks) * self.block_size > num_tokens:
+            raise ValueError(f"{len(cached_blocks)} cached blocks hold more than the {num_tokens} slots asked for")
+        need = self._num_blocks_to_allocate(num_tokens, cached_blocks)
+        if need > self._device.num_free:
+            raise RuntimeError(f"sequence {seq_id} needs {need} blocks, {self._device.num_free} free")
+        self._device.touch(cached_blocks)  # before any take(): a fresh block must not evict a hit
+        table = list(cached_blocks) + [self._device.take() for _ in range(self.num_blocks_for(num_tokens) - len(cached_blocks))]
         self._device_tables[seq_id] = table
+        self._num_offered[seq_id] = len(cached_blocks)
         return list(table)
+
+    # ------------------------------------------------------------ prefix cache
+    def find_cached_blocks(self, keys: Sequence[BlockKey]) -> list[int]:
+        """The blocks of the longest prefix of ``keys`` found in the cache (stops at the first
+        miss: a block is only worth its whole prefix). Nothing changes until ``allocate``."""
+        blocks = []
+        if self.enable_caching:
+            for key in keys:
+                block = self._device.lookup(key)
+                if block is None:
+                    break
+                blocks.append(block)
+        return blocks
+
+    def cache_blocks(self, seq_id: int, keys: Sequence[BlockKey], num_tokens: int) -> int:
+        """Registers the sequence's full device blocks among its first ``num_tokens`` slots
+        (written by a finished step) under ``keys``; returns how many were newly registered. A
+        block another table already registered, or whose prefix is cached in another block, is
+        left as it is."""
+        table = self._device_tables.get(seq_id)
+        if not self.enable_caching or table is None:
+            return 0
+        end = min(num_tokens // self.block_size, len(keys), len(table))
+        start = self._num_offered.get(seq_id, 0)
+        added = sum(self._device.register(table[i], keys[i]) for i in range(start, end))
+        self._num_offered[seq_id] = max(start, end)
+        return added
+
+    def is_cached(self, block_id: int) -> bool:
+        return self._device.is_cached(block_id)
+
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached prefix (after the device pool's contents were lost, or on
+        request). Tables in use keep their blocks. Returns how many blocks were registered."""
+        return self._device.reset_cache()
 
     def get_num_blocks_to_append(self, seq_id: int, num_computed_tokens: int, num_new_tokens: int) -> int:
         """New device blocks that writing ``num_new_tokens`` from position ``num_computed_tokens``
@@ -172,13 +216,13 @@ class BlockManager:
 
     def can_append_slots(self, seq_id: int, num_computed_tokens: int, num_new_tokens: int) -> bool:
         need = self.get_num_blocks_to_append(seq_id, num_computed_tokens, num_new_tokens)
-        return need <= len(self._device.free)
+        return need <= self._device.num_free
 
     def get_num_appendable_tokens(self, seq_id: int, num_computed_tokens: int, limit: int) -> int:
         """The most tokens (at most ``limit``) that ``append_slots`` can take now; lets the
         scheduler shrink a prefill chunk to the free blocks instead of skipping it."""
         lo, hi = 0, limit  # need(k) is non-decreasing in k, so bisect for the largest k that fits
-        free = len(self._device.free)
+        free = self._device.num_free
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if self.get_num_blocks_to_append(seq_id, num_computed_tokens, mid) <= free:
@@ -201,8 +245,8 @@ class BlockManager:
         if table is None:
             raise ValueError(f"sequence {seq_id} has no device block table (allocate or swap_in first)")
         need = self.get_num_blocks_to_append(seq_id, num_computed_tokens, num_new_tokens)
-        if need > len(self._device.free):
-            raise RuntimeError(f"sequence {seq_id} needs {need} blocks, {len(self._device.free)} free")
+        if need > self._device.num_free:
+            raise RuntimeError(f"sequence {seq_id} needs {need} blocks, {self._device.num_free} free")
         end_block = self.num_blocks_for(num_computed_tokens + num_new_tokens)
         copies: list[tuple[int, int]] = []
         for i in range(num_computed_tokens // self.block_size, min(len(table), end_block)):
@@ -218,20 +262,26 @@ class BlockManager:
         return copies
 
     def fork(self, parent_seq_id: int, child_seq_id: int) -> None:
-        """Gives the child the parent's device blocks (shared, reference counts + 1)."""
-        parent = self._device_tables.get(parent_seq_id)
-        if parent is None:
-            raise ValueError(f"parent sequence {parent_seq_id} has no device block table")
+        """Gives the child the parent's blocks (shared, reference counts + 1), in whichever pool
+        the parent's table is (a beam search step may fork beams that are swapped out)."""
         if child_seq_id in self._device_tables or child_seq_id in self._host_tables:
             raise ValueError(f"child sequence {child_seq_id} already has a block table")
-        for b in parent:
-            self._device.incref(b)
-        self._device_tables[child_seq_id] = list(parent)
+        for tables, pool in ((self._device_tables, self._device), (self._host_tables, self._host)):
+            parent = tables.get(parent_seq_id)
+            if parent is not None:
+                for b in parent:
+                    pool.incref(b)
+                tables[child_seq_id] = list(parent)
+                if pool is self._device:
+                    self._num_offered[child_seq_id] = self._num_offered.get(parent_seq_id, 0)
+                return
+        raise ValueError(f"parent sequence {parent_seq_id} has no block table")
 
     def free(self, seq_id: int) -> None:
         """Releases the sequence's blocks, wherever they are. A no-op for a sequence without any
         (waiting, preempted by recompute, or already freed), so abort can call it blindly."""
         table = self._device_tables.pop(seq_id, None)
+        self._num_offered.pop(seq_id, None)
         if table is not None:
             self._device.release(table)
         table = self._host_tables.pop(seq_id, None)
@@ -250,7 +300,7 @@ class BlockManager:
 
     def can_swap_out(self, seq_ids: Iterable[int]) -> bool:
         """Whether the host pool can take the sequences' distinct device blocks."""
-        return len(self._distinct(self._device_tables, seq_ids)) <= len(self._host.free)
+        return len(self._distinct(self._device_tables, seq_ids)) <= self._host.num_free
 
     def swap_out(self, seq_ids: Iterable[int]) -> list[tuple[int, int]]:
         """Moves the sequences' tables to the host pool; returns ``(device, host)`` copy pairs.
@@ -263,13 +313,15 @@ class BlockManager:
         seq_ids = list(seq_ids)
         if not self.can_swap_out(seq_ids):
             raise RuntimeError("not enough free host blocks to swap out")
+        for sid in seq_ids:  # blocks copied back in are fresh: offered to the cache again then
+            self._num_offered.pop(sid, None)
         return self._move(seq_ids, self._device_tables, self._device, self._host_tables, self._host)
 
     def can_swap_in(self, seq_ids: Iterable[int], reserve_blocks: int = 0) -> bool:
         """Whether the device pool can take the sequences' distinct host blocks and still have
         ``reserve_blocks`` free (the scheduler reserves room for the step's appends)."""
         need = len(self._distinct(self._host_tables, seq_ids))
-        return need + reserve_blocks <= len(self._device.free)
+        return need + reserve_blocks <= self._device.num_free
 
     def swap_in(self, seq_ids: Iterable[int]) -> list[tuple[int, int]]:
         """Moves the sequences' tables back to the device; returns ``(host, device)`` copy pairs
@@ -283,9 +335,9 @@ class BlockManager:
     def _move(
         seq_ids: list[int],
         src_tables: dict[int, list[int]],
-        src_pool: _BlockPool,
+        src_pool: BlockPool,
         dst_tables: dict[int, list[int]],
-        dst_pool: _BlockPool,
+        dst_pool: BlockPool,
     ) -> list[tuple[int, int]]:
         mapping: dict[int, int] = {}  # insertion-ordered: pairs come out in first-seen order
         for sid in seq_ids:

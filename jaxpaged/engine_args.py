@@ -51,6 +51,9 @@ class EngineArgs:
     # Schedule step N+1 while step N runs on the device (its sampled tokens feed N+1 there); a
     # step whose sampling needs the exact token history (seed, penalties, min_tokens) waits.
     async_scheduling: bool = False
+    # Automatic prefix caching (vLLM v1's default): full KV blocks are shared between requests with
+    # the same token prefix, found by a hash chain; outputs are the same with it off.
+    enable_prefix_caching: bool = True
     disable_log_stats: bool = False
 
     def __post_init__(self) -> None:

@@ -7,8 +7,8 @@ from typing import Any, Sequence
 
 from jaxpaged.engine_args import EngineArgs
 from jaxpaged.llm_engine import LLMEngine
-from jaxpaged.outputs import RequestOutput
-from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
+from jaxpaged.outputs import BeamSearchOutput, BeamSearchSequence, Logprob, RequestOutput
+from jaxpaged.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -57,6 +57,10 @@ class LLM:
     def get_stats(self) -> dict:
         return self.llm_engine.get_stats()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prefix (``enable_prefix_caching``); later requests recompute them."""
+        return self.llm_engine.reset_prefix_cache()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """What ``generate``/``chat`` use when given none: the model's generation_config.json
         defaults (``generation_config="auto"``), else SamplingParams' own (vLLM's rule)."""
@@ -103,6 +107,40 @@ class LLM:
             engine.abort_request(added)
             raise
         return self._run(ids, use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: str | dict | Sequence[str | dict],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search of ``params.beam_width`` beams for every prompt (vLLM's ``LLM.beam_search``).
+
+        Each prompt runs as one engine request whose sequences are the beams (they share blocks and
+        fork/free them as the search goes); the steps follow Hugging Face's ``generate(num_beams=k,
+        do_sample=False)``. Returns, per prompt, the ``beam_width`` best finished beams, best first,
+        each with prompt + generated tokens and the decoded text of both.
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        sampling = params.to_sampling_params(logprobs=0)
+        outs = self.generate(list(prompts), sampling, use_tqdm=use_tqdm)
+        tok = self.llm_engine.tokenizer
+        results = []
+        for out in outs:
+            if out.error is not None:
+                raise RuntimeError(f"beam search of request {out.request_id} failed: {out.error}")
+            seqs = []
+            for c in out.outputs:
+                tokens = list(out.prompt_token_ids) + list(c.token_ids)
+                logprobs = [{t: Logprob(lp.logprob, lp.rank, lp.decoded_token) for t, lp in entry.items()}
+                            for entry in (c.logprobs or [])]
+                length = max(1, len(c.token_ids))
+                seqs.append(BeamSearchSequence(
+                    tokens, logprobs, c.cumulative_logprob, tok.decode(tokens) if tok is not None else None,
+                    c.finish_reason, c.stop_reason, c.cumulative_logprob / length**params.length_penalty))
+            results.append(BeamSearchOutput(seqs))
+        return results
 
     def chat(
         self,

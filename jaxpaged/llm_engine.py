@@ -14,6 +14,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
+from jaxpaged.beam_search import num_beam_candidates
 from jaxpaged.cache_dir import cache_root
 from jaxpaged.engine_args import EngineArgs
 from jaxpaged.output_processor import OutputProcessor
@@ -98,7 +99,8 @@ class LLMEngine:
                     num_blocks * args.block_size, num_blocks * block_bytes / (1 << 30), num_host_blocks,
                     self.max_model_len, num_blocks * args.block_size / self.max_model_len)
 
-        self.block_manager = BlockManager(num_blocks, num_host_blocks, args.block_size)
+        self.block_manager = BlockManager(num_blocks, num_host_blocks, args.block_size,
+                                          enable_caching=args.enable_prefix_caching)
         eos_ids = hf_config.get("eos_token_id")
         if self.eos_token_id is not None and eos_ids is None:
             eos_ids = self.eos_token_id
@@ -204,6 +206,13 @@ class LLMEngine:
                                                         for b in self.runner.buckets))
 
     # ---- requests --------------------------------------------------------------------------
+    @staticmethod
+    def _cache_salt(prompt: Any) -> str | None:
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
+        return salt
+
     def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if not prompt:  # would still tokenize to [BOS] with many tokenizers
@@ -259,7 +268,15 @@ class LLMEngine:
         if width > self.max_bias_entries:
             raise ValueError(f"logit_bias and the stop ids banned under min_tokens come to {width} entries, "
                              f"more than the {self.max_bias_entries} the sampler holds")
-        req = Request(request_id, ids, params, self._next_seq_id, prompt=text, arrival_time=arrival_time)
+        if params.use_beam_search:
+            stops = (set() if params.ignore_eos else set(self.scheduler.eos_token_ids)) | set(params.stop_token_ids)
+            need = num_beam_candidates(params.n, stops)
+            if need > self.args.max_logprobs:
+                raise ValueError(f"n (the beam width, {params.n}) needs the top {need} logprobs of every beam "
+                                 f"(max(2, 1 + {len(stops)} stop ids) x n), more than max_logprobs "
+                                 f"({self.args.max_logprobs}); lower n or raise max_logprobs")
+        req = Request(request_id, ids, params, self._next_seq_id, prompt=text, arrival_time=arrival_time,
+                      cache_salt=self._cache_salt(prompt))
         self.scheduler.add_request(req)  # may raise (duplicate id, pool too small): nothing is kept then
         self._next_seq_id += req.n
         self.output_processor.add_request(req)
@@ -447,7 +464,8 @@ class LLMEngine:
         if self._num_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
             raise EngineDeadError(f"{self._num_failed_steps} steps in a row failed; the last with "
                                   f"{type(cause).__name__}: {cause}") from exc
-        if self.kv.is_lost():  # the failed call had consumed the donated pool: every block is gone
+        pool_lost = self.kv.is_lost()
+        if pool_lost:  # the failed call had consumed the donated pool: every block is gone
             try:
                 self.kv.reset()
             except Exception as reset_exc:
@@ -456,6 +474,8 @@ class LLMEngine:
         for rid in sorted(culprits):
             self._fail_request(rid, cause)
         self.scheduler.reset_requests(rid for rid in touched if rid not in culprits)
+        if pool_lost:  # the cached blocks' contents went with the pool (no table holds one now)
+            self.scheduler.reset_prefix_cache()
 
     def _fail_request(self, request_id: str, exc: BaseException) -> None:
         """Finishes the request with "error", frees its blocks and emits its final output."""
@@ -473,6 +493,12 @@ class LLMEngine:
             self._outputs.append(out)
         self.output_processor.remove_request(request_id)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prefix: later requests recompute them (blocks in use stay with
+        their sequences). Returns True (vLLM's signature; it cannot fail here)."""
+        self.scheduler.reset_prefix_cache()
+        return True
+
     # ---- stats -------------------------------------------------------------------------------
     def get_stats(self) -> dict:
         s = self.scheduler.get_stats()
@@ -487,4 +513,6 @@ class LLMEngine:
             "num_compilations": self.compilations.count,
             "num_compilations_after_warmup": self.compilations.count - self.num_compilations_at_ready,
             "num_failed_steps_total": self.num_failed_steps_total,
+            "prefix_cache_queries": s.prefix_cache_queries, "prefix_cache_hits": s.prefix_cache_hits,
+            "num_used_blocks": s.num_used_blocks, "num_logical_blocks": s.num_logical_blocks,
         }

@@ -13,6 +13,11 @@ Decisions:
     string is ruled out or the sequence finishes, in every output kind, so a streamed response
     never shows text that is cut later.
   - The stop token itself (EOS / ``stop_token_ids``) is not part of the text, as in vLLM.
+  - A request that ranks its sequences - ``best_of`` > ``n`` (by cumulative logprob), or a beam
+    search (its finished hypotheses, by length-penalised score) - is only output once finished,
+    whatever its kind: the ranking is not known before. Its ``n`` outputs are numbered 0..n-1 in
+    rank order and carry their ``cumulative_logprob``. A beam's text is decoded at the end (beams
+    swap histories while they run, so nothing is decoded incrementally).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from jaxpaged.beam_search import BeamHypothesis
 from jaxpaged.detokenizer import IncrementalDetokenizer, check_stop, decode_logprob_tokens, stop_buffer_length
 from jaxpaged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxpaged.request import Request, Sequence
@@ -107,6 +113,8 @@ class OutputProcessor:
         state = self._requests[req.request_id]
         params = req.sampling_params
         hits = []
+        if req.beam_search is not None:  # decoded once the search is over (make_output)
+            return hits
         for st in state.seqs:
             seq = st.seq
             new = seq.output_token_ids[st.num_processed :]
@@ -142,10 +150,17 @@ class OutputProcessor:
         state = self._requests[req.request_id]
         kind = req.sampling_params.output_kind
         finished = req.is_finished()
-        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+        ranked = req.beam_search is not None or req.n > req.num_returned
+        if (kind == RequestOutputKind.FINAL_ONLY or ranked) and not finished:
             return None
         delta = kind == RequestOutputKind.DELTA
-        outputs = [o for o in (self._completion(st, req, delta, state.hold) for st in state.seqs) if o is not None]
+        if req.beam_search is not None and req.beam_search.results():
+            outputs = [self._beam_completion(h, i, req) for i, h in enumerate(req.beam_search.results())]
+        elif ranked:  # best_of: the n highest cumulative logprobs, numbered by rank
+            best = sorted(state.seqs, key=lambda st: -st.seq.cumulative_logprob)[: req.num_returned]
+            outputs = [self._completion(st, req, False, state.hold, rank=i) for i, st in enumerate(best)]
+        else:
+            outputs = [o for o in (self._completion(st, req, delta, state.hold) for st in state.seqs) if o is not None]
         prompt_logprobs = None
         if state.prompt_logprobs is not None and (not delta or not state.sent_prompt_logprobs):
             if not delta or len(state.prompt_logprobs) >= len(req.prompt_token_ids) or finished:
@@ -154,12 +169,32 @@ class OutputProcessor:
         if delta and not outputs and prompt_logprobs is None and not finished:
             return None
         out = RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), prompt_logprobs, outputs,
-                           finished, self._metrics(req))
+                           finished, self._metrics(req), num_cached_tokens=req.num_cached_tokens)
         out.error = error
         return out
 
+    def _beam_completion(self, hyp: BeamHypothesis, rank: int, req: Request) -> CompletionOutput:
+        params = req.sampling_params
+        text = ""
+        if params.detokenize and self.tokenizer is not None:
+            visible = hyp.token_ids
+            if hyp.finish_reason == "stop" and not params.include_stop_str_in_output:
+                visible = visible[:-1]
+            detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params.skip_special_tokens,
+                                           params.spaces_between_special_tokens)
+            text = detok.append(visible) + detok.flush()
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = [build_logprob_dict(t.token_id, t.logprob, t.rank, t.top_ids, t.top_logprobs, params.logprobs)
+                        for t in hyp.top_logprobs]
+            if self.tokenizer is not None:
+                decode_logprob_tokens(self.tokenizer, logprobs)
+        return CompletionOutput(index=rank, text=text, token_ids=list(hyp.token_ids),
+                                cumulative_logprob=hyp.cumulative_logprob, logprobs=logprobs,
+                                finish_reason=hyp.finish_reason, stop_reason=hyp.stop_reason)
+
     @staticmethod
-    def _completion(st: _SeqState, req: Request, delta: bool, hold: int) -> CompletionOutput | None:
+    def _completion(st: _SeqState, req: Request, delta: bool, hold: int, rank: int | None = None) -> CompletionOutput | None:
         seq, params = st.seq, req.sampling_params
         text = st.text
         if not seq.is_finished and hold:
@@ -177,8 +212,8 @@ class OutputProcessor:
             text, token_ids = text[start_chars:], token_ids[start_tokens:]
             logprobs = logprobs[start_tokens : len(st.logprobs)] if logprobs is not None else None
         return CompletionOutput(
-            index=seq.index, text=text, token_ids=list(token_ids),
-            cumulative_logprob=seq.cumulative_logprob if params.logprobs is not None else None,
+            index=seq.index if rank is None else rank, text=text, token_ids=list(token_ids),
+            cumulative_logprob=seq.cumulative_logprob if params.logprobs is not None or rank is not None else None,
             logprobs=list(logprobs) if logprobs is not None else None,
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
         )

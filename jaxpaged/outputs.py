@@ -106,3 +106,34 @@ class RequestOutput:
             f"outputs={self.outputs}, finished={self.finished}, metrics={self.metrics}, "
             f"num_cached_tokens={self.num_cached_tokens})"
         )
+
+
+@dataclass
+class BeamSearchSequence:
+    """One beam returned by ``LLM.beam_search`` (vLLM's ``BeamSearchSequence``).
+
+    Args:
+        tokens: prompt token ids followed by the beam's generated ids (its stop token included).
+        logprobs: per generated token, {token id: Logprob} of the chosen token and the top ones.
+        cum_logprob: sum of the generated tokens' logprobs.
+        text: the decoded text of ``tokens`` (prompt and generation, as vLLM's), None without a
+            tokenizer.
+        finish_reason: "stop" (EOS or a stop token id) or "length".
+        stop_reason: the stop token id that ended it, when it is not EOS.
+        score: jaxpaged: what ranked it, cum_logprob / generated length ** length_penalty.
+    """
+
+    tokens: list[int]
+    logprobs: list[dict[int, Logprob]]
+    cum_logprob: float = 0.0
+    text: Optional[str] = None
+    finish_reason: Optional[str] = None
+    stop_reason: int | str | None = None
+    score: float = 0.0
+
+
+@dataclass
+class BeamSearchOutput:
+    """``LLM.beam_search``'s result for one prompt: its beams, best first."""
+
+    sequences: list[BeamSearchSequence]

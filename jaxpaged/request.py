@@ -1,9 +1,10 @@
-"""A request (one prompt) and its sequences (the ``n`` completions drawn from it).
+"""A request (one prompt) and its sequences (the completions drawn from it).
 
 The scheduler works on sequences: each one has its own token history, its own KV block table in
 the :class:`~jaxpaged.block_manager.BlockManager` and its own ``num_computed_tokens`` (how many of
-its tokens already have keys/values in the cache). A request groups the ``n`` sequences that share
-a prompt, because they are admitted, preempted, swapped and aborted together: their KV blocks are
+its tokens already have keys/values in the cache). A request groups the sequences that share a
+prompt - ``n`` parallel samples, ``best_of`` of which ``n`` are returned, or the beams of a beam
+search - because they are admitted, preempted, swapped and aborted together: their KV blocks are
 shared (the prompt is computed once and forked), so moving one without the others would either
 break the sharing or strand blocks.
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 import enum
 import time
 from typing import Any
+
+from jaxpaged.prefix_cache import BlockKey
 
 
 class SequenceStatus(enum.IntEnum):
@@ -81,6 +84,7 @@ class Sequence:
         self.num_pending_tokens = 0
         self.status = SequenceStatus.WAITING
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+        self.block_keys: list[BlockKey] = []  # prefix-cache keys of its full blocks so far
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -120,6 +124,18 @@ class Sequence:
             return self.output_token_ids[start - p : end - p]
         return list(self.prompt_token_ids[start:]) + self.output_token_ids[: end - p]
 
+    def take_history_of(self, other: "Sequence") -> None:
+        """Becomes a copy of ``other`` (a beam that continues another beam): same output tokens,
+        logprobs, cached-token count and block keys. Its blocks are the caller's business."""
+        self.output_token_ids = list(other.output_token_ids)
+        self.output_logprobs = list(other.output_logprobs)
+        self.output_top_logprobs = list(other.output_top_logprobs)
+        self.cumulative_logprob = other.cumulative_logprob
+        self.num_computed_tokens = other.num_computed_tokens
+        self.num_pending_tokens = other.num_pending_tokens
+        self.block_keys = list(other.block_keys)
+        self.status = other.status
+
     def append_token(self, token_id: int, logprob: float = 0.0, top_logprobs: Any = None) -> None:
         self.output_token_ids.append(int(token_id))
         self.output_logprobs.append(float(logprob))
@@ -134,18 +150,21 @@ class Sequence:
 
 
 class Request:
-    """A prompt and its ``sampling_params.n`` sequences.
+    """A prompt and its sequences: ``sampling_params.best_of`` of them when set (``n`` are
+    returned, the best by cumulative logprob), else ``n`` (parallel samples, or the beam width of
+    a beam search).
 
-    Sequence ids are ``first_seq_id .. first_seq_id + n - 1``; the caller (the engine) owns the
-    counter so that ids stay unique across requests without any module-level state.
+    Sequence ids are ``first_seq_id .. first_seq_id + num_seqs - 1``; the caller (the engine) owns
+    the counter so that ids stay unique across requests without any module-level state.
 
     ``sampling_params`` is duck-typed: the scheduler reads ``n``, ``max_tokens`` (None: up to
     max_model_len), ``min_tokens``, ``ignore_eos``, ``stop_token_ids`` and, if present,
-    ``prompt_logprobs``.
+    ``best_of``, ``use_beam_search`` and ``prompt_logprobs``.
 
-    With ``n > 1`` only sequence 0 computes the prompt; the others wait (status WAITING, no blocks)
-    until the scheduler forks them from sequence 0 in the step that completes the prompt, so the
-    prompt's KV blocks are computed once and shared (``forked`` records that this happened).
+    With several sequences only sequence 0 computes the prompt; the others wait (status WAITING,
+    no blocks) until the scheduler forks them from sequence 0 - in the step that completes the
+    prompt, or for a beam search in the first beam step - so the prompt's KV blocks are computed
+    once and shared (``forked`` records that this happened).
     """
 
     def __init__(
@@ -156,19 +175,27 @@ class Request:
         first_seq_id: int,
         prompt: str | None = None,
         arrival_time: float | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         n = getattr(sampling_params, "n", 1)
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        num_seqs = getattr(sampling_params, "best_of", None) or n
+        if not isinstance(num_seqs, int) or num_seqs < n:
+            raise ValueError(f"best_of must be an integer >= n ({n}), got {num_seqs!r}")
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = [int(t) for t in prompt_token_ids]
         self.sampling_params = sampling_params
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.seqs = [
-            Sequence(first_seq_id + i, i, request_id, self.prompt_token_ids) for i in range(n)
+            Sequence(first_seq_id + i, i, request_id, self.prompt_token_ids) for i in range(num_seqs)
         ]
-        self.forked = n == 1  # a single sequence has nothing to fork
+        self.num_returned = n  # outputs handed back (the best n of best_of)
+        self.forked = num_seqs == 1  # a single sequence has nothing to fork
+        self.cache_salt = cache_salt  # prefix-cache namespace: only requests with the same salt share
+        self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at admission
+        self.beam_search: Any = None  # the scheduler's BeamSearchState for a beam-search request
         # The scheduler stops asking for prompt logprobs once the prompt has been computed (a
         # recompute after preemption does not ask again); the output processor keeps them.
         self.prompt_logprobs_done = False
@@ -179,6 +206,7 @@ class Request:
 
     @property
     def n(self) -> int:
+        """Sequences the request runs (``best_of`` when set, else ``n``)."""
         return len(self.seqs)
 
     @property

@@ -134,7 +134,8 @@ class SamplerFlags:
         rows = [SamplingRow(*r) for r in rows]
         params = [r.params for r in rows]
         wanted = max((p.logprobs or 0 for p in params), default=0)
-        any_logprobs = any(p.logprobs is not None for p in params)
+        # best_of and beam search rank sequences by logprob, whether or not the caller asked for them
+        any_logprobs = any(p.needs_sample_logprobs for p in params)
         if num_top_logprobs is None:
             num_top_logprobs = wanted
         elif any_logprobs and num_top_logprobs < wanted:

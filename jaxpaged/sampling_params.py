@@ -51,7 +51,21 @@ class SamplingParams:
     """Sampling parameters for one request (vLLM's `SamplingParams`).
 
     Args:
-        n: number of sequences generated for the prompt.
+        n: number of sequences returned for the prompt (with ``use_beam_search``: the beam width).
+        best_of: sequences generated (>= n, default n), sharing the prompt's blocks; the ``n``
+            with the highest cumulative logprob (of the model's raw distribution) are returned,
+            best first, once all have finished (so they are not streamed).
+        use_beam_search: beam search of width ``n`` (greedy: temperature must be 0) instead of
+            sampling, with Hugging Face's rules (``jaxpaged/beam_search.py``); the ``n`` best
+            beams are returned when the search ends. Takes ``max_tokens``, ``ignore_eos``,
+            ``stop_token_ids``, ``length_penalty``, ``early_stopping``, ``logprobs``,
+            ``prompt_logprobs`` and the detokenization fields; penalties, ``logit_bias``,
+            ``min_tokens`` and stop strings are refused.
+        length_penalty: beam search: a finished beam scores cumulative logprob / length **
+            length_penalty.
+        early_stopping: beam search: True (stop once n beams finished), False (stop when no
+            running beam can beat the finished ones, at their current length) or "never" (... at
+            the longest length they could reach).
         presence_penalty: in [-2, 2]; subtracted once from the logit of every token already generated.
         frequency_penalty: in [-2, 2]; subtracted from a token's logit once per time it was generated.
         repetition_penalty: > 0; logits of tokens seen in prompt or output are divided by it when
@@ -78,6 +92,7 @@ class SamplingParams:
     """
 
     n: int = 1
+    best_of: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -99,6 +114,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     detokenize: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
     # Stop ids plus EOS ids, kept even when ignore_eos (min_tokens suppresses them all).
     _all_stop_token_ids: set[int] = field(default_factory=set, init=False, repr=False)
 
@@ -130,6 +148,9 @@ class SamplingParams:
         _check_int("n", self.n)
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
+        _check_int("best_of", self.best_of, allow_none=True)
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of must be greater than or equal to n ({self.n}), got {self.best_of}")
         self.presence_penalty = _check_number("presence_penalty", self.presence_penalty)
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
@@ -194,6 +215,32 @@ class SamplingParams:
                 if not math.isfinite(value):
                     raise ValueError(f"logit_bias[{token_id}] must be finite, got {value}")
                 self.logit_bias[token_id] = value
+        self._verify_beam_search()
+
+    def _verify_beam_search(self) -> None:
+        if not isinstance(self.use_beam_search, bool):
+            raise ValueError(f"use_beam_search must be a boolean, got {self.use_beam_search!r}")
+        self.length_penalty = _check_number("length_penalty", self.length_penalty)
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be finite, got {self.length_penalty}")
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise ValueError(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}")
+        if not self.use_beam_search:
+            if self.early_stopping is not False:
+                raise ValueError("early_stopping is only used by beam search (use_beam_search=True)")
+            if self.length_penalty != 1.0:
+                raise ValueError("length_penalty is only used by beam search (use_beam_search=True)")
+            return
+        if self.temperature >= SAMPLING_EPS:
+            raise ValueError(f"temperature must be 0 when using beam search, got {self.temperature}")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of must equal n (the beam width) with beam search, got best_of={self.best_of}, n={self.n}")
+        unsupported = [name for name, on in (
+            ("presence_penalty", self.presence_penalty != 0.0), ("frequency_penalty", self.frequency_penalty != 0.0),
+            ("repetition_penalty", self.repetition_penalty != 1.0), ("logit_bias", bool(self.logit_bias)),
+            ("min_tokens", self.min_tokens > 0), ("stop", bool(self.stop))) if on]
+        if unsupported:
+            raise ValueError(f"{unsupported[0]} is not supported with beam search (use_beam_search=True)")
 
     def verify_vocab(self, vocab_size: int) -> None:
         """Raise ValueError if a token id given in these params is outside [0, vocab_size)."""
@@ -232,6 +279,17 @@ class SamplingParams:
         return self._all_stop_token_ids
 
     @property
+    def num_seqs(self) -> int:
+        """Sequences the request runs: best_of, else n."""
+        return self.best_of or self.n
+
+    @property
+    def needs_sample_logprobs(self) -> bool:
+        """Whether the sampler must return logprobs for this request's rows: asked for, or
+        needed to rank best_of samples or beams."""
+        return self.logprobs is not None or self.use_beam_search or self.num_seqs > self.n
+
+    @property
     def sampling_type(self) -> SamplingType:
         if self.temperature < SAMPLING_EPS:
             return SamplingType.GREEDY
@@ -242,3 +300,32 @@ class SamplingParams:
     def clone(self) -> SamplingParams:
         """A deep copy (requests must not share mutable params)."""
         return copy.deepcopy(self)
+
+
+@dataclass
+class BeamSearchParams:
+    """``LLM.beam_search``'s parameters (vLLM's ``BeamSearchParams``).
+
+    Args:
+        beam_width: beams kept at every step, and sequences returned.
+        max_tokens: most tokens a beam generates.
+        ignore_eos: EOS is an ordinary token (no beam finishes before max_tokens).
+        temperature: must be 0 (beam search ranks the model's own distribution).
+        length_penalty: a finished beam scores cumulative logprob / length ** length_penalty.
+        include_stop_str_in_output: keep the EOS token's text in the output text.
+        early_stopping: True, False or "never" (Hugging Face's meanings; see SamplingParams).
+    """
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+    early_stopping: bool | str = False
+
+    def to_sampling_params(self, **kwargs: Any) -> SamplingParams:
+        return SamplingParams(
+            n=self.beam_width, use_beam_search=True, max_tokens=self.max_tokens, ignore_eos=self.ignore_eos,
+            temperature=self.temperature, length_penalty=self.length_penalty, early_stopping=self.early_stopping,
+            include_stop_str_in_output=self.include_stop_str_in_output, **kwargs)

@@ -20,19 +20,28 @@ admission (falling back to recompute when the host pool is full). A request alre
 this step is never preempted in the same step (its row would have to be unwound), so a prefill that
 finds no blocks shrinks its chunk to what fits or waits a step instead.
 
+Sharing (``kv_cache_manager.py``): an admitted sequence starts from its longest cached prefix
+(prefix caching), the blocks a step filled are registered once it has finished, parallel samples
+fork the prompt's blocks when it completes, and a beam search's beams are the request's sequences,
+reassigned after every step by ``beam_search.py`` (forks and frees, copy-on-write on the shared
+last block). A request with ``best_of`` runs ``best_of`` sequences; the output side returns the
+best ``n``.
+
 Pure Python; no JAX.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+from jaxpaged.beam_search import assign_beams
 from jaxpaged.block_manager import BlockManager
 from jaxpaged.request import Request, Sequence, SequenceStatus
+from jaxpaged.request_queues import RequestQueues
 from jaxpaged.scheduler_output import PENDING_TOKEN, SamplingRow, ScheduledSequence, SchedulerOutput, SchedulerStats
+
 
 class _Step:
     """Scratch state of one ``schedule()`` call."""
@@ -44,8 +53,9 @@ class _Step:
         self.preempted: set[str] = set()
 
 
-class Scheduler:
-    """Continuous-batching scheduler over a :class:`BlockManager` (see module docstring).
+class Scheduler(RequestQueues):
+    """Continuous-batching scheduler over a :class:`BlockManager` (see module docstring); the
+    queues it moves requests between, and admission, are :class:`RequestQueues`'.
 
     Args:
         block_manager: the KV block pools.
@@ -89,129 +99,24 @@ class Scheduler:
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {preemption_mode!r}")
         if preemption_mode == "swap" and block_manager.num_host_blocks == 0:
             raise ValueError("preemption_mode='swap' needs swap space (num_host_blocks > 0)")
-        self.block_manager = block_manager
-        self.max_num_seqs = max_num_seqs
+        super().__init__(block_manager, max_num_seqs, max_model_len, eos_token_id)
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
         self.preemption_mode = preemption_mode
         self.enable_chunked_prefill = enable_chunked_prefill
         self.async_scheduling = async_scheduling
-        if eos_token_id is None:
-            self.eos_token_ids: frozenset[int] = frozenset()
-        elif isinstance(eos_token_id, int):
-            self.eos_token_ids = frozenset([eos_token_id])
-        else:
-            self.eos_token_ids = frozenset(int(t) for t in eos_token_id)
         self.num_preemptions = 0
-        self._requests: dict[str, Request] = {}  # every unfinished request
-        self._seqs: dict[int, Sequence] = {}
-        self._waiting: deque[Request] = deque()
-        self._running: list[Request] = []  # admission order: the tail is the next preemption victim
-        self._swapped: list[Request] = []  # FCFS by add order
-        self._order: dict[str, int] = {}  # add order, to keep the swapped queue FCFS
-        self._next_order = 0
 
-    # ------------------------------------------------------------------ requests in and out
-    def add_request(self, request: Request) -> None:
-        """Queues a request; ValueError (naming the field) if it could never be served."""
-        rid, p = request.request_id, request.num_prompt_tokens
-        if rid in self._requests:
-            raise ValueError(f"request_id {rid!r} is already in use")
-        if p == 0:
-            raise ValueError("prompt_token_ids must not be empty")
-        if p > self.max_model_len:
-            raise ValueError(f"prompt_token_ids has {p} tokens, more than max_model_len ({self.max_model_len})")
-        if request.n > self.max_num_seqs:
-            raise ValueError(f"n ({request.n}) must be <= max_num_seqs ({self.max_num_seqs})")
-        for s in request.seqs:
-            if s.seq_id in self._seqs:
-                raise ValueError(f"seq_id {s.seq_id} is already in use")
-        # A request must fit the pool on its own, with no sharing (a recompute after the fork
-        # recomputes each sequence separately); otherwise it would preempt itself forever.
-        max_tokens = getattr(request.sampling_params, "max_tokens", None)
-        final_len = max(self.max_model_len, p + 1) if max_tokens is None else min(p + max_tokens, max(self.max_model_len, p + 1))
-        # The last token of a finished sequence is never written to the cache.
-        need = request.n * self.block_manager.num_blocks_for(final_len - 1)
-        if need > self.block_manager.num_device_blocks:
-            raise ValueError(
-                f"request {rid!r} needs up to {need} KV blocks (n={request.n}, prompt_token_ids {p} tokens, "
-                f"max_tokens {max_tokens}) but the pool has {self.block_manager.num_device_blocks}; "
-                "lower max_tokens or n, or give the KV cache more memory")
-        self._requests[rid] = request
-        self._order[rid] = self._next_order
-        self._next_order += 1
-        for s in request.seqs:
-            self._seqs[s.seq_id] = s
-        self._waiting.append(request)
-
-    def abort_request(self, request_id: str) -> Request | None:
-        """Finishes every unfinished sequence of the request with "abort" and frees its blocks, in
-        any state. Returns the request, or None if it is unknown or already finished."""
-        req = self._requests.get(request_id)
-        if req is None:
-            return None
-        for s in req.unfinished_seqs():
-            self._finish(s, SequenceStatus.FINISHED_ABORTED, None)
-        return req
-
-    def fail_request(self, request_id: str) -> Request | None:
-        """Finishes every unfinished sequence of the request with "error" (a step failed because
-        of it) and frees its blocks. Returns the request, or None if unknown or finished."""
-        req = self._requests.get(request_id)
-        if req is None:
-            return None
-        for s in req.unfinished_seqs():
-            self._finish(s, SequenceStatus.FINISHED_ERROR, None)
-        return req
-
-    def reset_requests(self, request_ids: Iterable[str]) -> None:
-        """Sends requests back to the front of the waiting queue (in admission order) with no
-        blocks, as a recompute preemption does, outside any step: their generated tokens stay and
-        are recomputed with the prompt. The engine calls it for the innocent requests of a step
-        that failed, whose cache writes and sampled tokens may or may not have happened."""
-        reqs = [self._requests[rid] for rid in set(request_ids) if rid in self._requests]
-        for req in sorted(reqs, key=lambda r: self._order[r.request_id], reverse=True):
-            for queue in (self._running, self._swapped):
-                if req in queue:
-                    queue.remove(req)
-            for s in req.unfinished_seqs():
-                self.block_manager.free(s.seq_id)
-                s.num_computed_tokens = 0
-                s.num_pending_tokens = 0
-                s.status = SequenceStatus.WAITING
-            if req in self._waiting:
-                self._waiting.remove(req)
-            self._waiting.appendleft(req)
-
-    def request_of(self, seq_id: int) -> Request | None:
-        """The unfinished request that owns a sequence."""
-        seq = self._seqs.get(seq_id)
-        return None if seq is None else self._requests.get(seq.request_id)
-
-    def requests_with_device_blocks(self) -> list[Request]:
-        return [r for r in self._requests.values()
-                if any(self.block_manager.has_device_blocks(s.seq_id) for s in r.seqs)]
-
-    def finish_sequence(self, seq_id: int, reason: str, stop_reason: int | str | None = None) -> None:
-        """Finishes one sequence from outside (the engine's stop-string check): reason is "stop",
-        "length" or "abort". A no-op for an unknown or already finished sequence."""
-        status = SequenceStatus.from_finish_reason(reason)
-        seq = self._seqs.get(seq_id)
-        if seq is not None and not seq.is_finished:
-            self._finish(seq, status, stop_reason)
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self._requests)
-
-    def get_num_unfinished_requests(self) -> int:
-        return len(self._requests)
-
-    def get_request(self, request_id: str) -> Request | None:
-        return self._requests.get(request_id)
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached prefix (blocks in use stay with their sequences)."""
+        return self.kv.reset_prefix_cache()
 
     def get_stats(self) -> SchedulerStats:
         bm = self.block_manager
         return SchedulerStats(
+            prefix_cache_queries=self.kv.stats.queries,
+            prefix_cache_hits=self.kv.stats.hits,
+            num_used_blocks=bm.get_num_used_blocks(),
+            num_logical_blocks=bm.get_num_logical_blocks(),
             num_running_reqs=len(self._running),
             num_waiting_reqs=len(self._waiting),
             num_swapped_reqs=len(self._swapped),
@@ -255,8 +160,9 @@ class Scheduler:
         n_out = s.num_output_tokens + s.num_pending_tokens
         return (max_tokens is not None and n_out >= max_tokens) or s.num_tokens + s.num_pending_tokens >= self.max_model_len
 
-    def _num_running_seqs(self) -> int:
-        return sum(len(r.unfinished_seqs()) for r in self._running)
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """Tokens of ``remaining`` that one step computes within ``budget``."""
+        return min(remaining, budget) if self.enable_chunked_prefill else (remaining if remaining <= budget else 0)
 
     def _plan(self, req: Request, budget: int) -> list[tuple[Sequence, int]]:
         """Tokens each active sequence would compute within ``budget``, before checking blocks."""
@@ -264,8 +170,7 @@ class Scheduler:
         for s in req.active_seqs():
             if self._finishes_when_pending_lands(s, req):
                 continue
-            remaining = self._remaining(s)
-            k = min(remaining, budget) if self.enable_chunked_prefill else (remaining if remaining <= budget else 0)
+            k = self._chunk(self._remaining(s), budget)
             if k > 0:
                 plan.append((s, k))
                 budget -= k
@@ -306,10 +211,12 @@ class Scheduler:
         sample: list[int] = []
         if start + k == seq.num_tokens + seq.num_pending_tokens:
             sample = [seq.seq_id]
-            if not req.forked:  # the prompt completes this step: share it with the siblings
+            # The prompt completes this step: share it with the siblings (beams fork in the first
+            # beam step instead, once they know which tokens continue it).
+            if not req.forked and req.beam_search is None:
                 for sib in req.seqs[1:]:
                     if not sib.is_finished:
-                        bm.fork(seq.seq_id, sib.seq_id)
+                        self.kv.fork(seq, sib)
                         sib.status = SequenceStatus.RUNNING
                         sample.append(sib.seq_id)
                 req.forked = True
@@ -332,8 +239,9 @@ class Scheduler:
         if self.async_scheduling:  # the step is committed: later schedules build on it at once
             for sid in [seq.seq_id] + sample[1:]:  # forked siblings share this row's cache
                 self._seqs[sid].num_computed_tokens = start + k
-            for sid in sample:
-                self._seqs[sid].num_pending_tokens += 1
+            if req.beam_search is None:  # a beam's next token is chosen on the host, not pending
+                for sid in sample:
+                    self._seqs[sid].num_pending_tokens += 1
         step.token_budget -= k
         step.touched.add(req.request_id)
         if req.first_scheduled_time is None:
@@ -358,6 +266,8 @@ class Scheduler:
             bm.free(s.seq_id)
             s.num_computed_tokens = 0
             s.status = SequenceStatus.WAITING
+        if req.beam_search is not None:  # recomputed beams return their candidates again
+            req.beam_search.drop_candidates([s.seq_id for s in req.seqs])
         self._waiting.appendleft(req)  # preempted requests resume before new ones
 
     def _schedule_swapped(self, step: _Step) -> None:
@@ -389,13 +299,18 @@ class Scheduler:
             plan = self._plan(req, step.token_budget)
             if not plan:
                 break
-            # The watermark keeps room for running requests to grow; with none running, the whole
-            # pool is this request's (add_request checked that it fits), so it must not apply.
-            first_chunk = plan[0][0].num_computed_tokens + plan[0][1]
-            if not (bm.can_allocate(first_chunk) if self._running else bm.can_append_slots(plan[0][0].seq_id, 0, first_chunk)):
+            # Its first chunk, after the prefix the cache already holds, must fit. The watermark
+            # keeps room for running requests to grow; with none running, the whole pool is this
+            # request's (add_request checked that it fits), so it must not apply.
+            seq = plan[0][0]
+            hits = self.kv.find_cached_prefix(req, seq)
+            start = len(hits) * bm.block_size
+            k = self._chunk(self._remaining(seq) - start, step.token_budget)
+            if k == 0 or not bm.can_allocate(start + k, hits, use_watermark=bool(self._running)):
                 break
             self._waiting.popleft()
             self._running.append(req)
+            self.kv.admit(req, req.active_seqs())
             for s in req.active_seqs():
                 s.status = SequenceStatus.RUNNING
             self._schedule_running(req, step, allow_preempt=False)
@@ -425,6 +340,8 @@ class Scheduler:
                 seq.num_computed_tokens = computed
             if seq.index == 0 and computed >= req.num_prompt_tokens:
                 req.prompt_logprobs_done = True
+            if seq.status == SequenceStatus.RUNNING:
+                self.kv.cache_computed(req, seq, computed)
             for sid in row.sample_seq_ids:
                 s = self._seqs.get(sid)
                 if s is None or not self._takes_output(s):
@@ -432,6 +349,14 @@ class Scheduler:
                 if sid not in sampled:
                     raise KeyError(f"the runner returned no token for sampled sequence {sid}")
                 token_id, logprob, top = sampled[sid]
+                if req.beam_search is not None:
+                    # Candidates of the history as it is now (not of one since reset for recompute).
+                    if s.num_computed_tokens == computed == s.num_tokens:
+                        req.beam_search.add_candidates(sid, top)
+                    if req.first_token_time is None:
+                        req.first_token_time = now
+                    touched[req.request_id] = req
+                    continue
                 if self.async_scheduling:
                     s.num_pending_tokens -= 1
                 else:
@@ -441,7 +366,25 @@ class Scheduler:
                     req.first_token_time = now
                 touched[req.request_id] = req
                 self._check_stop(s, req)
+            if req.beam_search is not None and req.beam_search.ready(req.active_seqs()):
+                self._beam_step(req)
         return list(touched.values())
+
+    def _beam_step(self, req: Request) -> None:
+        """Every running beam has its candidates: choose the next beams and continue them on
+        shared blocks, or finish the request when the search is done."""
+        state, beams = req.beam_search, req.active_seqs()
+        choices = state.step(beams)
+        if state.done:
+            results = state.results()
+            status = SequenceStatus.FINISHED_STOPPED if results and results[0].finish_reason == "stop" \
+                else SequenceStatus.FINISHED_LENGTH_CAPPED
+            for s in req.unfinished_seqs():
+                self._finish(s, status, None)
+            return
+        spare = [s for s in req.unfinished_seqs() if s not in beams]
+        self.kv.continue_beams(assign_beams(beams, spare, choices))
+        req.forked = True
 
     def _takes_output(self, seq: Sequence) -> bool:
         """Whether a finished step's row still counts for the sequence. Synchronously only running
@@ -450,31 +393,3 @@ class Scheduler:
         if self.async_scheduling:
             return not seq.is_finished
         return seq.status == SequenceStatus.RUNNING
-
-    def _check_stop(self, seq: Sequence, req: Request) -> None:
-        params = req.sampling_params
-        token = seq.last_token_id
-        if seq.num_output_tokens >= (getattr(params, "min_tokens", 0) or 0):
-            if not getattr(params, "ignore_eos", False) and token in self.eos_token_ids:
-                return self._finish(seq, SequenceStatus.FINISHED_STOPPED, None)
-            if token in (getattr(params, "stop_token_ids", None) or ()):
-                return self._finish(seq, SequenceStatus.FINISHED_STOPPED, token)
-        max_tokens = getattr(params, "max_tokens", None)
-        if (max_tokens is not None and seq.num_output_tokens >= max_tokens) or seq.num_tokens >= self.max_model_len:
-            self._finish(seq, SequenceStatus.FINISHED_LENGTH_CAPPED, None)
-
-    def _finish(self, seq: Sequence, status: SequenceStatus, stop_reason: int | str | None) -> None:
-        seq.status = status
-        seq.stop_reason = stop_reason
-        self.block_manager.free(seq.seq_id)
-        req = self._requests[seq.request_id]
-        if not req.is_finished():
-            return
-        req.finished_time = time.time()
-        del self._requests[req.request_id]
-        del self._order[req.request_id]
-        for s in req.seqs:
-            del self._seqs[s.seq_id]
-        for queue in (self._running, self._swapped, self._waiting):
-            if req in queue:
-                queue.remove(req)

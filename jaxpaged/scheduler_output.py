@@ -86,3 +86,7 @@ class SchedulerStats:
     kv_cache_usage: float  # fraction of device blocks in use
     num_free_blocks: int
     num_kv_cache_tokens: int  # tokens whose K/V sit in device blocks, summed over sequences
+    num_used_blocks: int = 0  # device blocks referenced by some sequence
+    num_logical_blocks: int = 0  # device blocks the tables list (a shared block once per table)
+    prefix_cache_queries: int = 0  # total tokens looked up in the prefix cache at admissions
+    prefix_cache_hits: int = 0  # total of those found cached

@@ -262,7 +262,7 @@ class AsyncEngine:
                     self.metrics.observe_first_token(now - tracker.stream.arrival)
             num_prompt = len(out.prompt_token_ids) if out.prompt_token_ids is not None else 0
             update: RequestUpdate | BaseException = RequestUpdate(out.request_id, num_prompt, deltas, out.finished,
-                                                                  out.prompt_logprobs)
+                                                                  out.prompt_logprobs, out.num_cached_tokens or 0)
             if out.finished:
                 del self._trackers[out.request_id]
                 if self.metrics is not None:

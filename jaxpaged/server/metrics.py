@@ -36,6 +36,8 @@ ENGINE_STATS = (
     ("num_gpu_blocks", "jaxpaged:num_gpu_blocks", "gauge", "KV-cache blocks on the device."),
     ("num_compilations", "jaxpaged:num_compilations_total", "counter", "Number of XLA compilations of step functions."),
     ("num_compilations_after_warmup", "jaxpaged:num_compilations_after_warmup_total", "counter", "XLA compilations after warm-up (should stay 0)."),
+    ("prefix_cache_queries", "jaxpaged:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried tokens."),
+    ("prefix_cache_hits", "jaxpaged:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens."),
 )
 
 

@@ -48,6 +48,12 @@ class SamplingRequest(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # vLLM's beam search fields: n is the beam width
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
+    # vLLM's prefix-cache namespace: only requests with the same salt share cached blocks
+    cache_salt: str | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -70,6 +76,11 @@ class SamplingRequest(BaseModel):
             value = getattr(self, name)
             if value is not None:
                 kwargs[name] = value
+        if self.use_beam_search:
+            kwargs.update(use_beam_search=True, length_penalty=self.length_penalty, early_stopping=self.early_stopping)
+            kwargs.setdefault("temperature", 0.0)  # beam search ranks the model's own distribution
+        elif self.length_penalty != 1.0 or self.early_stopping is not False:  # refused by name
+            kwargs.update(length_penalty=self.length_penalty, early_stopping=self.early_stopping)
         stops = self.stop_list()
         if stops:
             kwargs["stop"] = stops

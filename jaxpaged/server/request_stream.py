@@ -34,6 +34,7 @@ class RequestUpdate:
     # Once, with (or before) the first token, when the request asked for prompt logprobs:
     # per prompt token {token id: Logprob}, None for the first token.
     prompt_logprobs: list[dict[int, Any] | None] | None = None
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache held when the request was admitted
 
 
 class RequestStream:
@@ -100,4 +101,5 @@ def _merge(a: RequestUpdate, b: RequestUpdate) -> RequestUpdate:
             logprobs=(prev.logprobs or []) + (d.logprobs or []) if (prev.logprobs is not None or d.logprobs is not None) else None,
             finish_reason=d.finish_reason, stop_reason=d.stop_reason)
     return RequestUpdate(b.request_id, b.num_prompt_tokens, sorted(by_index.values(), key=lambda d: d.index),
-                         b.finished, a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs)
+                         b.finished, a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
+                         max(a.num_cached_tokens, b.num_cached_tokens))

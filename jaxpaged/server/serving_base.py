@@ -76,8 +76,11 @@ def sse(payload: dict[str, Any]) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def usage(num_prompt: int, num_completion: int) -> dict[str, int]:
-    return {"prompt_tokens": num_prompt, "completion_tokens": num_completion, "total_tokens": num_prompt + num_completion}
+def usage(num_prompt: int, num_completion: int, num_cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens`` counts the prompt tokens the
+    prefix cache served."""
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_completion, "total_tokens": num_prompt + num_completion,
+            "prompt_tokens_details": {"cached_tokens": num_cached}}
 
 
 async def wait_for_disconnect(request: Request) -> None:
@@ -163,8 +166,19 @@ class ServingBase:
         return out
 
     def sampling_kwargs(self, req: SamplingRequest) -> dict[str, Any]:
-        """The request's sampling fields over the model's generation_config defaults."""
-        return {**self.default_sampling, **req.sampling_kwargs()}
+        """The request's sampling fields over the model's generation_config defaults (a beam
+        search takes none of the sampling defaults: it is greedy over the raw distribution)."""
+        defaults = {} if req.use_beam_search else self.default_sampling
+        return {**defaults, **req.sampling_kwargs()}
+
+    @staticmethod
+    def salted(prompt: dict[str, Any], req: SamplingRequest) -> dict[str, Any]:
+        """The engine prompt with the request's cache_salt (a 400 naming it when empty)."""
+        if req.cache_salt is None:
+            return prompt
+        if not req.cache_salt:
+            raise bad_request("cache_salt must be a non-empty string", "cache_salt")
+        return dict(prompt, cache_salt=req.cache_salt)
 
     def resolve_max_tokens(self, requested: int | None, num_prompt: int, param: str, prompt_param: str) -> int:
         """``requested``, or what is left of the context when None; a 400 (OpenAI's wording) when
@@ -262,16 +276,20 @@ class ServingBase:
             for stream in streams:
                 stream.close()
 
-    async def collect(self, streams: list[RequestStream], n: int, raw: Request) -> tuple[list[ChoiceState], list[int], list]:
+    async def collect(self, streams: list[RequestStream], n: int,
+                      raw: Request) -> tuple[list[ChoiceState], list[int], list, list[int]]:
         """Runs all streams to the end unless the client disconnects first (then aborts them).
-        Returns the choices, each stream's prompt length and prompt logprobs (None if not asked)."""
+        Returns the choices, each stream's prompt length, prompt logprobs (None if not asked) and
+        cached prompt tokens."""
         choices = [ChoiceState() for _ in range(len(streams) * n)]
         num_prompt = [0] * len(streams)
         prompt_logprobs: list = [None] * len(streams)
+        num_cached = [0] * len(streams)
 
         async def gather() -> None:
             async for i, update in self.merged(streams):
                 num_prompt[i] = update.num_prompt_tokens
+                num_cached[i] = update.num_cached_tokens
                 if update.prompt_logprobs is not None:
                     prompt_logprobs[i] = update.prompt_logprobs
                 for delta in update.outputs:
@@ -292,4 +310,4 @@ class ServingBase:
         exc = work.exception()
         if exc is not None:
             raise self._map_engine_error(exc)
-        return choices, num_prompt, prompt_logprobs
+        return choices, num_prompt, prompt_logprobs, num_cached

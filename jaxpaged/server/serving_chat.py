@@ -71,17 +71,18 @@ class ServingChat(ServingBase):
         params = self.make_params(kwargs)
 
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await self.submit([request_id], [{"prompt_token_ids": prompt_ids, "prompt": text}], [params])
+        streams = await self.submit([request_id], [self.salted({"prompt_token_ids": prompt_ids, "prompt": text}, req)],
+                                    [params])
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             gen = self._stream(streams, req, request_id, model, created, include_usage)
             return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            choices, num_prompt, _ = await self.collect(streams, req.n, raw)
+            choices, num_prompt, _, num_cached = await self.collect(streams, req.n, raw)
         except ClientDisconnected:
             return Response(status_code=499)
-        return JSONResponse(self._response(choices, num_prompt[0], req, request_id, model, created))
+        return JSONResponse(self._response(choices, num_prompt[0], num_cached[0], req, request_id, model, created))
 
     def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, Any]], top: int) -> dict[str, Any]:
         content = []
@@ -100,7 +101,7 @@ class ServingChat(ServingBase):
             })
         return {"content": content}
 
-    def _response(self, choices: list[ChoiceState], num_prompt: int, req: ChatCompletionRequest,
+    def _response(self, choices: list[ChoiceState], num_prompt: int, num_cached: int, req: ChatCompletionRequest,
                   request_id: str, model: str, created: int) -> dict[str, Any]:
         out = []
         for idx, choice in enumerate(choices):
@@ -109,21 +110,21 @@ class ServingChat(ServingBase):
                         "logprobs": logprobs, "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
         completion = sum(len(c.token_ids) for c in choices)
         return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-                "choices": out, "usage": usage(num_prompt, completion)}
+                "choices": out, "usage": usage(num_prompt, completion, num_cached)}
 
     async def _stream(self, streams: list, req: ChatCompletionRequest, request_id: str, model: str,
                       created: int, include_usage: bool) -> AsyncIterator[str]:
         base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
         extra = {"usage": None} if include_usage else {}
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
-        num_prompt = 0
+        num_prompt = num_cached = 0
         num_completion = 0
         try:
             for idx in range(req.n):  # OpenAI opens every choice with the role
                 yield sse(dict(base, choices=[{"index": idx, "delta": {"role": "assistant", "content": ""},
                                                "logprobs": None, "finish_reason": None}], **extra))
             async for _, update in self.merged(streams):
-                num_prompt = update.num_prompt_tokens
+                num_prompt, num_cached = update.num_prompt_tokens, update.num_cached_tokens
                 choices = []
                 for delta in update.outputs:
                     num_completion += len(delta.token_ids)
@@ -136,10 +137,10 @@ class ServingChat(ServingBase):
                 if choices:
                     chunk = dict(base, choices=choices, **extra)
                     if continuous:  # vLLM's continuous_usage_stats: usage so far on every chunk
-                        chunk["usage"] = usage(num_prompt, num_completion)
+                        chunk["usage"] = usage(num_prompt, num_completion, num_cached)
                     yield sse(chunk)
             if include_usage:
-                yield sse(dict(base, choices=[], usage=usage(num_prompt, num_completion)))
+                yield sse(dict(base, choices=[], usage=usage(num_prompt, num_completion, num_cached)))
         except APIError as exc:
             yield sse(exc.body())
         except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band

@@ -3,6 +3,11 @@
 ``prompt`` may be a string, a list of token ids, or a batch (list of strings / list of token
 lists); each prompt is one engine request and its ``n`` choices have indices
 ``prompt_index * n + i``, as OpenAI numbers them.
+
+``best_of`` (>= n) runs that many samples on the prompt's shared blocks and returns the ``n`` with
+the highest cumulative logprob; like OpenAI, it cannot be streamed when it exceeds ``n``.
+``use_beam_search`` (vLLM's extra field) runs a beam search of width ``n`` (``length_penalty``,
+``early_stopping``); its choices arrive when the search ends (one chunk when streamed).
 """
 
 from __future__ import annotations
@@ -83,8 +88,13 @@ class ServingCompletions(ServingBase):
         self.check_logprobs(req.logprobs, "logprobs")
         if req.suffix:
             raise bad_request("suffix is not supported", "suffix")
-        if req.best_of is not None and req.best_of != req.n:
-            raise bad_request(f"best_of must equal n when given (beam-free sampling), got best_of={req.best_of}, n={req.n}", "best_of")
+        if req.best_of is not None:
+            if not req.n <= req.best_of <= self.config.max_n:
+                raise bad_request(f"best_of must be in [n, {self.config.max_n}] (n={req.n}), got {req.best_of}", "best_of")
+            if req.stream and req.best_of > req.n:
+                raise bad_request("best_of > n cannot be streamed: the best are known only at the end", "best_of")
+            if req.use_beam_search and req.best_of != req.n:
+                raise bad_request("best_of must equal n (the beam width) with use_beam_search", "best_of")
         # echo with max_tokens=0 scores the prompt only (what lm-eval's loglikelihood requests send):
         # the engine generates one token that is not returned.
         echo_only = req.echo and req.max_tokens == 0
@@ -92,6 +102,8 @@ class ServingCompletions(ServingBase):
         prompts = await self._prompts(req)
         kwargs = self.sampling_kwargs(req)
         kwargs.update(logprobs=req.logprobs, logit_bias=self.logit_bias(req))
+        if req.best_of is not None and not req.use_beam_search:
+            kwargs["best_of"] = req.best_of
         if req.echo and req.logprobs is not None:
             kwargs["prompt_logprobs"] = req.logprobs
         if echo_only:
@@ -104,20 +116,21 @@ class ServingCompletions(ServingBase):
         request_id = f"cmpl-{uuid.uuid4().hex}"
         rids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         echo = [await self._prompt_text(p) if req.echo else "" for p in prompts]
-        streams = await self.submit(rids, prompts, params)
+        streams = await self.submit(rids, [self.salted(p, req) for p in prompts], params)
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             gen = self._stream(streams, req, request_id, model, created, echo, prompts, echo_only, include_usage)
             return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            choices, num_prompt, prompt_lps = await self.collect(streams, req.n, raw)
+            choices, num_prompt, prompt_lps, num_cached = await self.collect(streams, req.n, raw)
         except ClientDisconnected:
             return Response(status_code=499)
         if echo_only:
             for choice in choices:
                 choice.text, choice.token_ids, choice.logprobs = [], [], []
-        return JSONResponse(self._response(choices, num_prompt, prompt_lps, prompts, req, request_id, model, created, echo))
+        return JSONResponse(self._response(choices, num_prompt, num_cached, prompt_lps, prompts, req, request_id,
+                                           model, created, echo))
 
     async def _prompts(self, req: CompletionRequest) -> list[dict[str, Any]]:
         prompt = req.prompt
@@ -152,7 +165,8 @@ class ServingCompletions(ServingBase):
             return prompt["prompt"]
         return await self.tokenizer("echo", "echo").decode(prompt["prompt_token_ids"])
 
-    def _response(self, choices: list[ChoiceState], num_prompt: list[int], prompt_lps: list, prompts: list[dict],
+    def _response(self, choices: list[ChoiceState], num_prompt: list[int], num_cached: list[int], prompt_lps: list,
+                  prompts: list[dict],
                   req: CompletionRequest, request_id: str, model: str, created: int, echo: list[str]) -> dict[str, Any]:
         out = []
         for idx, choice in enumerate(choices):
@@ -169,7 +183,7 @@ class ServingCompletions(ServingBase):
                         "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
         completion = sum(len(c.token_ids) for c in choices)
         return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                "choices": out, "usage": usage(sum(num_prompt), completion)}
+                "choices": out, "usage": usage(sum(num_prompt), completion, sum(num_cached))}
 
     async def _stream(self, streams: list, req: CompletionRequest, request_id: str, model: str, created: int,
                       echo: list[str], prompts: list[dict], echo_only: bool, include_usage: bool) -> AsyncIterator[str]:
@@ -181,11 +195,12 @@ class ServingCompletions(ServingBase):
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         echoed = [False] * (len(streams) * n)
         num_prompt = [0] * len(streams)
+        num_cached = [0] * len(streams)
         num_completion = 0
         base = {"id": request_id, "object": "text_completion", "created": created, "model": model}
         try:
             async for i, update in self.merged(streams):
-                num_prompt[i] = update.num_prompt_tokens
+                num_prompt[i], num_cached[i] = update.num_prompt_tokens, update.num_cached_tokens
                 if update.prompt_logprobs is not None:
                     prompt_lps[i] = update.prompt_logprobs
                 choices = []
@@ -208,12 +223,12 @@ class ServingCompletions(ServingBase):
                 if choices:
                     chunk = dict(base, choices=choices)
                     if continuous:  # vLLM's continuous_usage_stats: usage so far on every chunk
-                        chunk["usage"] = usage(sum(num_prompt), num_completion)
+                        chunk["usage"] = usage(sum(num_prompt), num_completion, sum(num_cached))
                     elif include_usage:
                         chunk["usage"] = None
                     yield sse(chunk)
             if include_usage:
-                yield sse(dict(base, choices=[], usage=usage(sum(num_prompt), num_completion)))
+                yield sse(dict(base, choices=[], usage=usage(sum(num_prompt), num_completion, sum(num_cached))))
         except APIError as exc:
             yield sse(exc.body())
         except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band

@@ -1,7 +1,7 @@
 """Async scheduling (step N+1 scheduled and enqueued before step N's tokens are read) gives exactly
 the synchronous engine's outputs, in every path: chained greedy/random steps, steps that must land
 the previous tokens first (seeds, penalties, min_tokens), both preemption modes, forks, stops,
-logprobs and aborts."""
+logprobs, aborts, beam search, best_of and prefix-cache hits."""
 
 import numpy as np
 import pytest
@@ -17,7 +17,10 @@ def ckpt(tmp_path_factory):
 
 def _workload(stop_token: int):
     rng = np.random.default_rng(5)
-    prompts = [{"prompt_token_ids": rng.integers(5, 300, int(n)).tolist()} for n in (3, 20, 7, 15, 1, 11, 9, 4)]
+    prompts = [{"prompt_token_ids": rng.integers(5, 300, int(n)).tolist()} for n in (3, 20, 7, 15, 1, 11, 9, 4, 6, 5)]
+    # Two more over the 20-token prompt: prefix-cache hits once its blocks are registered.
+    prompts += [{"prompt_token_ids": prompts[1]["prompt_token_ids"] + [17, 18, 19]},
+                {"prompt_token_ids": prompts[1]["prompt_token_ids"][:17]}]
     params = [
         SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
         SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop_token_ids=[stop_token]),
@@ -27,6 +30,10 @@ def _workload(stop_token: int):
         SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=3, ignore_eos=True),
         SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.3, min_tokens=4),
         SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+        SamplingParams(n=2, use_beam_search=True, temperature=0.0, max_tokens=10, ignore_eos=True),
+        SamplingParams(n=1, best_of=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
     ]
     return prompts, params
 
@@ -34,8 +41,8 @@ def _workload(stop_token: int):
 def _summary(outs):
     return [
         (o.request_id, o.finished, o.prompt_logprobs and [sorted(d.items()) if d else None for d in o.prompt_logprobs],
-         [(c.token_ids, c.text, c.finish_reason, c.stop_reason, c.logprobs and [sorted(d) for d in c.logprobs])
-          for c in o.outputs])
+         [(c.token_ids, c.text, c.finish_reason, c.stop_reason, c.logprobs and [sorted(d) for d in c.logprobs],
+           c.cumulative_logprob is not None and round(c.cumulative_logprob, 4)) for c in o.outputs])
         for o in outs
     ]
 

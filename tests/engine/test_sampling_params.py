@@ -1,6 +1,6 @@
 import pytest
 
-from jaxpaged.sampling_params import SamplingParams, SamplingType
+from jaxpaged.sampling_params import BeamSearchParams, SamplingParams, SamplingType
 
 
 def test_defaults_match_vllm():
@@ -50,6 +50,19 @@ def test_top_k_zero_means_off_as_in_current_vllm():
         ({"logit_bias": {-3: 1.0}}, "logit_bias", "non-negative"),
         ({"logit_bias": {3: float("inf")}}, "logit_bias", "finite"),
         ({"logit_bias": {3: "big"}}, "logit_bias", "number"),
+        ({"n": 3, "best_of": 2}, "best_of", "greater than or equal to n"),
+        ({"best_of": 1.5}, "best_of", "integer"),
+        ({"use_beam_search": True}, "temperature", "must be 0 when using beam search"),
+        ({"use_beam_search": True, "temperature": 0, "n": 2, "best_of": 3}, "best_of", "beam width"),
+        ({"use_beam_search": True, "temperature": 0, "stop": ["x"]}, "stop", "not supported with beam search"),
+        ({"use_beam_search": True, "temperature": 0, "min_tokens": 2}, "min_tokens", "not supported"),
+        ({"use_beam_search": True, "temperature": 0, "repetition_penalty": 1.2}, "repetition_penalty", "not supported"),
+        ({"use_beam_search": True, "temperature": 0, "early_stopping": "always"}, "early_stopping", "'never'"),
+        ({"use_beam_search": True, "temperature": 0, "early_stopping": 1}, "early_stopping", "'never'"),
+        ({"use_beam_search": True, "temperature": 0, "length_penalty": float("inf")}, "length_penalty", "finite"),
+        ({"use_beam_search": 1, "temperature": 0}, "use_beam_search", "boolean"),
+        ({"length_penalty": 2.0}, "length_penalty", "only used by beam search"),
+        ({"early_stopping": True}, "early_stopping", "only used by beam search"),
     ],
 )
 def test_invalid_field_raises_value_error_naming_it(kwargs, field, allowed):
@@ -119,3 +132,15 @@ def test_clone_is_deep():
     assert p.stop == ["a"] and p.logit_bias == {1: 1.0} and p.all_stop_token_ids == {3}
     assert p.clone() == p and p.clone() is not p
     assert q.stop == ["a", "b"] and q.all_stop_token_ids == {3, 9}
+
+
+def test_best_of_and_beam_search_fields():
+    p = SamplingParams(n=2, best_of=5)
+    assert p.num_seqs == 5 and p.needs_sample_logprobs
+    assert not SamplingParams(n=2).needs_sample_logprobs and SamplingParams(n=2).num_seqs == 2
+    beam = SamplingParams(n=4, use_beam_search=True, temperature=0.0, length_penalty=0.5, early_stopping="never")
+    assert beam.needs_sample_logprobs and beam.num_seqs == 4 and beam.early_stopping == "never"
+    bp = BeamSearchParams(beam_width=3, max_tokens=7, ignore_eos=True, length_penalty=1.5)
+    sp = bp.to_sampling_params()
+    assert (sp.n, sp.use_beam_search, sp.max_tokens, sp.ignore_eos, sp.length_penalty, sp.temperature) == \
+        (3, True, 7, True, 1.5, 0.0)

@@ -4,75 +4,14 @@ The model is replaced by ``SimulatedKVRunner``, which checks every step's block 
 simulated KV pool, so these tests exercise the whole host side of a step as the engine will.
 """
 
-import itertools
 import random
-from dataclasses import dataclass, field
 
 import pytest
 
 from jaxpaged.block_manager import BlockManager
-from jaxpaged.request import Request, SequenceStatus
+from jaxpaged.request import SequenceStatus
 from jaxpaged.scheduler import Scheduler
-from tests.helpers.sim_runner import SimulatedKVRunner, default_token
-
-EOS = 2
-
-
-@dataclass
-class Params:  # the fields of SamplingParams the scheduler reads
-    n: int = 1
-    max_tokens: int | None = 16
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[int] = field(default_factory=list)
-    prompt_logprobs: int | None = None
-
-
-class Harness:
-    def __init__(self, num_blocks=12, num_host_blocks=12, block_size=4, max_num_seqs=8,
-                 max_num_batched_tokens=16, max_model_len=64, token_fn=default_token, watermark=0.0, **kw):
-        self.bm = BlockManager(num_blocks, num_host_blocks, block_size, watermark=watermark)
-        self.sched = Scheduler(self.bm, max_num_seqs, max_num_batched_tokens, max_model_len,
-                               eos_token_id=EOS, **kw)
-        self.runner = SimulatedKVRunner(num_blocks, num_host_blocks, block_size, token_fn)
-        self.ids = itertools.count()
-        self.reqs: dict[str, Request] = {}
-        self.outputs = []
-
-    def add(self, rid, prompt, **params):
-        p = Params(**params)
-        req = Request(rid, prompt, p, first_seq_id=next(self.ids) * 10)
-        self.sched.add_request(req)
-        self.runner.register(req)
-        self.reqs[rid] = req
-        return req
-
-    def step(self):
-        s = self.sched
-        out = s.schedule()
-        assert out.num_batched_tokens == sum(len(r.token_ids) for r in out.scheduled)
-        assert out.num_batched_tokens <= s.max_num_batched_tokens
-        assert len(out.scheduled) <= s.max_num_seqs
-        assert len({r.seq_id for r in out.scheduled}) == len(out.scheduled)
-        assert s.get_stats().num_running_seqs <= s.max_num_seqs
-        sampled = self.runner.execute(out)
-        s.update_from_output(out, sampled)
-        self.outputs.append(out)
-        return out
-
-    def run(self, max_steps=2000):
-        for _ in range(max_steps):
-            if not self.sched.has_unfinished_requests():
-                break
-            self.step()
-        assert not self.sched.has_unfinished_requests(), "livelock: requests never finished"
-        # Every block is back in the pools.
-        assert self.bm.get_num_free_blocks() == self.bm.num_device_blocks
-        assert self.bm.get_num_free_host_blocks() == self.bm.num_host_blocks
-
-
-def expected_output(seq, num):
-    return [default_token(seq.seq_id, seq.num_prompt_tokens + i) for i in range(num)]
+from tests.helpers.sched_harness import EOS, Harness, expected_output
 
 
 def test_chunked_prefill_then_decode_single_request():

@@ -23,12 +23,16 @@ def llm(request, tmp_path_factory):
 def _workload():
     rng = np.random.default_rng(7)
     prompts = [{"prompt_token_ids": rng.integers(5, 300, int(n)).tolist()} for n in (9, 17, 4, 12, 6, 20)]
+    # The last one shares r1's prompt: the prefix cache makes them hold the same blocks, which a
+    # reset of either must leave intact for the other.
+    prompts.append({"prompt_token_ids": prompts[1]["prompt_token_ids"] + [33, 34]})
     params = [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
               SamplingParams(n=2, temperature=0.0, max_tokens=12, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2),
               SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True),
-              SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)]
+              SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)]
     return prompts, params
 
 
@@ -70,7 +74,9 @@ def test_a_row_that_cannot_be_packed_fails_alone(llm, reference, monkeypatch):
     prompts, params = _workload()
     culprit = SamplingParams(temperature=1.0, seed=CULPRIT_SEED, max_tokens=30, ignore_eos=True)
     before = llm.get_stats()
-    outs = _run(llm, prompts[:3] + [{"prompt_token_ids": [5, 6, 7]}] + prompts[3:], params[:3] + [culprit] + params[3:])
+    # The culprit shares r1's first block, and runs beside it.
+    culprit_prompt = {"prompt_token_ids": prompts[1]["prompt_token_ids"][:5] + [5, 6, 7]}
+    outs = _run(llm, prompts[:3] + [culprit_prompt] + prompts[3:], params[:3] + [culprit] + params[3:])
     bad = outs.pop(3)
     assert bad.finished and [c.finish_reason for c in bad.outputs] == ["error"]
     assert "injected packing fault" in bad.error

@@ -7,11 +7,17 @@ the step). A scheduler bug that loses, duplicates or mixes up KV blocks shows up
 
 Sampled tokens are a deterministic function of (seq_id, position), so the expected output of
 every sequence is known in advance, whatever batching and preemption happened on the way.
+
+With ``top_fn`` (beam search) a row's result is instead a distribution over next tokens, a
+deterministic function of the sequence's whole token history (``top_fn(history) -> (ids,
+logprobs)``, best first), and the cache is checked against each sequence's current history (beams
+take over one another's histories, so it is not known in advance).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,6 +29,16 @@ def default_token(seq_id: int, position: int) -> int:
     return 1000 + (seq_id * 7919 + position * 104729) % 99991
 
 
+class SimTop(NamedTuple):
+    """The fields of the runner's SampledToken that beam search reads."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
 class SimulatedKVRunner:
     def __init__(
         self,
@@ -30,12 +46,15 @@ class SimulatedKVRunner:
         num_host_blocks: int,
         block_size: int,
         token_fn: Callable[[int, int], int] = default_token,
+        top_fn: Callable[[tuple[int, ...]], tuple[list[int], list[float]]] | None = None,
     ) -> None:
         self.block_size = block_size
         self.device = np.full((num_device_blocks, block_size), -1, np.int64)
         self.host = np.full((max(num_host_blocks, 1), block_size), -1, np.int64)
         self.token_fn = token_fn
+        self.top_fn = top_fn
         self.prompts: dict[int, list[int]] = {}  # seq_id -> its request's prompt
+        self.seqs: dict[int, object] = {}  # seq_id -> Sequence (histories, under top_fn)
         self.num_swapped_out = 0
         self.num_swapped_in = 0
         self.num_copied = 0
@@ -44,8 +63,11 @@ class SimulatedKVRunner:
     def register(self, request) -> None:
         for s in request.seqs:
             self.prompts[s.seq_id] = list(request.prompt_token_ids)
+            self.seqs[s.seq_id] = s
 
     def expected(self, seq_id: int, position: int) -> int:
+        if self.top_fn is not None:
+            return self.seqs[seq_id].get_token_ids_range(position, position + 1)[0]
         prompt = self.prompts[seq_id]
         return prompt[position] if position < len(prompt) else self.token_fn(seq_id, position)
 
@@ -93,5 +115,9 @@ class SimulatedKVRunner:
         for row in out.scheduled:
             pos = row.num_computed_tokens + len(row.token_ids)
             for sid in row.sample_seq_ids:
-                sampled[sid] = (self.token_fn(sid, pos), -0.25, None)
+                if self.top_fn is not None:
+                    ids, lps = self.top_fn(tuple(self.seqs[sid].get_token_ids_range(0, pos)))
+                    sampled[sid] = (ids[0], lps[0], SimTop(ids[0], lps[0], 1, list(ids), list(lps)))
+                else:
+                    sampled[sid] = (self.token_fn(sid, pos), -0.25, None)
         return sampled

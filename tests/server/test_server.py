@@ -101,6 +101,48 @@ def test_completions_logprobs_n_and_echo(client):
     assert echo.choices[0].text == PROMPTS[0] + plain.choices[0].text
 
 
+def test_best_of_beam_search_and_cached_tokens(client, url, stack):
+    kw = dict(model="tiny", prompt=PROMPTS[3], max_tokens=6, temperature=1.0, seed=11, extra_body={"ignore_eos": True})
+    every = client.completions.create(n=3, logprobs=0, **kw)
+    best = max(every.choices, key=lambda c: sum(c.logprobs.token_logprobs))
+    chosen = client.completions.create(n=1, best_of=3, **kw)
+    assert [c.text for c in chosen.choices] == [best.text] and chosen.choices[0].index == 0
+    for body, param in ((dict(n=1, best_of=3, stream=True), "best_of"), (dict(n=2, best_of=1), "best_of"),
+                        (dict(n=1, best_of=5), "best_of")):
+        r = httpx.post(url + "/v1/completions", json=dict(model="tiny", prompt="Hello", max_tokens=2, **body))
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    # Beam search (vLLM's extra fields): two beams, best (by length-penalised score) first.
+    beam = dict(use_beam_search=True, length_penalty=0.8, ignore_eos=True)
+    out = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=6, n=2, logprobs=0, extra_body=beam)
+    scores = [sum(c.logprobs.token_logprobs) / 6**0.8 for c in out.choices]
+    assert [c.index for c in out.choices] == [0, 1] and scores == sorted(scores, reverse=True)
+    assert out.choices[0].logprobs.tokens != out.choices[1].logprobs.tokens
+    assert all(c.finish_reason == "length" for c in out.choices) and out.usage.completion_tokens == 12
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=6, n=2, stream=True,
+                                            extra_body=beam))
+    texts = ["".join(ch.text for c in chunks for ch in c.choices if ch.index == i) for i in range(2)]
+    assert texts == [c.text for c in out.choices]
+    r = httpx.post(url + "/v1/completions", json=dict(model="tiny", prompt="Hi", max_tokens=2, n=2, temperature=0.7,
+                                                      use_beam_search=True))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature", r.text
+    # The prefix cache: the same prompt again reports its cached tokens, as OpenAI does.
+    long = PROMPTS[5]
+    first = client.completions.create(model="tiny", prompt=long, max_tokens=2, temperature=0)
+    again = client.completions.create(model="tiny", prompt=long, max_tokens=2, temperature=0)
+    assert again.choices[0].text == first.choices[0].text
+    assert again.usage.prompt_tokens_details.cached_tokens >= again.usage.prompt_tokens - 8 > 0
+    salted = client.completions.create(model="tiny", prompt=long, max_tokens=2, temperature=0,
+                                       extra_body={"cache_salt": "tenant-b"})
+    assert salted.usage.prompt_tokens_details.cached_tokens == 0
+    chat = [{"role": "user", "content": PROMPTS[5]}]
+    client.chat.completions.create(model="tiny", messages=chat, max_tokens=2)
+    chat_again = client.chat.completions.create(model="tiny", messages=chat, max_tokens=2)
+    assert chat_again.usage.prompt_tokens_details.cached_tokens > 0
+    metrics = httpx.get(url + "/metrics").text
+    hits = [line for line in metrics.splitlines() if line.startswith("jaxpaged:prefix_cache_hits_total")]
+    assert hits and float(hits[0].split()[-1]) > 0 and "\njaxpaged:prefix_cache_queries_total{" in metrics
+
+
 def test_echo_with_logprobs_scores_the_prompt(client, stack):
     """lm-eval's loglikelihood request: echo, max_tokens=0, logprobs. A prompt token's logprob must
     be what the model gave that token when it generated it."""
@@ -435,7 +477,9 @@ def test_server_without_tokenizer_takes_token_ids_only(stack):
     server = stack.serve(tokenizer=None)  # what --skip-tokenizer-init gives
     ids = stack.tokenizer.tokenizer.encode(PROMPTS[1])
     ok = httpx.post(server.url + C, json=dict(P, prompt=ids, max_tokens=3, ignore_eos=True))
-    assert ok.status_code == 200 and ok.json()["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 3, "total_tokens": len(ids) + 3}
+    usage = ok.json()["usage"]
+    assert ok.status_code == 200 and usage["prompt_tokens"] == len(ids) and usage["completion_tokens"] == 3
+    assert usage["total_tokens"] == len(ids) + 3 and 0 <= usage["prompt_tokens_details"]["cached_tokens"] < len(ids)
     for path, body, param in ((C, P, "prompt"), (CHAT, M, "messages"), ("/tokenize", {"prompt": "x"}, "prompt"),
                               ("/detokenize", {"tokens": [1]}, "tokens"), (C, dict(P, prompt=ids, echo=True), "echo")):
         resp = httpx.post(server.url + path, json=body)

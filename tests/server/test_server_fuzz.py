@@ -97,6 +97,10 @@ SAMPLING_FIELDS = {
     "include_stop_str_in_output": _field(st.booleans()),
     "skip_special_tokens": _field(st.booleans()),
     "spaces_between_special_tokens": _field(st.booleans()),
+    "use_beam_search": _field(st.booleans(), "yes"),
+    "length_penalty": _field(st.floats(-2, 2), 1e300, "x"),
+    "early_stopping": _field(st.sampled_from([False, True, "never"]), "always", 1),
+    "cache_salt": _field(st.one_of(st.none(), _WORD), "", 7),
 }
 COMPLETION_FIELDS = dict(SAMPLING_FIELDS, **{
     "prompt": _field(st.one_of(_WORD, _TOKEN_IDS, st.lists(_WORD, min_size=1, max_size=3),
@@ -106,7 +110,7 @@ COMPLETION_FIELDS = dict(SAMPLING_FIELDS, **{
     "logprobs": _field(st.integers(0, 5), 6, -1, 10**6),
     "echo": _field(st.booleans()),
     "suffix": _field(st.none(), "tail"),
-    "best_of": _field(st.none(), 1, 2, 0),
+    "best_of": _field(st.one_of(st.none(), st.integers(1, 4)), 0, 5, -1, 2**40),
 })
 _CONTENT = st.one_of(_WORD, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": _WORD}),
                                      min_size=1, max_size=2))
