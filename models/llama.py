@@ -18,6 +18,7 @@ from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields
 from models.layers import KVCache, RMSNorm, dense, get_activation, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
+from models.sharding import COLUMN, KV_COLUMN, ROW, VOCAB, ShardRule, shard
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -185,6 +186,7 @@ class LlamaForCausalLM(nn.Module):
 
     config_class: ClassVar[type] = LlamaConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
+    hf_sharding_table: ClassVar[Sequence[ShardRule]] = ()  # set below
 
     def setup(self):
         self.model = LlamaModel(self.config, self.dtype)
@@ -212,3 +214,15 @@ LLAMA_WEIGHT_TABLE: tuple[WeightRule, ...] = (
     rule(_L + r"self_attn\.rotary_emb\.inv_freq"),  # buffer in old checkpoints, recomputed here
 )
 LlamaForCausalLM.hf_weight_table = LLAMA_WEIGHT_TABLE
+
+_PL = r"model/layers_\d+/"
+LLAMA_SHARDING_TABLE: tuple[ShardRule, ...] = (
+    shard(r"model/embed_tokens/embedding", VOCAB),
+    shard(_PL + r"self_attn/q_proj/(kernel|bias)", COLUMN),
+    shard(_PL + r"self_attn/(k|v)_proj/(kernel|bias)", KV_COLUMN),
+    shard(_PL + r"self_attn/o_proj/kernel", ROW),
+    shard(_PL + r"mlp/(gate|up)_proj/(kernel|bias)", COLUMN),
+    shard(_PL + r"mlp/down_proj/kernel", ROW),
+    shard(r"lm_head/kernel", VOCAB),
+)
+LlamaForCausalLM.hf_sharding_table = LLAMA_SHARDING_TABLE
