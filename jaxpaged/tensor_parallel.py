@@ -99,11 +99,16 @@ def dummy_param(mesh: Mesh, plan: ShardingPlan, path: tuple[str, ...], kind: str
     return _dummy_program(kind, tuple(canonical_shape), jnp.dtype(dtype), sharding, relayout)(key, columns)
 
 
+@functools.lru_cache(maxsize=None)
+def _zeros_program(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding):
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
 def zeros(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding | None) -> jax.Array:
     """A zero array allocated in place on its devices (each device only its shard)."""
     if sharding is None:
         return jnp.zeros(shape, dtype)
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    return _zeros_program(tuple(shape), jnp.dtype(dtype), sharding)()
 
 
 def array_from_host(data: np.ndarray, sharding: NamedSharding) -> jax.Array:
