@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import glob
 import json
+import logging
 import os
 from typing import Any, Callable
 
@@ -41,6 +42,7 @@ DTYPES: dict[str, Any] = {
     "half": jnp.float16,
 }
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+logger = logging.getLogger("jaxpaged")
 
 ParamPath = tuple[str, ...]
 PlaceFn = Callable[[ParamPath, np.ndarray | jax.Array], jax.Array]
@@ -182,6 +184,9 @@ def load_model(
     if tp > 1:
         held = flax.traverse_util.flatten_dict(abstract_params(model, config, jdtype))
         plan = ShardingPlan(model_cls.hf_sharding_table, config, {p: s.shape for p, s in held.items()})
+        if plan.replicated_vocab:
+            logger.info("vocabulary of %d does not split over %d devices: %s kept whole on every device",
+                        config.vocab_size, tp, ", ".join(plan.replicated_vocab))
         place = place or tensor_parallel.host_array_placer(mesh, plan)
     place = place or _default_place
     if load_format == "dummy":

@@ -25,7 +25,7 @@ from models.attention_metadata import AttentionMetadata
 from models.layers import KVCache, RMSNorm, alibi_slopes, dense, lm_logits, paged_attention, run_layers
 from models.llama import LlamaConfig, LlamaMLP, llama_config_from_hf
 from models.rotary import apply_rotary, rope_cos_sin
-from models.sharding import COLUMN, PACKED, ROW, VOCAB, Packed, ShardRule, shard, tensor_parallel_size
+from models.sharding import Packed, ShardRule, megatron_table, tensor_parallel_size
 from models.weight_table import WeightRule, rule, transpose
 
 BAICHUAN2_VOCAB_SIZE = 125696
@@ -149,13 +149,7 @@ BAICHUAN_WEIGHT_TABLE: tuple[WeightRule, ...] = (
 )
 BaichuanForCausalLM.hf_weight_table = BAICHUAN_WEIGHT_TABLE
 
-_PL = r"model/layers_\d+/"
-BAICHUAN_SHARDING_TABLE: tuple[ShardRule, ...] = (
-    shard(r"model/embed_tokens/embedding", VOCAB),
-    shard(_PL + r"self_attn/W_pack/kernel", PACKED, baichuan_qkv),
-    shard(_PL + r"self_attn/o_proj/kernel", ROW),
-    shard(_PL + r"mlp/(gate|up)_proj/kernel", COLUMN),
-    shard(_PL + r"mlp/down_proj/kernel", ROW),
-    shard(r"lm_head/kernel", VOCAB),
-)
+BAICHUAN_SHARDING_TABLE = megatron_table(
+    embedding="model/embed_tokens/embedding", layers=r"model/layers_\d+/", qkv=("self_attn/W_pack", baichuan_qkv),
+    attn_out="self_attn/o_proj", mlp_in="mlp/(gate|up)_proj", mlp_out="mlp/down_proj", lm_head="lm_head")
 BaichuanForCausalLM.hf_sharding_table = BAICHUAN_SHARDING_TABLE

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields, divisible_head_dim
 from models.layers import DenseMLP, KVCache, LayerNorm, alibi_slopes, dense, lm_logits, paged_attention, run_layers
-from models.sharding import COLUMN, PACKED, ROW, VOCAB, Packed, ShardRule, shard, tensor_parallel_size
+from models.sharding import Packed, ShardRule, megatron_table, tensor_parallel_size
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -162,13 +162,8 @@ BLOOM_WEIGHT_TABLE: tuple[WeightRule, ...] = (
 )
 BloomForCausalLM.hf_weight_table = BLOOM_WEIGHT_TABLE
 
-_PH = r"transformer/h_\d+/"
-BLOOM_SHARDING_TABLE: tuple[ShardRule, ...] = (
-    shard(r"transformer/word_embeddings/embedding", VOCAB),
-    shard(_PH + r"self_attention/query_key_value/(kernel|bias)", PACKED, bloom_qkv),
-    shard(_PH + r"self_attention/dense/kernel", ROW),
-    shard(_PH + r"mlp/dense_h_to_4h/(kernel|bias)", COLUMN),
-    shard(_PH + r"mlp/dense_4h_to_h/kernel", ROW),
-    shard(r"lm_head/kernel", VOCAB),
-)
+BLOOM_SHARDING_TABLE = megatron_table(
+    embedding="transformer/word_embeddings/embedding", layers=r"transformer/h_\d+/",
+    qkv=("self_attention/query_key_value", bloom_qkv), attn_out="self_attention/dense", mlp_in="mlp/dense_h_to_4h",
+    mlp_out="mlp/dense_4h_to_h", lm_head="lm_head")
 BloomForCausalLM.hf_sharding_table = BLOOM_SHARDING_TABLE

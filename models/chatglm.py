@@ -27,7 +27,7 @@ from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields
 from models.layers import KVCache, LayerNorm, RMSNorm, dense, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
-from models.sharding import PACKED, ROW, VOCAB, Packed, ShardRule, shard, tensor_parallel_size
+from models.sharding import Packed, ShardRule, megatron_table, tensor_parallel_size
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -228,13 +228,8 @@ CHATGLM_WEIGHT_TABLE: tuple[WeightRule, ...] = (
 )
 ChatGLMForConditionalGeneration.hf_weight_table = CHATGLM_WEIGHT_TABLE
 
-_PL = r"transformer/encoder/layers_\d+/"
-CHATGLM_SHARDING_TABLE: tuple[ShardRule, ...] = (
-    shard(r"transformer/embedding/word_embeddings/embedding", VOCAB),
-    shard(_PL + r"self_attention/query_key_value/(kernel|bias)", PACKED, chatglm_qkv),
-    shard(_PL + r"self_attention/dense/kernel", ROW),
-    shard(_PL + r"mlp/dense_h_to_4h/(kernel|bias)", PACKED, chatglm_gate_up),
-    shard(_PL + r"mlp/dense_4h_to_h/kernel", ROW),
-    shard(r"transformer/output_layer/kernel", VOCAB),
-)
+CHATGLM_SHARDING_TABLE = megatron_table(
+    embedding="transformer/embedding/word_embeddings/embedding", layers=r"transformer/encoder/layers_\d+/",
+    qkv=("self_attention/query_key_value", chatglm_qkv), attn_out="self_attention/dense",
+    mlp_in=("mlp/dense_h_to_4h", chatglm_gate_up), mlp_out="mlp/dense_4h_to_h", lm_head="transformer/output_layer")
 ChatGLMForConditionalGeneration.hf_sharding_table = CHATGLM_SHARDING_TABLE

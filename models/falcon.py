@@ -31,7 +31,7 @@ from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields, divisible_head_dim
 from models.layers import DenseMLP, KVCache, LayerNorm, alibi_slopes, dense, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
-from models.sharding import COLUMN, PACKED, ROW, VOCAB, Packed, ShardRule, shard, tensor_parallel_size
+from models.sharding import Packed, ShardRule, megatron_table, tensor_parallel_size
 from models.weight_table import WeightRule, rule, transpose
 
 _RW_MODEL_TYPES = ("RefinedWebModel", "RefinedWeb")
@@ -228,13 +228,8 @@ FALCON_WEIGHT_TABLE: tuple[WeightRule, ...] = (
 )
 FalconForCausalLM.hf_weight_table = FALCON_WEIGHT_TABLE
 
-_PH = r"transformer/h_\d+/"
-FALCON_SHARDING_TABLE: tuple[ShardRule, ...] = (
-    shard(r"transformer/word_embeddings/embedding", VOCAB),
-    shard(_PH + r"self_attention/query_key_value/(kernel|bias)", PACKED, falcon_qkv),
-    shard(_PH + r"self_attention/dense/kernel", ROW),
-    shard(_PH + r"mlp/dense_h_to_4h/(kernel|bias)", COLUMN),
-    shard(_PH + r"mlp/dense_4h_to_h/kernel", ROW),
-    shard(r"lm_head/kernel", VOCAB),
-)
+FALCON_SHARDING_TABLE = megatron_table(
+    embedding="transformer/word_embeddings/embedding", layers=r"transformer/h_\d+/",
+    qkv=("self_attention/query_key_value", falcon_qkv), attn_out="self_attention/dense",
+    mlp_in="mlp/dense_h_to_4h", mlp_out="mlp/dense_4h_to_h", lm_head="lm_head")
 FalconForCausalLM.hf_sharding_table = FALCON_SHARDING_TABLE

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields, divisible_head_dim, hf_get
 from models.layers import DenseMLP, KVCache, LayerNorm, dense, lm_logits, paged_attention, run_layers
-from models.sharding import COLUMN, PACKED, ROW, VOCAB, Packed, ShardRule, shard, tensor_parallel_size
+from models.sharding import Packed, ShardRule, megatron_table, tensor_parallel_size
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -163,13 +163,7 @@ GPT_BIGCODE_WEIGHT_TABLE: tuple[WeightRule, ...] = (
 )
 GPTBigCodeForCausalLM.hf_weight_table = GPT_BIGCODE_WEIGHT_TABLE
 
-_PH = r"transformer/h_\d+/"
-GPT_BIGCODE_SHARDING_TABLE: tuple[ShardRule, ...] = (
-    shard(r"transformer/wte/embedding", VOCAB),
-    shard(_PH + r"attn/c_attn/(kernel|bias)", PACKED, bigcode_qkv),
-    shard(_PH + r"attn/c_proj/kernel", ROW),
-    shard(_PH + r"mlp/c_fc/(kernel|bias)", COLUMN),
-    shard(_PH + r"mlp/c_proj/kernel", ROW),
-    shard(r"lm_head/kernel", VOCAB),
-)
+GPT_BIGCODE_SHARDING_TABLE = megatron_table(
+    embedding="transformer/wte/embedding", layers=r"transformer/h_\d+/", qkv=("attn/c_attn", bigcode_qkv),
+    attn_out="attn/c_proj", mlp_in="mlp/c_fc", mlp_out="mlp/c_proj", lm_head="lm_head")
 GPTBigCodeForCausalLM.hf_sharding_table = GPT_BIGCODE_SHARDING_TABLE

@@ -19,7 +19,7 @@ from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields, divisible_head_dim, hf_get, partial_rotary_factor
 from models.layers import DenseMLP, KVCache, LayerNorm, dense, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
-from models.sharding import COLUMN, PACKED, ROW, VOCAB, Packed, ShardRule, shard, tensor_parallel_size
+from models.sharding import Packed, ShardRule, megatron_table, tensor_parallel_size
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -176,13 +176,8 @@ GPT_NEOX_WEIGHT_TABLE: tuple[WeightRule, ...] = (
 )
 GPTNeoXForCausalLM.hf_weight_table = GPT_NEOX_WEIGHT_TABLE
 
-_PL = r"gpt_neox/layers_\d+/"
-GPT_NEOX_SHARDING_TABLE: tuple[ShardRule, ...] = (
-    shard(r"gpt_neox/embed_in/embedding", VOCAB),
-    shard(_PL + r"attention/query_key_value/(kernel|bias)", PACKED, neox_qkv),
-    shard(_PL + r"attention/dense/kernel", ROW),
-    shard(_PL + r"mlp/dense_h_to_4h/(kernel|bias)", COLUMN),
-    shard(_PL + r"mlp/dense_4h_to_h/kernel", ROW),
-    shard(r"lm_head/kernel", VOCAB),
-)
+GPT_NEOX_SHARDING_TABLE = megatron_table(
+    embedding="gpt_neox/embed_in/embedding", layers=r"gpt_neox/layers_\d+/",
+    qkv=("attention/query_key_value", neox_qkv), attn_out="attention/dense", mlp_in="mlp/dense_h_to_4h",
+    mlp_out="mlp/dense_4h_to_h", lm_head="lm_head")
 GPTNeoXForCausalLM.hf_sharding_table = GPT_NEOX_SHARDING_TABLE

@@ -18,7 +18,7 @@ from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields, divisible_head_dim, hf_get
 from models.layers import Bias, DenseMLP, KVCache, LayerNorm, dense, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
-from models.sharding import COLUMN, ROW, VOCAB, ShardRule, shard
+from models.sharding import ShardRule, megatron_table
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -163,13 +163,7 @@ GPTJ_WEIGHT_TABLE: tuple[WeightRule, ...] = (
 )
 GPTJForCausalLM.hf_weight_table = GPTJ_WEIGHT_TABLE
 
-_PH = r"transformer/h_\d+/"
-GPTJ_SHARDING_TABLE: tuple[ShardRule, ...] = (
-    shard(r"transformer/wte/embedding", VOCAB),
-    shard(_PH + r"attn/(q|k|v)_proj/kernel", COLUMN),  # as many KV heads as query heads
-    shard(_PH + r"attn/out_proj/kernel", ROW),
-    shard(_PH + r"mlp/fc_in/(kernel|bias)", COLUMN),
-    shard(_PH + r"mlp/fc_out/kernel", ROW),
-    shard(r"lm_head/(kernel|bias)", VOCAB),
-)
+GPTJ_SHARDING_TABLE = megatron_table(
+    embedding="transformer/wte/embedding", layers=r"transformer/h_\d+/", qkv="attn/(q|k|v)_proj",
+    attn_out="attn/out_proj", mlp_in="mlp/fc_in", mlp_out="mlp/fc_out", lm_head="lm_head")
 GPTJForCausalLM.hf_sharding_table = GPTJ_SHARDING_TABLE

@@ -18,7 +18,7 @@ from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields
 from models.layers import KVCache, RMSNorm, dense, get_activation, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
-from models.sharding import COLUMN, KV_COLUMN, ROW, VOCAB, ShardRule, shard
+from models.sharding import ShardRule, megatron_table
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -215,14 +215,8 @@ LLAMA_WEIGHT_TABLE: tuple[WeightRule, ...] = (
 )
 LlamaForCausalLM.hf_weight_table = LLAMA_WEIGHT_TABLE
 
-_PL = r"model/layers_\d+/"
-LLAMA_SHARDING_TABLE: tuple[ShardRule, ...] = (
-    shard(r"model/embed_tokens/embedding", VOCAB),
-    shard(_PL + r"self_attn/q_proj/(kernel|bias)", COLUMN),
-    shard(_PL + r"self_attn/(k|v)_proj/(kernel|bias)", KV_COLUMN),
-    shard(_PL + r"self_attn/o_proj/kernel", ROW),
-    shard(_PL + r"mlp/(gate|up)_proj/(kernel|bias)", COLUMN),
-    shard(_PL + r"mlp/down_proj/kernel", ROW),
-    shard(r"lm_head/kernel", VOCAB),
-)
+LLAMA_SHARDING_TABLE = megatron_table(
+    embedding="model/embed_tokens/embedding", layers=r"model/layers_\d+/", qkv="self_attn/q_proj",
+    kv="self_attn/(k|v)_proj", attn_out="self_attn/o_proj", mlp_in="mlp/(gate|up)_proj", mlp_out="mlp/down_proj",
+    lm_head="lm_head")
 LlamaForCausalLM.hf_sharding_table = LLAMA_SHARDING_TABLE

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields, divisible_head_dim
 from models.layers import DenseMLP, KVCache, LayerNorm, dense, lm_logits, paged_attention, run_layers
-from models.sharding import COLUMN, PACKED, ROW, VOCAB, Packed, ShardRule, shard, tensor_parallel_size
+from models.sharding import Packed, ShardRule, megatron_table, tensor_parallel_size
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -195,13 +195,7 @@ MPT_WEIGHT_TABLE: tuple[WeightRule, ...] = (
 )
 MptForCausalLM.hf_weight_table = MPT_WEIGHT_TABLE
 
-_PB = r"transformer/blocks_\d+/"
-MPT_SHARDING_TABLE: tuple[ShardRule, ...] = (
-    shard(r"transformer/wte/embedding", VOCAB),
-    shard(_PB + r"attn/Wqkv/(kernel|bias)", PACKED, mpt_qkv),
-    shard(_PB + r"attn/out_proj/kernel", ROW),
-    shard(_PB + r"ffn/up_proj/(kernel|bias)", COLUMN),
-    shard(_PB + r"ffn/down_proj/kernel", ROW),
-    shard(r"lm_head/kernel", VOCAB),
-)
+MPT_SHARDING_TABLE = megatron_table(
+    embedding="transformer/wte/embedding", layers=r"transformer/blocks_\d+/", qkv=("attn/Wqkv", mpt_qkv),
+    attn_out="attn/out_proj", mlp_in="ffn/up_proj", mlp_out="ffn/down_proj", lm_head="lm_head")
 MptForCausalLM.hf_sharding_table = MPT_SHARDING_TABLE

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields, divisible_head_dim, hf_get
 from models.layers import KVCache, LayerNorm, dense, get_activation, lm_logits, paged_attention, run_layers
-from models.sharding import COLUMN, ROW, VOCAB, ShardRule, shard
+from models.sharding import ShardRule, megatron_table
 from models.weight_table import WeightRule, rule, transpose
 
 # OPT's learned position table has two leading rows (a fairseq padding-index artefact).
@@ -213,13 +213,7 @@ OPT_WEIGHT_TABLE: tuple[WeightRule, ...] = (
 )
 OPTForCausalLM.hf_weight_table = OPT_WEIGHT_TABLE
 
-_PL = r"model/decoder/layers_\d+/"
-OPT_SHARDING_TABLE: tuple[ShardRule, ...] = (
-    shard(r"model/decoder/embed_tokens/embedding", VOCAB),
-    shard(_PL + r"self_attn/(q|k|v)_proj/(kernel|bias)", COLUMN),  # as many KV heads as query heads
-    shard(_PL + r"self_attn/out_proj/kernel", ROW),
-    shard(_PL + r"fc1/(kernel|bias)", COLUMN),
-    shard(_PL + r"fc2/kernel", ROW),
-    shard(r"lm_head/kernel", VOCAB),
-)
+OPT_SHARDING_TABLE = megatron_table(
+    embedding="model/decoder/embed_tokens/embedding", layers=r"model/decoder/layers_\d+/",
+    qkv="self_attn/(q|k|v)_proj", attn_out="self_attn/out_proj", mlp_in="fc1", mlp_out="fc2", lm_head="lm_head")
 OPTForCausalLM.hf_sharding_table = OPT_SHARDING_TABLE

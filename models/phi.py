@@ -17,7 +17,7 @@ from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields, hf_get, partial_rotary_factor
 from models.layers import Bias, DenseMLP, KVCache, LayerNorm, dense, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
-from models.sharding import COLUMN, KV_COLUMN, ROW, VOCAB, ShardRule, shard
+from models.sharding import ShardRule, megatron_table
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -164,14 +164,7 @@ PHI_WEIGHT_TABLE: tuple[WeightRule, ...] = (
 )
 PhiForCausalLM.hf_weight_table = PHI_WEIGHT_TABLE
 
-_PL = r"model/layers_\d+/"
-PHI_SHARDING_TABLE: tuple[ShardRule, ...] = (
-    shard(r"model/embed_tokens/embedding", VOCAB),
-    shard(_PL + r"self_attn/q_proj/(kernel|bias)", COLUMN),
-    shard(_PL + r"self_attn/(k|v)_proj/(kernel|bias)", KV_COLUMN),
-    shard(_PL + r"self_attn/dense/kernel", ROW),
-    shard(_PL + r"mlp/fc1/(kernel|bias)", COLUMN),
-    shard(_PL + r"mlp/fc2/kernel", ROW),
-    shard(r"lm_head/(kernel|bias)", VOCAB),
-)
+PHI_SHARDING_TABLE = megatron_table(
+    embedding="model/embed_tokens/embedding", layers=r"model/layers_\d+/", qkv="self_attn/q_proj",
+    kv="self_attn/(k|v)_proj", attn_out="self_attn/dense", mlp_in="mlp/fc1", mlp_out="mlp/fc2", lm_head="lm_head")
 PhiForCausalLM.hf_sharding_table = PHI_SHARDING_TABLE

@@ -26,7 +26,7 @@ from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields
 from models.layers import KVCache, RMSNorm, dense, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
-from models.sharding import COLUMN, PACKED, ROW, VOCAB, Packed, ShardRule, shard, tensor_parallel_size
+from models.sharding import Packed, ShardRule, megatron_table, tensor_parallel_size
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -181,13 +181,7 @@ QWEN_WEIGHT_TABLE: tuple[WeightRule, ...] = (
 )
 QWenLMHeadModel.hf_weight_table = QWEN_WEIGHT_TABLE
 
-_PH = r"transformer/h_\d+/"
-QWEN_SHARDING_TABLE: tuple[ShardRule, ...] = (
-    shard(r"transformer/wte/embedding", VOCAB),
-    shard(_PH + r"attn/c_attn/(kernel|bias)", PACKED, qwen_qkv),
-    shard(_PH + r"attn/c_proj/kernel", ROW),
-    shard(_PH + r"mlp/(w1|w2)/(kernel|bias)", COLUMN),
-    shard(_PH + r"mlp/c_proj/kernel", ROW),
-    shard(r"lm_head/kernel", VOCAB),
-)
+QWEN_SHARDING_TABLE = megatron_table(
+    embedding="transformer/wte/embedding", layers=r"transformer/h_\d+/", qkv=("attn/c_attn", qwen_qkv),
+    attn_out="attn/c_proj", mlp_in="mlp/(w1|w2)", mlp_out="mlp/c_proj", lm_head="lm_head")
 QWenLMHeadModel.hf_sharding_table = QWEN_SHARDING_TABLE

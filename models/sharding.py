@@ -169,6 +169,32 @@ def shard(pattern: str, role: str, packing: Callable[[Any], Packed] | None = Non
     return ShardRule(pattern, role, packing)
 
 
+_PARAMS = r"/(kernel|bias)"
+
+
+def megatron_table(*, embedding: str, layers: str, qkv: str | tuple[str, Callable[[Any], Packed]], attn_out: str,
+                   mlp_in: str | tuple[str, Callable[[Any], Packed]], mlp_out: str, lm_head: str,
+                   kv: str | None = None) -> tuple[ShardRule, ...]:
+    """A decoder's Megatron split, from its parameter names: the token ``embedding`` and the
+    ``lm_head`` by vocabulary; in every layer (``layers``: the path prefix of a layer, a regex) the
+    attention input ``qkv`` by column — a module, or ``(module, packing)`` for a packed projection —
+    with separate ``kv`` projections split by KV head (or replicated), ``attn_out`` by row, the MLP's
+    ``mlp_in`` by column (or packed) and ``mlp_out`` by row. Module paths are regexes; a module's
+    kernel and bias follow it, except a row-parallel bias, which stays replicated."""
+
+    def column(module: str | tuple[str, Callable[[Any], Packed]]) -> ShardRule:
+        if isinstance(module, tuple):
+            return shard(layers + module[0] + _PARAMS, PACKED, module[1])
+        return shard(layers + module + _PARAMS, COLUMN)
+
+    rules = [shard(embedding, VOCAB), column(qkv)]
+    if kv is not None:
+        rules.append(shard(layers + kv + _PARAMS, KV_COLUMN))
+    rules += [shard(layers + attn_out + "/kernel", ROW), column(mlp_in), shard(layers + mlp_out + "/kernel", ROW),
+              shard(lm_head + _PARAMS, VOCAB)]
+    return tuple(rules)
+
+
 def tensor_parallel_size(config: Any) -> int:
     return int(getattr(config, "tensor_parallel_size", 1))
 
