@@ -226,23 +226,28 @@ class LeaderRunner:
         return self.collect(self.dispatch(sched, get_row))
 
 
-def serve_worker(runner: Any, channel: StepChannel) -> None:
-    """A worker's loop: replays the leader's runner calls until it stops or disconnects."""
+def serve_worker(runner: Any, channel: StepChannel) -> int:
+    """A worker's loop: replays the leader's runner calls until it stops or disconnects; returns
+    the number of steps replayed."""
     steps: dict[int, Any] = {}  # dispatched steps the next dispatch may chain on (async scheduling)
+    replayed = 0
     while True:
         try:
             message = channel.recv()
         except (EOFError, OSError):
-            logger.info("the leader closed the channel; worker %d stops", channel.cfg.process_id)
-            return
+            logger.info("the leader closed the channel; worker %d stops after %d steps",
+                        channel.cfg.process_id, replayed)
+            return replayed
         kind = message[0]
         if kind == "stop":
-            return
+            logger.info("worker %d stops after %d steps", channel.cfg.process_id, replayed)
+            return replayed
         if kind == "reset":
             runner.kv.reset()
             steps.clear()
         elif kind == "dispatch":
             _, key, sched, rows, prev_key = message
+            replayed += 1
             try:
                 steps[key] = runner.dispatch(sched, rows.__getitem__, steps.get(prev_key))
             except Exception:  # noqa: BLE001 - the leader failed the same way and recovers

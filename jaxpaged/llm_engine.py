@@ -156,12 +156,13 @@ class LLMEngine:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         return cfg
 
-    def serve_worker(self) -> None:
-        """On a process other than 0 of a multi-host engine: replay the leader's steps until it stops."""
+    def serve_worker(self) -> int:
+        """On a process other than 0 of a multi-host engine: replay the leader's steps until it stops;
+        returns how many it replayed."""
         if self.distributed is None or self.distributed.is_leader:
             raise ValueError("serve_worker runs on the processes other than 0 of a multi-host engine "
                              "(coordinator_address, num_processes, process_id > 0)")
-        distributed.serve_worker(self.runner, self.channel)
+        return distributed.serve_worker(self.runner, self.channel)
 
     @staticmethod
     def _load_tokenizer(path: str):

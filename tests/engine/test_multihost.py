@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -72,3 +73,5 @@ def test_two_processes_match_one(tmp_path, mode):
     assert result["tokens"] == [o.outputs[0].token_ids for o in ref]
     assert result["stats"]["num_compilations_after_warmup"] == 0
     assert result["stats"]["num_preemptions_total"] > 0
+    replayed = re.search(r"worker 1 stops after (\d+) steps", worker_out)
+    assert replayed and int(replayed.group(1)) > 0, worker_out[-3000:]
