@@ -17,3 +17,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "tests/tp/" in item.nodeid.replace("\\", "/") or item.nodeid.startswith("tp/"):
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs_per_test():
+    # Every test here builds models or engines for up to 8 devices; XLA:CPU keeps each executable's
+    # code mapped, so release them test by test rather than once per module.
+    yield
+    import gc
+
+    gc.collect()
+    jax.clear_caches()
