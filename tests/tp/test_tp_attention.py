@@ -2,7 +2,8 @@
 the KV write and the attention kernels run per device through ``shard_map`` on that device's heads
 and its slice of the cache, and give the unsplit call's output and cache, on the reference backend
 and on the Pallas kernels (in the Pallas interpreter on CPU); with fewer KV heads than devices each
-device keeps a copy of the one its query heads read."""
+device keeps a copy of the one its query heads read. The reference backend under a mesh also runs
+in every engine test of tests/tp; here it is in the ``slow`` set."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def _case(rng, q_lens, ctx_lens, hq, hkv, decode_only):
     return q, k, v, kc, vc, md, pos
 
 
-@pytest.mark.parametrize("backend", ["reference", "pallas"])
+@pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.slow), "pallas"])
 @pytest.mark.parametrize("step", ["mixed", "decode"])
 @pytest.mark.parametrize("tp,hq,hkv,alibi", [(2, 4, 4, False), (4, 8, 2, True), (4, 8, 1, False)],
                          ids=["mha-tp2", "gqa-replicated-tp4-alibi", "mqa-tp4"])
