@@ -213,3 +213,14 @@ def test_more_devices_than_the_machine_has_is_refused():
     with pytest.raises(ValueError, match="tensor_parallel_size=16 needs 16 devices"):
         make_mesh(16)
     assert jax.device_count() == 8
+
+
+@pytest.mark.slow
+def test_the_cases_cover_every_registered_architecture(checkpoint):
+    import json
+    import os
+
+    from models import supported_architectures
+
+    archs = {json.load(open(os.path.join(checkpoint(c), "config.json")))["architectures"][0] for c in TP_CASES}
+    assert archs == set(supported_architectures())
