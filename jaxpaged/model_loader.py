@@ -173,17 +173,18 @@ def load_model(
     model_cls = get_model_class(arch)
     config = model_cls.config_class.from_hf_config(hf_config)
     jdtype = resolve_dtype(dtype, hf_config)
-    # Shapes as the checkpoint holds them; at tp > 1 packed projections are held re-laid out.
-    canonical = flax.traverse_util.flatten_dict(abstract_params(model_cls(config=config, dtype=jdtype), config, jdtype))
-    plan = None
     tp = tensor_parallel.tp_size(mesh)
     if tp > 1:
         config = dataclasses.replace(config, tensor_parallel_size=tp)
         check_tensor_parallel(config)
     model = model_cls(config=config, dtype=jdtype)
+    held = flax.traverse_util.flatten_dict(abstract_params(model, config, jdtype))
+    plan = None
+    canonical = held  # the shapes the checkpoint stores
     if tp > 1:
-        held = flax.traverse_util.flatten_dict(abstract_params(model, config, jdtype))
         plan = ShardingPlan(model_cls.hf_sharding_table, config, {p: s.shape for p, s in held.items()})
+        # Packed projections are held re-laid out (wider, when KV heads are copied per device).
+        canonical = {p: jax.ShapeDtypeStruct(plan[p].canonical_shape(s.shape), s.dtype) for p, s in held.items()}
         if plan.replicated_vocab:
             logger.info("vocabulary of %d does not split over %d devices: %s kept whole on every device",
                         config.vocab_size, tp, ", ".join(plan.replicated_vocab))

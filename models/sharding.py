@@ -213,9 +213,14 @@ class ParamSharding:
 
     spec: P
     columns: np.ndarray | None = None  # along the last axis
+    canonical_width: int | None = None  # a packed projection's last axis in the checkpoint
 
     def relayout(self, array: Any) -> Any:
         return array if self.columns is None else array[..., self.columns]
+
+    def canonical_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape the checkpoint stores for a parameter held in ``shape``."""
+        return tuple(shape) if self.canonical_width is None else tuple(shape[:-1]) + (self.canonical_width,)
 
 
 class ShardingPlan:
@@ -254,11 +259,10 @@ class ShardingPlan:
             raise ValueError(f"cannot shard {name} (shape {shape}) over tensor_parallel_size={tp}: "
                              f"axis {axis} ({shape[axis]}) does not divide")
         spec = P(*([None] * axis + [TP_AXIS] + [None] * (len(shape) - axis - 1)))
-        columns = None
         if role == PACKED:
             packed = rule.packing(config)
-            columns = packed.columns(tp)
-        return ParamSharding(spec, columns)
+            return ParamSharding(spec, packed.columns(tp), packed.canonical_width)
+        return ParamSharding(spec)
 
 
 def check_tensor_parallel(config: Any) -> None:
