@@ -79,10 +79,11 @@ def host_array_placer(mesh: Mesh, plan: ShardingPlan) -> Callable[[tuple[str, ..
 def _dummy_program(kind: str, shape: tuple[int, ...], dtype: Any, sharding: NamedSharding, relayout: bool):
     def draw(key, columns):
         if kind == "ones":
-            return jnp.ones(shape, dtype)
-        if kind == "zeros":
-            return jnp.zeros(shape, dtype)
-        x = (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
+            x = jnp.ones(shape, dtype)
+        elif kind == "zeros":
+            x = jnp.zeros(shape, dtype)
+        else:
+            x = (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
         return x[..., columns] if relayout else x
 
     return jax.jit(draw, out_shardings=sharding)
