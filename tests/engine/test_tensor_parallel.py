@@ -19,10 +19,10 @@ from models.sharding import Packed
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _run_tp_session(marker: str) -> None:
+def _run_tp_session(marker: str, select: str | None = None) -> None:
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker,
-                           os.path.join("tests", "tp")], cwd=ROOT, env=env, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker, os.path.join("tests", "tp")]
+    proc = subprocess.run(cmd + (["-k", select] if select else []), cwd=ROOT, env=env, capture_output=True, text=True)
     print(proc.stdout[-4000:])
     assert proc.returncode == 0, proc.stdout[-12000:] + proc.stderr[-4000:]
 
@@ -31,9 +31,13 @@ def test_tp_parity_subset_on_8_fake_devices():
     _run_tp_session("not slow")
 
 
+# The matrix in three processes: one process compiling every family's programs for 8 devices ran
+# XLA:CPU into a crash in its compiler (the accumulation tests/conftest.py describes).
 @pytest.mark.slow
-def test_tp_parity_every_family_on_8_fake_devices():
-    _run_tp_session("slow")
+@pytest.mark.parametrize("select", ["test_logits_match", "test_engine_greedy",
+                                    "not test_logits_match and not test_engine_greedy"])
+def test_tp_parity_every_family_on_8_fake_devices(select):
+    _run_tp_session("slow", select)
 
 
 def _columns_by_hand(layout: str, hq: int, hkv: int, d: int, tp: int) -> list[int]:
