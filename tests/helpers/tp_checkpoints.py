@@ -132,7 +132,7 @@ def _falcon_rw_alibi(path: str) -> str:
     return path
 
 
-_GPT = dict(n_embd=H, n_layer=2, n_head=8, n_positions=256, initializer_range=0.1)
+_GPT = dict(n_embd=H, n_layer=2, n_head=8, n_positions=256, initializer_range=0.1, bos_token_id=1, eos_token_id=2)
 
 # name -> builder(path) -> path. Comments: KV heads of the 8 query heads, and what the case covers.
 TP_CASES: dict[str, Callable[[str], str]] = {
