@@ -28,9 +28,9 @@ def make_mesh(tensor_parallel_size: int) -> Mesh | None:
     In one process it takes the first devices; across processes (jax.distributed) the same number
     from each process, in process order, so the mesh spans every process."""
     tp = tensor_parallel_size
-    if tp == 1:
-        return None
     num_processes = jax.process_count()
+    if tp == 1 and num_processes == 1:
+        return None
     if num_processes == 1:
         devices = jax.devices()
         if tp > len(devices):
