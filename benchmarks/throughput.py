@@ -3,11 +3,20 @@
     PYTHONPATH=. python3 benchmarks/throughput.py --backend jaxpaged --num-requests 1000
     PYTHONPATH=. python3 benchmarks/throughput.py --backend hf-cb --num-requests 200
     PYTHONPATH=. python3 benchmarks/throughput.py --backend all   # jaxpaged, then HF on a prefix
+    PYTHONPATH=. python3 benchmarks/throughput.py --tensor-parallel-size 1,2,4,8   # tp sweep, 7B
+    PYTHONPATH=. python3 benchmarks/throughput.py --model benchmarks/configs/llama-2-70b --tensor-parallel-size 2,4,8
 
-Weights are random (``load_format="dummy"`` / ``from_config``) with a Llama-2-7B config; every
-request ignores EOS and generates exactly its output length. Prints requests/s, output tokens/s,
-total tokens/s, the roofline (copy bandwidth and bf16 matmul rate measured in the same run) and
-the ratio to HF in the same run; ``--json`` writes everything to a file.
+Weights are random (``load_format="dummy"`` / ``from_config``) with a Llama-2-7B config (or any
+config directory, e.g. the 70B-shaped one); every request ignores EOS and generates exactly its
+output length. Prints requests/s, output tokens/s, total tokens/s, batch-1 latency (time to first
+token and time per output token of a lone request), the roofline (copy bandwidth and bf16 matmul
+rate measured in the same run, on one device) and the ratio to HF in the same run; ``--json``
+writes everything to a file.
+
+``--tensor-parallel-size`` splits the model over that many GPUs; a comma list runs each size in a
+fresh process (each engine takes most of every GPU's memory) and prints one table. The roofline at
+tp = N counts N devices' bandwidth and matmul rate and no communication, so its ratio is an upper
+bound on what the all-reduces leave. The HF backends run on one GPU and only at tp = 1.
 """
 
 from __future__ import annotations
@@ -15,6 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 
 from benchmarks.common import LlamaShape, measure_ceilings_jax, sharegpt_like, simulate_ceiling
@@ -30,7 +42,8 @@ def run_jaxpaged(args, reqs) -> dict:
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
               block_size=args.block_size, skip_tokenizer_init=True, attention_backend=args.attention_backend,
               gpu_memory_utilization=args.gpu_memory_utilization, async_scheduling=args.async_scheduling,
-              enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype)
+              enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
+              tensor_parallel_size=int(args.tensor_parallel_size))
     startup = time.perf_counter() - t0
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True, detokenize=False) for r in reqs]
@@ -72,6 +85,7 @@ def run_jaxpaged(args, reqs) -> dict:
     m = o1.metrics
     b1 = (len(o1.outputs[0].token_ids) - 1) / (m.last_token_time - m.first_token_time)
     return {"elapsed_s": elapsed, "output_tokens": n_out, "startup_s": startup, "batch1_decode_tok_s": b1,
+            "batch1_tpot_ms": 1000.0 / b1, "batch1_ttft_ms": 1000.0 * (m.first_token_time - m.arrival_time),
             "num_compilations_after_warmup": stats.get("num_compilations_after_warmup"),
             "num_preemptions": stats.get("num_preemptions_total"), "padding_waste": stats.get("padding_waste"),
             "num_gpu_blocks": stats.get("num_gpu_blocks"), "timeline": greedy_timeline, **sampling, **prefix}
@@ -197,7 +211,13 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--hf-static-num-requests", type=int, default=64, help="prefix for the static-batch HF backend")
     ap.add_argument("--smoke", action="store_true", help="small ceiling measurement (CPU smoke test of the script)")
+    ap.add_argument("--tensor-parallel-size", default="1",
+                    help="GPUs the model is split over; a comma list (1,2,4,8) runs each in a fresh process")
     args = ap.parse_args()
+    if "," in args.tensor_parallel_size:
+        return tp_sweep(args)
+    if int(args.tensor_parallel_size) > 1 and args.backend != "jaxpaged":
+        raise SystemExit("error: the HF backends run on one GPU: use --backend jaxpaged with --tensor-parallel-size > 1")
 
     if args.enforce_eager:  # before the ceilings below start JAX's backend: the flag is read at start
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
@@ -219,10 +239,11 @@ def main() -> None:
         results[b] = r
         print(f"[{b}] {json.dumps(r)}", flush=True)
     results["ceilings"] = ceilings
-    sim = simulate_ceiling(reqs, shape, ceilings["copy_bytes_per_s"], ceilings["bf16_matmul_flops_per_s"],
+    tp = int(args.tensor_parallel_size)  # N devices: N times one device's ceilings (no communication)
+    sim = simulate_ceiling(reqs, shape, tp * ceilings["copy_bytes_per_s"], tp * ceilings["bf16_matmul_flops_per_s"],
                            args.max_num_seqs, args.max_num_batched_tokens)
     results["roofline_output_tokens_per_s"] = sim
-    results["batch1_roofline_tok_s"] = ceilings["copy_bytes_per_s"] / shape.weight_bytes
+    results["batch1_roofline_tok_s"] = tp * ceilings["copy_bytes_per_s"] / shape.weight_bytes
     print(f"\nweights {shape.weight_bytes / 1e9:.2f} GB, KV {shape.kv_bytes_per_token / 1e6:.3f} MB/token; "
           f"copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {ceilings['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
     print(f"roofline (simulated, same max_num_seqs/budget): {sim:.0f} output tok/s; batch-1 decode roofline "
@@ -235,7 +256,8 @@ def main() -> None:
     if "jaxpaged" in results:
         j = results["jaxpaged"]
         print(f"jaxpaged batch-1 decode {j['batch1_decode_tok_s']:.1f} tok/s = "
-              f"{j['batch1_decode_tok_s'] / results['batch1_roofline_tok_s']:.1%} of roofline")
+              f"{j['batch1_decode_tok_s'] / results['batch1_roofline_tok_s']:.1%} of roofline "
+              f"(TPOT {j['batch1_tpot_ms']:.2f} ms, TTFT {j['batch1_ttft_ms']:.1f} ms; tp {tp})")
         for b in ("hf-cb", "hf"):
             if b in results:
                 print(f"jaxpaged / {b}: {j['output_tokens_per_s'] / results[b]['output_tokens_per_s']:.1f}x output tok/s")
@@ -251,6 +273,38 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def tp_sweep(args) -> None:
+    """Runs this benchmark once per tensor-parallel size, each in a fresh process, and tabulates."""
+    sizes = [int(x) for x in args.tensor_parallel_size.split(",")]
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--tensor-parallel-size")
+    del argv[i : i + 2]
+    if "--json" in argv:
+        j = argv.index("--json")
+        del argv[j : j + 2]
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for tp in sizes:
+            out = os.path.join(tmp, f"tp{tp}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), *argv, "--tensor-parallel-size", str(tp), "--json", out]
+            print(f"[sweep] {' '.join(cmd)}", flush=True)
+            proc = subprocess.run(cmd)
+            rows[tp] = json.load(open(out)) if proc.returncode == 0 and os.path.exists(out) else {"failed": proc.returncode}
+    print(f"\n{'tp':>3s} {'out tok/s':>10s} {'vs roofline':>11s} {'b1 tok/s':>9s} {'TPOT ms':>8s} {'TTFT ms':>8s} "
+          f"{'startup s':>9s} {'KV blocks':>9s}")
+    for tp, r in rows.items():
+        j = r.get("jaxpaged")
+        if j is None:
+            print(f"{tp:3d} failed ({r.get('failed')})")
+            continue
+        print(f"{tp:3d} {j['output_tokens_per_s']:10.0f} {j['output_tokens_per_s'] / r['roofline_output_tokens_per_s']:10.1%} "
+              f"{j['batch1_decode_tok_s']:9.1f} {j['batch1_tpot_ms']:8.2f} {j['batch1_ttft_ms']:8.1f} "
+              f"{j['startup_s']:9.0f} {j['num_gpu_blocks']:9d}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({str(tp): r for tp, r in rows.items()}, f, indent=2)
 
 
 if __name__ == "__main__":

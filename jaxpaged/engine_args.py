@@ -35,7 +35,13 @@ class EngineArgs:
     preemption_mode: str = "recompute"
     load_format: str = "auto"  # auto | safetensors | gguf | dummy ("auto": gguf for a .gguf file)
     generation_config: str = "auto"  # auto | vllm | a folder (see jaxpaged/generation_config.py)
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # devices the model is split over (Megatron-style; models/sharding.py)
+    # Multi-host (jax.distributed; jaxpaged/distributed.py): JAX's coordinator as host:port (process
+    # 0's host), the number of processes and this one's index. None: JAXPAGED_COORDINATOR_ADDRESS,
+    # JAXPAGED_NUM_PROCESSES, JAXPAGED_PROCESS_ID from the environment; no address: one process.
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
     attention_backend: str | None = None  # None: the fastest available on the device
     max_logprobs: int = 20
     # Admission caps of the fixed-width sampler inputs (a request above them is refused with a
@@ -80,6 +86,10 @@ class EngineArgs:
             raise bad("preemption_mode", f"one of {PREEMPTION_MODES}", self.preemption_mode)
         if self.tensor_parallel_size < 1:
             raise bad("tensor_parallel_size", ">= 1", self.tensor_parallel_size)
+        if self.num_processes is not None and self.num_processes < 1:
+            raise bad("num_processes", ">= 1", self.num_processes)
+        if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or self.process_id + 1):
+            raise bad("process_id", "in [0, num_processes)", self.process_id)
         if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
             raise bad("attention_backend", f"one of {ATTENTION_BACKENDS}", self.attention_backend)
         if self.max_logprobs < 0:

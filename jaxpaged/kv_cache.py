@@ -6,17 +6,24 @@ padding indices point past the pool and are dropped), so a fixed set of programs
 request mix; the device pool is donated and updated in place. ``warm_up`` compiles the sizes up to
 ``max_pairs_per_call``; a step that moves more pairs (several sequences swapped or forked at once)
 runs in chunks of that size, so nothing compiles while serving.
+
+Tensor parallelism: with a ``sharding`` the pool is split along its KV-head axis, each device
+allocating only its slice, and the block programs keep that layout (their outputs are pinned to
+it, so the step never sees a differently laid-out cache). The host swap pool has the global shape;
+each process fills the head slices of its own devices.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxpaged import tensor_parallel
 from jaxpaged.buckets import geometric_range
 from pallas_kernels.sizes import next_pow2
 
@@ -38,23 +45,25 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: Any) -> Any:
     return _FP8[kv_cache_dtype]
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _copy_blocks(caches: KVCaches, src: jax.Array, dst: jax.Array) -> KVCaches:
+def _copy_blocks_impl(caches: KVCaches, src: jax.Array, dst: jax.Array) -> KVCaches:
     return [(k.at[dst].set(k[src], mode="drop"), v.at[dst].set(v[src], mode="drop")) for k, v in caches]
 
 
-@jax.jit
-def _gather_blocks(caches: KVCaches, idx: jax.Array) -> jax.Array:
+def _gather_blocks_impl(caches: KVCaches, idx: jax.Array) -> jax.Array:
     # [layers, 2, n, block_size, heads, head_dim]
     return jnp.stack([jnp.stack([k[idx], v[idx]]) for k, v in caches])
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _scatter_blocks(caches: KVCaches, idx: jax.Array, data: jax.Array) -> KVCaches:
+def _scatter_blocks_impl(caches: KVCaches, idx: jax.Array, data: jax.Array) -> KVCaches:
     return [
         (k.at[idx].set(data[i, 0].astype(k.dtype), mode="drop"), v.at[idx].set(data[i, 1].astype(v.dtype), mode="drop"))
         for i, (k, v) in enumerate(caches)
     ]
+
+
+_copy_blocks = jax.jit(_copy_blocks_impl, donate_argnums=(0,))
+_gather_blocks = jax.jit(_gather_blocks_impl)
+_scatter_blocks = jax.jit(_scatter_blocks_impl, donate_argnums=(0,))
 
 
 class KVCache:
@@ -71,12 +80,22 @@ class KVCache:
         head_dim: int,
         dtype: Any,
         on_trace: Callable[[], None] | None = None,
+        sharding: NamedSharding | None = None,
     ):
         self.num_blocks = num_blocks
         self.num_host_blocks = num_host_blocks
         self.block_size = block_size
+        self.sharding = sharding
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.caches: KVCaches = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)]
+        self.caches: KVCaches = [self._zeros(shape, dtype) for _ in range(num_layers)]
+        self._copy, self._gather, self._scatter = _copy_blocks, _gather_blocks, _scatter_blocks
+        if sharding is not None:
+            cache_sh = [(sharding, sharding)] * num_layers
+            # Swapped blocks [layers, 2, n, block_size, heads, head_dim], split by head like the pool.
+            self._blocks_sharding = NamedSharding(sharding.mesh, PartitionSpec(None, None, None, None, *sharding.spec[2:]))
+            self._copy = jax.jit(_copy_blocks_impl, donate_argnums=(0,), out_shardings=cache_sh)
+            self._gather = jax.jit(_gather_blocks_impl, out_shardings=self._blocks_sharding)
+            self._scatter = jax.jit(_scatter_blocks_impl, donate_argnums=(0,), out_shardings=cache_sh)
         host_shape = (num_layers, 2, num_host_blocks, block_size, num_kv_heads, head_dim)
         self.host = np.zeros(host_shape, dtype=np.dtype(dtype)) if num_host_blocks else None
         self.max_pairs_per_call: int | None = None  # set by warm_up; None: any size (compiles on demand)
@@ -100,13 +119,13 @@ class KVCache:
         for chunk in self._chunks(pairs):
             src = self._pad([s for s, _ in chunk], 0)
             dst = self._pad([d for _, d in chunk], self.num_blocks)  # past the pool: dropped
-            self.caches = _copy_blocks(self.caches, src, dst)
+            self.caches = self._copy(self.caches, src, dst)
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         """Copies device blocks to host blocks: (device block, host block) pairs."""
         for chunk in self._chunks(pairs):
             idx = self._pad([d for d, _ in chunk], 0)
-            data = np.asarray(_gather_blocks(self.caches, idx))
+            data = self._gather_to_host(idx)
             self.host[:, :, [h for _, h in chunk]] = data[:, :, : len(chunk)]
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
@@ -116,13 +135,27 @@ class KVCache:
             data = np.zeros(self.host.shape[:2] + (n,) + self.host.shape[3:], self.host.dtype)
             data[:, :, : len(chunk)] = self.host[:, :, [h for h, _ in chunk]]
             idx = self._pad([d for _, d in chunk], self.num_blocks)
-            self.caches = _scatter_blocks(self.caches, idx, data)
+            self.caches = self._scatter(self.caches, idx, self._to_devices(data))
+
+    def _zeros(self, shape: tuple[int, ...], dtype: Any) -> tuple[jax.Array, jax.Array]:
+        return tensor_parallel.zeros(shape, dtype, self.sharding), tensor_parallel.zeros(shape, dtype, self.sharding)
+
+    def _gather_to_host(self, idx: np.ndarray) -> np.ndarray:
+        data = self._gather(self.caches, idx)
+        if self.sharding is None:
+            return np.asarray(data)
+        out = np.zeros(data.shape, self.host.dtype)  # only this process's heads are filled
+        tensor_parallel.to_host(data, out)
+        return out
+
+    def _to_devices(self, data: np.ndarray) -> np.ndarray | jax.Array:
+        return data if self.sharding is None else tensor_parallel.array_from_host(data, self._blocks_sharding)
 
     def reset(self) -> None:
         """Replaces the device pool with zeros (after a failed step consumed the donated arrays);
         every block's contents are lost, so the caller must recompute whatever used them."""
         shapes = [(k.shape, k.dtype) for k, _ in self.caches]
-        self.caches = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for shape, dtype in shapes]
+        self.caches = [self._zeros(shape, dtype) for shape, dtype in shapes]
 
     def is_lost(self) -> bool:
         """Whether the device arrays were consumed (donated to a call that then failed)."""
@@ -137,7 +170,7 @@ class KVCache:
             # NumPy inputs, as in serving: a jnp.asarray would compile a staging program per shape.
             src = self._pad([0] * n, 0)
             dst = self._pad([self.num_blocks] * n, self.num_blocks)
-            self.caches = _copy_blocks(self.caches, src, dst)
+            self.caches = self._copy(self.caches, src, dst)
             if self.host is not None:
-                data = np.asarray(_gather_blocks(self.caches, src))
-                self.caches = _scatter_blocks(self.caches, dst, data)
+                data = self._gather_to_host(src)
+                self.caches = self._scatter(self.caches, dst, self._to_devices(data))

@@ -14,6 +14,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
+from jaxpaged import distributed
 from jaxpaged.beam_search import num_beam_candidates
 from jaxpaged.cache_dir import cache_root
 from jaxpaged.engine_args import EngineArgs
@@ -39,7 +40,7 @@ class LLMEngine:
     """vLLM-style engine. Build with ``LLMEngine.from_engine_args(EngineArgs(...))``."""
 
     def __init__(self, args: EngineArgs):
-        self._setup_platform(args)
+        self.distributed = self._setup_platform(args)
         import jax
 
         from jaxpaged.block_manager import BlockManager
@@ -51,16 +52,14 @@ class LLMEngine:
         from jaxpaged.model_runner import ModelRunner
         from jaxpaged.model_source import resolve_model_source
         from jaxpaged.scheduler import Scheduler
+        from jaxpaged.tensor_parallel import kv_cache_sharding, make_mesh
+        from models.sharding import kv_cache_heads
         from pallas_kernels import check_attention_backend, default_attention_backend
 
         self.args = args
         self.compilations = CompilationCounter()
         on_gpu = jax.default_backend() == "gpu"
-        if args.tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size must be 1 for now (got {args.tensor_parallel_size}); "
-                "sharding across devices is not implemented yet"
-            )
+        self.mesh = make_mesh(args.tensor_parallel_size)  # None at 1 (jaxpaged/tensor_parallel.py)
         source = resolve_model_source(args.model, args.revision)
         logger.info("Model: %s", source.description)
         self.model_path = source.model_path
@@ -72,11 +71,11 @@ class LLMEngine:
         check_attention_backend(backend)
         t0 = time.perf_counter()
         self.lm = load_model(self.model_path, dtype=args.dtype, load_format=args.load_format,
-                             attention_backend=backend, seed=args.seed)
+                             attention_backend=backend, seed=args.seed, mesh=self.mesh)
         config = self.lm.config
-        logger.info("Loaded %s (%s, %s, load_format=%s) in %.1f s; attention backend %r", self.lm.architecture,
-                    self.model_path, jax.numpy.dtype(self.lm.dtype).name, args.load_format,
-                    time.perf_counter() - t0, backend)
+        logger.info("Loaded %s (%s, %s, load_format=%s) in %.1f s; attention backend %r; tensor_parallel_size %d",
+                    self.lm.architecture, self.model_path, jax.numpy.dtype(self.lm.dtype).name, args.load_format,
+                    time.perf_counter() - t0, backend, args.tensor_parallel_size)
 
         self.max_model_len = self._max_model_len(args, config)
         max_num_seqs = args.max_num_seqs or (256 if on_gpu else 16)
@@ -85,15 +84,18 @@ class LLMEngine:
         self.vocab_size = config.vocab_size
         self.eos_token_id = self._eos_token_id(hf_config)
 
+        # Under tensor parallelism the pool holds kv_cache_heads (KV heads replicated when fewer than
+        # the devices), split by head; swap_space is per device, as in vLLM.
+        kv_heads = kv_cache_heads(config)
         self.kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, self.lm.dtype)
-        block_bytes = KVCache.bytes_per_block(config.num_hidden_layers, args.block_size,
-                                              config.num_key_value_heads, config.head_dim, self.kv_dtype)
+        block_bytes = KVCache.bytes_per_block(config.num_hidden_layers, args.block_size, kv_heads, config.head_dim,
+                                              self.kv_dtype)
         num_blocks = num_kv_blocks(self.lm, args, max_model_len=self.max_model_len, block_bytes=block_bytes,
                                    on_gpu=on_gpu, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens)
-        num_host_blocks = int(args.swap_space * (1 << 30) // block_bytes)
+        num_host_blocks = int(args.swap_space * (1 << 30) * args.tensor_parallel_size // block_bytes)
         self.kv = KVCache(num_layers=config.num_hidden_layers, num_blocks=num_blocks, num_host_blocks=num_host_blocks,
-                          block_size=args.block_size, num_kv_heads=config.num_key_value_heads,
-                          head_dim=config.head_dim, dtype=self.kv_dtype)
+                          block_size=args.block_size, num_kv_heads=kv_heads, head_dim=config.head_dim,
+                          dtype=self.kv_dtype, sharding=None if self.mesh is None else kv_cache_sharding(self.mesh))
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); %d host blocks for swap; "
                     "max concurrency at max_model_len=%d: %.1f sequences", num_blocks, args.block_size,
                     num_blocks * args.block_size, num_blocks * block_bytes / (1 << 30), num_host_blocks,
@@ -118,6 +120,7 @@ class LLMEngine:
                                   eos_token_id=self.eos_token_id, seed=args.seed,
                                   with_decode_buckets=backend != "reference", bias_width=self.max_bias_entries)
         self.num_gpu_blocks = num_blocks
+        self.channel = None if self.distributed is None else distributed.StepChannel.open(self.distributed)
         self._warm_up()
         self.output_processor = OutputProcessor(self.tokenizer)
         self._next_seq_id = 0
@@ -129,6 +132,9 @@ class LLMEngine:
         self._open_steps: list[SchedulerOutput] = []  # scheduled, results not yet processed
         self._outputs: list[RequestOutput] = []  # what the current step() returns
         self.timeline = self.runner.timeline = StepTimeline()  # off unless enabled (benchmarks)
+        if self.distributed is not None and self.distributed.is_leader:
+            self.runner = distributed.LeaderRunner(self.runner, self.channel)  # workers replay each step
+            self.kv = self.runner.kv
         self._num_failed_steps = 0  # consecutive
         self.num_failed_steps_total = 0
 
@@ -138,12 +144,15 @@ class LLMEngine:
 
     # ---- set-up ------------------------------------------------------------------------------
     @staticmethod
-    def _setup_platform(args: EngineArgs) -> None:
+    def _setup_platform(args: EngineArgs) -> distributed.DistributedConfig | None:
         # JAX reserves 75% of GPU memory at start unless told otherwise; make that our budget.
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{args.gpu_memory_utilization:.3f}")
         flags = os.environ.get("XLA_FLAGS", "")
         if args.enforce_eager and "xla_gpu_enable_command_buffer" not in flags:
             os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_command_buffer=".strip()
+        cfg = distributed.distributed_config(args)
+        if cfg is not None:  # multi-host: before anything touches a device
+            distributed.initialize(cfg)
         import jax
 
         cache_dir = args.compilation_cache_dir
@@ -155,6 +164,15 @@ class LLMEngine:
             jax.config.update("jax_compilation_cache_dir", cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
             logger.info("JAX compilation cache: %s", cache_dir)
+        return cfg
+
+    def serve_worker(self) -> int:
+        """On a process other than 0 of a multi-host engine: replay the leader's steps until it stops;
+        returns how many it replayed."""
+        if self.distributed is None or self.distributed.is_leader:
+            raise ValueError("serve_worker runs on the processes other than 0 of a multi-host engine "
+                             "(coordinator_address, num_processes, process_id > 0)")
+        return distributed.serve_worker(self.runner, self.channel)
 
     @staticmethod
     def _load_tokenizer(path: str):

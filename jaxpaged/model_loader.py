@@ -5,6 +5,10 @@ set indexed by ``model.safetensors.index.json``, a ``.gguf`` file (``load_format
 by the suffix: config and dequantised tensors under HF names from ``gguf_checkpoint``), or
 (``load_format="dummy"``) random weights of the right shapes built on the device from the config alone. Tensors stream one at a time from a
 memory map to the device, so host memory never holds a second full copy of the weights.
+
+With a ``mesh`` (tensor parallelism) the family's sharding plan (models/sharding.py) decides each
+tensor's layout: packed projections are re-laid out on the host, one tensor at a time, and every
+device receives only its slice; dummy weights are drawn directly into the shards.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import dataclasses
 import functools
 import glob
 import json
+import logging
 import os
 from typing import Any, Callable
 
@@ -21,11 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
+from jaxpaged import tensor_parallel
 from jaxpaged.gguf_checkpoint import hf_config_from_gguf, hf_tensors
 from jaxpaged.gguf_file import GGUFFile, is_gguf_path
 from jaxpaged.safetensors_file import CheckpointError, SafetensorsFile
 from models import get_model_class
 from models.attention_metadata import pack_attention_metadata
+from models.sharding import ShardingPlan, check_tensor_parallel, kv_cache_heads
 from models.weight_table import map_hf_name
 
 DTYPES: dict[str, Any] = {
@@ -36,6 +45,7 @@ DTYPES: dict[str, Any] = {
     "half": jnp.float16,
 }
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+logger = logging.getLogger("jaxpaged")
 
 ParamPath = tuple[str, ...]
 PlaceFn = Callable[[ParamPath, np.ndarray | jax.Array], jax.Array]
@@ -54,6 +64,7 @@ class LoadedModel:
     dtype: Any
     model_path: str
     attention_backend: str = "reference"
+    mesh: Mesh | None = None  # tensor parallelism: the devices the parameters are split over
 
 
 def read_hf_config(model_path: str) -> dict:
@@ -100,14 +111,14 @@ def _init_all(module, input_ids, positions, kv_caches, metadata):
 
 
 def dummy_kv_caches(config: Any, dtype: Any, num_blocks: int = 1, block_size: int = 1) -> list:
-    shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+    shape = (num_blocks, block_size, kv_cache_heads(config), config.head_dim)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_hidden_layers)]
 
 
 def abstract_params(model: Any, config: Any, dtype: Any) -> Any:
     """Parameter shapes/dtypes the port expects (no memory allocated)."""
     md, pos = pack_attention_metadata([1], [0], [[0]], block_size=1)
-    shape = (1, 1, config.num_key_value_heads, config.head_dim)
+    shape = (1, 1, kv_cache_heads(config), config.head_dim)
     caches = [(jax.ShapeDtypeStruct(shape, dtype),) * 2 for _ in range(config.num_hidden_layers)]
 
     def init(ids, positions, kv, metadata):
@@ -150,11 +161,13 @@ def load_model(
     attention_backend: str = "reference",
     seed: int = 0,
     place: PlaceFn | None = None,
+    mesh: Mesh | None = None,
 ) -> LoadedModel:
     """Builds the port named by ``config.json`` and loads (or, for ``"dummy"``, draws) its weights.
 
-    ``place(path, array)`` puts one parameter on the device(s); the tensor-parallel runner passes
-    one that shards. Errors name the tensor and what was expected.
+    ``place(path, array)`` puts one parameter on the device(s). ``mesh``: split the model over the
+    mesh's ``tp`` axis as the family's ``hf_sharding_table`` says; a model whose heads do not divide
+    over it is refused here, with the reason. Errors name the tensor and what was expected.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r} is not supported; allowed: {', '.join(LOAD_FORMATS)}")
@@ -175,16 +188,30 @@ def load_model(
     model_cls = get_model_class(arch)
     config = model_cls.config_class.from_hf_config(hf_config)
     jdtype = resolve_dtype(dtype, hf_config)
+    tp = tensor_parallel.tp_size(mesh)
+    if tp > 1:
+        config = dataclasses.replace(config, tensor_parallel_size=tp)
+        check_tensor_parallel(config)
     model = model_cls(config=config, dtype=jdtype)
-    expected = flax.traverse_util.flatten_dict(abstract_params(model, config, jdtype))
+    held = flax.traverse_util.flatten_dict(abstract_params(model, config, jdtype))
+    plan = None
+    canonical = held  # the shapes the checkpoint stores
+    if tp > 1:
+        plan = ShardingPlan(model_cls.hf_sharding_table, config, {p: s.shape for p, s in held.items()})
+        # Packed projections are held re-laid out (wider, when KV heads are copied per device).
+        canonical = {p: jax.ShapeDtypeStruct(plan[p].canonical_shape(s.shape), s.dtype) for p, s in held.items()}
+        if plan.replicated_vocab:
+            logger.info("vocabulary of %d does not split over %d devices: %s kept whole on every device",
+                        config.vocab_size, tp, ", ".join(plan.replicated_vocab))
+        place = place or tensor_parallel.host_array_placer(mesh, plan)
     place = place or _default_place
     if load_format == "dummy":
-        flat = _dummy_params(expected, seed, place)
+        flat = _dummy_params(canonical, seed, place, mesh, plan)
     else:
         tensors = hf_tensors(gguf, hf_config) if gguf is not None else _safetensors_tensors(model_path)
-        flat = _place_tensors(tensors, model_path, model_cls, config, expected, jdtype, place)
+        flat = _place_tensors(tensors, model_path, model_cls, config, canonical, jdtype, place, plan)
     params = flax.traverse_util.unflatten_dict(flat)
-    return LoadedModel(model, params, config, hf_config, arch, jdtype, model_path, attention_backend)
+    return LoadedModel(model, params, config, hf_config, arch, jdtype, model_path, attention_backend, mesh)
 
 
 def _safetensors_tensors(model_path: str):
@@ -198,7 +225,8 @@ def _safetensors_tensors(model_path: str):
             f.close()
 
 
-def _place_tensors(tensors, model_path, model_cls, config, expected, jdtype, place) -> dict:
+def _place_tensors(tensors, model_path, model_cls, config, expected, jdtype, place,
+                   plan: ShardingPlan | None) -> dict:
     flat: dict[ParamPath, jax.Array] = {}
     np_dtype = np.dtype(jdtype)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -224,7 +252,8 @@ def _place_tensors(tensors, model_path, model_cls, config, expected, jdtype, pla
                     f"shape mismatch for tensor {name!r}: checkpoint has {tuple(arr.shape)}, the "
                     f"config implies {tuple(want)} for {'/'.join(pp)}"
                 )
-            flat[pp] = place(pp, np.asarray(arr).astype(np_dtype, copy=False))
+            arr = np.asarray(arr).astype(np_dtype, copy=False)
+            flat[pp] = place(pp, arr if plan is None else plan[pp].relayout(arr))
     missing = [("/".join(p)) for p in expected if p not in flat]
     if missing:
         raise CheckpointError(
@@ -234,14 +263,23 @@ def _place_tensors(tensors, model_path, model_cls, config, expected, jdtype, pla
     return flat
 
 
-def _dummy_params(expected: dict, seed: int, place: PlaceFn) -> dict:
+def _dummy_params(expected: dict, seed: int, place: PlaceFn, mesh: Mesh | None, plan: ShardingPlan | None) -> dict:
     flat = {}
     key = jax.random.PRNGKey(seed)
     for i, (pp, sds) in enumerate(sorted(expected.items())):
         leaf = pp[-1]
         if leaf in ("weight", "scale") and len(sds.shape) == 1:
-            arr = jnp.ones(sds.shape, sds.dtype)
+            kind = "ones"
         elif leaf == "bias":
+            kind = "zeros"
+        else:
+            kind = "normal"
+        if plan is not None:
+            flat[pp] = tensor_parallel.dummy_param(mesh, plan, pp, kind, jax.random.fold_in(key, i), sds.shape, sds.dtype)
+            continue
+        if kind == "ones":
+            arr = jnp.ones(sds.shape, sds.dtype)
+        elif kind == "zeros":
             arr = jnp.zeros(sds.shape, sds.dtype)
         else:
             arr = _random_normal(jax.random.fold_in(key, i), sds.shape, sds.dtype)

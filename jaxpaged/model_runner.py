@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged import tensor_parallel
 from jaxpaged.buckets import Bucket, geometric_range, make_buckets, pick_bucket
 from jaxpaged.kv_cache import KVCache
 from jaxpaged.model_loader import LoadedModel
@@ -99,16 +100,17 @@ def forward_step(model: Any, params: Any, caches: Any, input_ids, positions, md:
 
 
 def _pack_step_inputs(ids: np.ndarray, positions: np.ndarray, prev_idx: np.ndarray,
-                      md: AttentionMetadata) -> tuple[np.ndarray, tuple[int, int, int, bool, str]]:
-    """The step's int32 inputs as one flat array, and the static layout that cuts it back."""
+                      md: AttentionMetadata) -> tuple[np.ndarray, tuple]:
+    """The step's int32 inputs as one flat array, and the static layout that cuts it back (with the
+    metadata's static fields: decode_only, the backend and the tensor-parallel mesh)."""
     T, (S, MB) = len(ids), md.block_tables.shape
     flat = np.concatenate([ids, positions, prev_idx, md.slot_mapping, md.query_start_loc, md.seq_lens,
                            md.logits_indices, np.asarray(md.block_tables).reshape(-1)]).astype(np.int32, copy=False)
-    return flat, (T, S, MB, md.decode_only, md.attention_backend)
+    return flat, (T, S, MB, md.decode_only, md.attention_backend, md.mesh)
 
 
-def _unpack_step_inputs(flat: jax.Array, layout: tuple[int, int, int, bool, str]):
-    T, S, MB, decode_only, backend = layout
+def _unpack_step_inputs(flat: jax.Array, layout: tuple):
+    T, S, MB, decode_only, backend, mesh = layout
     sizes = (T, T, T, T, S + 1, S, S)
     parts, at = [], 0
     for n in sizes:
@@ -117,7 +119,7 @@ def _unpack_step_inputs(flat: jax.Array, layout: tuple[int, int, int, bool, str]
     ids, positions, prev_idx, slots, qsl, seq_lens, logits_idx = parts
     md = AttentionMetadata(slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens,
                            block_tables=flat[at : at + S * MB].reshape(S, MB), logits_indices=logits_idx,
-                           decode_only=decode_only, attention_backend=backend)
+                           decode_only=decode_only, attention_backend=backend, mesh=mesh)
     return ids, positions, prev_idx, md
 
 
@@ -167,14 +169,20 @@ class ModelRunner:
         self.history_width = next_pow2(max_model_len, 16)
         # Logit-bias slots per row in the full sampler: sized by the engine from its admission caps.
         self.bias_width = next_pow2(bias_width, 8)
-        self._step = jax.jit(self._step_impl, donate_argnums=(1,), static_argnums=(4,))
-        self._no_prev_tokens = jnp.zeros(self.max_rows, jnp.int32)
-        self._sample = jax.jit(self._sample_impl, static_argnums=(3,))
-        self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnums=(4,))
+        # Tensor parallelism (lm.mesh): parameters and cache keep their shardings through the step,
+        # everything else (inputs, logits, sampled tokens) is replicated (jaxpaged/tensor_parallel.py).
+        mesh = lm.mesh
+        self._replicated = None if mesh is None else tensor_parallel.replicated(mesh)
+        self._step = jax.jit(self._step_impl, donate_argnums=(1,), static_argnums=(4,),
+                             **tensor_parallel.step_jit_kwargs(mesh, lm.params, kv.caches, 2))
+        self._no_prev_tokens = tensor_parallel.zeros((self.max_rows,), jnp.int32, self._replicated)
+        self._sample = jax.jit(self._sample_impl, static_argnums=(3,), **tensor_parallel.replicated_out_kwargs(mesh))
+        self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnums=(4,),
+                                        **tensor_parallel.replicated_out_kwargs(mesh))
         self.timeline = StepTimeline()  # the engine's, when it profiles its steps
 
     # ---- device programs ------------------------------------------------------------------
-    def _step_impl(self, params, caches, flat, prev_tokens, layout: tuple[int, int, int, bool, str]):
+    def _step_impl(self, params, caches, flat, prev_tokens, layout: tuple):
         # The host packs every int32 input of the step into one array (one host-to-device copy a
         # step instead of eight); ``layout`` (static) says how to cut it.
         input_ids, positions, prev_idx, md = _unpack_step_inputs(flat, layout)
@@ -258,14 +266,15 @@ class ModelRunner:
         jax.block_until_ready(last)
 
     def _warm_sampler(self, num_rows: int, profile: str) -> None:
-        logits = jnp.zeros((self.max_rows, self.vocab_size), jnp.float32)
+        # Laid out as the step's logits are (replicated over the mesh), so serving reuses the program.
+        logits = tensor_parallel.zeros((self.max_rows, self.vocab_size), jnp.float32, self._replicated)
         tensors = self._tensors([], num_rows, profile)
         out = self._sample(logits, jnp.zeros(num_rows, jnp.int32), tensors, self._flags(profile))
         jax.block_until_ready(out)
 
     def _warm_prompt_lp(self, num_tokens: int) -> None:
         h = self._warm_hidden[num_tokens]  # the step's own output: same shape, dtype and placement
-        z = jnp.zeros(num_tokens, jnp.int32)
+        z = np.zeros(num_tokens, np.int32)
         jax.block_until_ready(self._prompt_logprobs(self.lm.params, h, z, z, self.max_logprobs))
 
     # ---- one step -----------------------------------------------------------------------------
@@ -291,7 +300,7 @@ class ModelRunner:
             q_lens, np.fromiter((x.num_computed_tokens for x in scheduled), np.int64, n),
             [x.block_table for x in scheduled], block_size=self.block_size, num_tokens=bucket.num_tokens,
             num_seqs=bucket.num_seqs, max_blocks_per_seq=self.max_blocks_per_seq, decode_only=bucket.decode_only,
-            attention_backend=self.lm.attention_backend,
+            attention_backend=self.lm.attention_backend, mesh=self.lm.mesh,
         )
         return ids, md, positions
 

@@ -7,10 +7,12 @@ decode token) and attends to ``seq_lens[s]`` keys/values: those already in its K
 ones this step writes. All arrays are padded to a bucket shape; padding sequences have zero query
 tokens and ``seq_lens == 0``, padding tokens have ``slot_mapping == -1``.
 
-Two static fields (part of the compiled program, not traced) say how attention runs the step:
-``decode_only`` (every sequence has exactly one query token, so kernels may take the decode path)
-and ``attention_backend`` (one of :data:`pallas_kernels.backends.ATTENTION_BACKENDS`). The model
-code reads both from here, so no layer carries a backend of its own.
+Three static fields (part of the compiled program, not traced) say how attention runs the step:
+``decode_only`` (every sequence has exactly one query token, so kernels may take the decode path),
+``attention_backend`` (one of :data:`pallas_kernels.backends.ATTENTION_BACKENDS`) and ``mesh``
+(tensor parallelism: the device mesh whose ``tp`` axis splits the heads; attention runs per device
+under ``shard_map``, the arrays here are replicated). The model code reads them from here, so no
+layer carries a backend or a mesh of its own.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from pallas_kernels.kernel_shapes import token_seq_ids
 
@@ -38,6 +41,7 @@ class AttentionMetadata:
     logits_indices: jnp.ndarray  # [S] index into the token axis of each sequence's last token
     decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
     attention_backend: str = dataclasses.field(default="reference", metadata=dict(static=True))
+    mesh: Mesh | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def num_tokens(self) -> int:
@@ -63,6 +67,7 @@ def pack_attention_metadata(
     max_blocks_per_seq: int | None = None,
     decode_only: bool = False,
     attention_backend: str = "reference",
+    mesh: Mesh | None = None,
 ) -> tuple[AttentionMetadata, np.ndarray]:
     """Packs one step's rows into padded NumPy arrays; returns ``(metadata, positions [T])``.
 
@@ -112,6 +117,6 @@ def pack_attention_metadata(
     logits_idx[:n] = np.where(q_lens > 0, ends - 1, 0)  # a row without query tokens has no logits
     md = AttentionMetadata(
         slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
-        logits_indices=logits_idx, decode_only=decode_only, attention_backend=attention_backend,
+        logits_indices=logits_idx, decode_only=decode_only, attention_backend=attention_backend, mesh=mesh,
     )
     return md, positions

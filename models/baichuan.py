@@ -25,6 +25,7 @@ from models.attention_metadata import AttentionMetadata
 from models.layers import KVCache, RMSNorm, alibi_slopes, dense, lm_logits, paged_attention, run_layers
 from models.llama import LlamaConfig, LlamaMLP, llama_config_from_hf
 from models.rotary import apply_rotary, rope_cos_sin
+from models.sharding import Packed, ShardRule, megatron_table, tensor_parallel_size
 from models.weight_table import WeightRule, rule, transpose
 
 BAICHUAN2_VOCAB_SIZE = 125696
@@ -47,6 +48,11 @@ class BaichuanConfig(LlamaConfig):
         return dataclasses.replace(base, use_alibi=use_alibi, norm_head=norm_head)
 
 
+def baichuan_qkv(config: BaichuanConfig) -> Packed:
+    """``W_pack``'s ``[q | k | v]`` layout."""
+    return Packed.qkv(config.num_attention_heads, config.num_attention_heads, config.head_dim)
+
+
 class BaichuanAttention(nn.Module):
     config: BaichuanConfig
     dtype: Any = jnp.float32
@@ -54,9 +60,9 @@ class BaichuanAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, cos, sin):
         c = self.config
-        T, H, D = x.shape[0], c.num_attention_heads, c.head_dim
-        qkv = dense(3 * H * D, False, self.dtype, "W_pack")(x)
-        q, k, v = (t.reshape(T, H, D) for t in jnp.split(qkv, 3, axis=-1))
+        T, H, D, tp = x.shape[0], c.num_attention_heads, c.head_dim, tensor_parallel_size(c)
+        packed = baichuan_qkv(c)
+        q, k, v = packed.split(dense(packed.width(tp), False, self.dtype, "W_pack")(x), tp)
         slopes = None
         if c.use_alibi:
             slopes = alibi_slopes(H)
@@ -109,6 +115,7 @@ class BaichuanForCausalLM(nn.Module):
 
     config_class: ClassVar[type] = BaichuanConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
+    hf_sharding_table: ClassVar[Sequence[ShardRule]] = ()  # set below
 
     def setup(self):
         self.model = BaichuanModel(self.config, self.dtype)
@@ -141,3 +148,8 @@ BAICHUAN_WEIGHT_TABLE: tuple[WeightRule, ...] = (
     rule(_L + r"self_attn\.rotary_emb\.inv_freq"),  # buffer in the 7B checkpoints, recomputed here
 )
 BaichuanForCausalLM.hf_weight_table = BAICHUAN_WEIGHT_TABLE
+
+BAICHUAN_SHARDING_TABLE = megatron_table(
+    embedding="model/embed_tokens/embedding", layers=r"model/layers_\d+/", qkv=("self_attn/W_pack", baichuan_qkv),
+    attn_out="self_attn/o_proj", mlp_in="mlp/(gate|up)_proj", mlp_out="mlp/down_proj", lm_head="lm_head")
+BaichuanForCausalLM.hf_sharding_table = BAICHUAN_SHARDING_TABLE

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields, divisible_head_dim
 from models.layers import DenseMLP, KVCache, LayerNorm, alibi_slopes, dense, lm_logits, paged_attention, run_layers
+from models.sharding import Packed, ShardRule, megatron_table, tensor_parallel_size
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -63,6 +64,11 @@ class BloomConfig(PortConfig):
         )
 
 
+def bloom_qkv(config: BloomConfig) -> Packed:
+    """``query_key_value``'s per-head ``[q|k|v]`` layout."""
+    return Packed.qkv(config.num_attention_heads, config.num_attention_heads, config.head_dim, grouped=True)
+
+
 class BloomAttention(nn.Module):
     config: BloomConfig
     dtype: Any = jnp.float32
@@ -70,10 +76,9 @@ class BloomAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, slopes):
         c = self.config
-        T = x.shape[0]
-        qkv = dense(3 * c.hidden_size, True, self.dtype, "query_key_value")(x)
-        qkv = qkv.reshape(T, c.num_attention_heads, 3, c.head_dim)  # BLOOM's per-head packing
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        T, tp = x.shape[0], tensor_parallel_size(c)
+        packed = bloom_qkv(c)
+        q, k, v = packed.split(dense(packed.width(tp), True, self.dtype, "query_key_value")(x), tp)
         out, kv_cache = paged_attention(
             q, k, v, kv_cache, positions, metadata, scale=c.head_dim**-0.5,
             alibi_slopes=slopes,
@@ -126,6 +131,7 @@ class BloomForCausalLM(nn.Module):
 
     config_class: ClassVar[type] = BloomConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
+    hf_sharding_table: ClassVar[Sequence[ShardRule]] = ()  # set below
 
     def setup(self):
         self.transformer = BloomModel(self.config, self.dtype)
@@ -155,3 +161,9 @@ BLOOM_WEIGHT_TABLE: tuple[WeightRule, ...] = (
     rule(r"lm_head\.weight", "lm_head/kernel", transform=transpose),
 )
 BloomForCausalLM.hf_weight_table = BLOOM_WEIGHT_TABLE
+
+BLOOM_SHARDING_TABLE = megatron_table(
+    embedding="transformer/word_embeddings/embedding", layers=r"transformer/h_\d+/",
+    qkv=("self_attention/query_key_value", bloom_qkv), attn_out="self_attention/dense", mlp_in="mlp/dense_h_to_4h",
+    mlp_out="mlp/dense_4h_to_h", lm_head="lm_head")
+BloomForCausalLM.hf_sharding_table = BLOOM_SHARDING_TABLE

@@ -27,6 +27,7 @@ from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields
 from models.layers import KVCache, LayerNorm, RMSNorm, dense, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
+from models.sharding import Packed, ShardRule, megatron_table, tensor_parallel_size
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -90,6 +91,16 @@ def _norm(c: ChatGLMConfig, dtype: Any, name: str | None = None) -> nn.Module:
     return LayerNorm(c.hidden_size, c.layernorm_epsilon, dtype, name=name)
 
 
+def chatglm_qkv(config: ChatGLMConfig) -> Packed:
+    """``query_key_value``'s ``[q (all heads) | k (groups) | v (groups)]`` layout."""
+    return Packed.qkv(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+
+
+def chatglm_gate_up(config: ChatGLMConfig) -> Packed:
+    """``dense_h_to_4h``'s two halves, SwiGLU's gate and up."""
+    return Packed.concat(config.ffn_hidden_size, config.ffn_hidden_size)
+
+
 class SelfAttention(nn.Module):
     config: ChatGLMConfig
     dtype: Any = jnp.float32
@@ -97,11 +108,10 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, cos, sin):
         c = self.config
-        T, H, Hkv, D = x.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        qkv = dense((H + 2 * Hkv) * D, c.add_bias_linear or c.add_qkv_bias, self.dtype, "query_key_value")(x)
-        q = qkv[:, : H * D].reshape(T, H, D)
-        k = qkv[:, H * D : (H + Hkv) * D].reshape(T, Hkv, D)
-        v = qkv[:, (H + Hkv) * D :].reshape(T, Hkv, D)
+        T, D, tp = x.shape[0], c.head_dim, tensor_parallel_size(c)
+        packed = chatglm_qkv(c)
+        qkv = dense(packed.width(tp), c.add_bias_linear or c.add_qkv_bias, self.dtype, "query_key_value")(x)
+        q, k, v = packed.split(qkv, tp)
         q = apply_rotary(q, cos, sin, interleaved=True)
         k = apply_rotary(k, cos, sin, interleaved=True)
         out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=D**-0.5)
@@ -115,8 +125,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        h = dense(2 * c.ffn_hidden_size, c.add_bias_linear, self.dtype, "dense_h_to_4h")(x)
-        gate, up = jnp.split(h, 2, axis=-1)
+        tp = tensor_parallel_size(c)
+        packed = chatglm_gate_up(c)
+        h = dense(packed.width(tp), c.add_bias_linear, self.dtype, "dense_h_to_4h")(x)
+        gate, up = (t.reshape(x.shape[0], -1) for t in packed.split(h, tp))
         return dense(c.hidden_size, c.add_bias_linear, self.dtype, "dense_4h_to_h")(nn.silu(gate) * up)
 
 
@@ -188,6 +200,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
 
     config_class: ClassVar[type] = ChatGLMConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
+    hf_sharding_table: ClassVar[Sequence[ShardRule]] = ()  # set below
 
     def setup(self):
         self.transformer = ChatGLMModel(self.config, self.dtype)
@@ -214,3 +227,9 @@ CHATGLM_WEIGHT_TABLE: tuple[WeightRule, ...] = (
     rule(r"transformer\.rotary_pos_emb\.inv_freq"),  # buffer saved in the checkpoints, recomputed here
 )
 ChatGLMForConditionalGeneration.hf_weight_table = CHATGLM_WEIGHT_TABLE
+
+CHATGLM_SHARDING_TABLE = megatron_table(
+    embedding="transformer/embedding/word_embeddings/embedding", layers=r"transformer/encoder/layers_\d+/",
+    qkv=("self_attention/query_key_value", chatglm_qkv), attn_out="self_attention/dense",
+    mlp_in=("mlp/dense_h_to_4h", chatglm_gate_up), mlp_out="mlp/dense_4h_to_h", lm_head="transformer/output_layer")
+ChatGLMForConditionalGeneration.hf_sharding_table = CHATGLM_SHARDING_TABLE

@@ -18,6 +18,9 @@ class PortConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     torch_dtype: str | None = None  # the checkpoint's dtype ("auto" loads it)
+    # Devices the model is split over (models/sharding.py); set by the loader, not read from the
+    # checkpoint. Packed projections are held in a per-device layout when it is above 1.
+    tensor_parallel_size: int = 1
 
 
 def common_fields(hf: Mapping[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields, divisible_head_dim
 from models.layers import DenseMLP, KVCache, LayerNorm, alibi_slopes, dense, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
+from models.sharding import Packed, ShardRule, megatron_table, tensor_parallel_size
 from models.weight_table import WeightRule, rule, transpose
 
 _RW_MODEL_TYPES = ("RefinedWebModel", "RefinedWeb")
@@ -117,6 +118,12 @@ def falcon_alibi_slopes(config: FalconConfig) -> jnp.ndarray:
     return slopes * config.head_dim**-0.5
 
 
+def falcon_qkv(config: FalconConfig) -> Packed:
+    """``query_key_value``'s layout: per KV group ``[q_0 … q_{G-1}, k, v]`` in every Falcon layout
+    (multi-query: one group of all heads; per-head ``[q|k|v]``: groups of one query head)."""
+    return Packed.qkv(config.num_attention_heads, config.num_key_value_heads, config.head_dim, grouped=True)
+
+
 class FalconAttention(nn.Module):
     config: FalconConfig
     dtype: Any = jnp.float32
@@ -124,17 +131,10 @@ class FalconAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, cos, sin):
         c = self.config
-        T, H, Hkv, D = x.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        qkv = dense((H + 2 * Hkv) * D, c.bias, self.dtype, "query_key_value")(x)
-        if c.new_decoder_architecture:
-            g = qkv.reshape(T, Hkv, H // Hkv + 2, D)
-            q, k, v = g[:, :, :-2].reshape(T, H, D), g[:, :, -2], g[:, :, -1]
-        elif c.multi_query:
-            g = qkv.reshape(T, H + 2, D)
-            q, k, v = g[:, :-2], g[:, -2:-1], g[:, -1:]
-        else:
-            g = qkv.reshape(T, H, 3, D)
-            q, k, v = g[:, :, 0], g[:, :, 1], g[:, :, 2]
+        T, D, tp = x.shape[0], c.head_dim, tensor_parallel_size(c)
+        packed = falcon_qkv(c)
+        qkv = dense(packed.width(tp), c.bias, self.dtype, "query_key_value")(x)
+        q, k, v = packed.split(qkv, tp)
         slopes = None
         if c.alibi:
             slopes = falcon_alibi_slopes(c)
@@ -198,6 +198,7 @@ class FalconForCausalLM(nn.Module):
 
     config_class: ClassVar[type] = FalconConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
+    hf_sharding_table: ClassVar[Sequence[ShardRule]] = ()  # set below
 
     def setup(self):
         self.transformer = FalconModel(self.config, self.dtype)
@@ -226,3 +227,9 @@ FALCON_WEIGHT_TABLE: tuple[WeightRule, ...] = (
     rule(_H + r"self_attention\.(?:maybe_)?rotary(?:_emb)?\.inv_freq"),  # buffer in old checkpoints
 )
 FalconForCausalLM.hf_weight_table = FALCON_WEIGHT_TABLE
+
+FALCON_SHARDING_TABLE = megatron_table(
+    embedding="transformer/word_embeddings/embedding", layers=r"transformer/h_\d+/",
+    qkv=("self_attention/query_key_value", falcon_qkv), attn_out="self_attention/dense",
+    mlp_in="mlp/dense_h_to_4h", mlp_out="mlp/dense_4h_to_h", lm_head="lm_head")
+FalconForCausalLM.hf_sharding_table = FALCON_SHARDING_TABLE

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields, divisible_head_dim, hf_get
 from models.layers import DenseMLP, KVCache, LayerNorm, dense, lm_logits, paged_attention, run_layers
+from models.sharding import Packed, ShardRule, megatron_table, tensor_parallel_size
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -71,6 +72,11 @@ class GPT2Config(PortConfig):
         )
 
 
+def gpt2_qkv(config: GPT2Config) -> Packed:
+    """``c_attn``'s ``[q | k | v]`` layout."""
+    return Packed.qkv(config.num_attention_heads, config.num_attention_heads, config.head_dim)
+
+
 class GPT2Attention(nn.Module):
     config: GPT2Config
     layer_idx: int
@@ -79,9 +85,9 @@ class GPT2Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata):
         c = self.config
-        T = x.shape[0]
-        qkv = dense(3 * c.hidden_size, True, self.dtype, "c_attn")(x)
-        q, k, v = (t.reshape(T, c.num_attention_heads, c.head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        T, tp = x.shape[0], tensor_parallel_size(c)
+        packed = gpt2_qkv(c)
+        q, k, v = packed.split(dense(packed.width(tp), True, self.dtype, "c_attn")(x), tp)
         scale = c.head_dim**-0.5 if c.scale_attn_weights else 1.0
         if c.scale_attn_by_inverse_layer_idx:
             scale /= float(self.layer_idx + 1)
@@ -134,6 +140,7 @@ class GPT2LMHeadModel(nn.Module):
 
     config_class: ClassVar[type] = GPT2Config
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
+    hf_sharding_table: ClassVar[Sequence[ShardRule]] = ()  # set below
 
     def setup(self):
         self.transformer = GPT2Model(self.config, self.dtype)
@@ -165,3 +172,8 @@ GPT2_WEIGHT_TABLE: tuple[WeightRule, ...] = (
     rule(_H + r"attn\.(bias|masked_bias)"),  # causal-mask buffers in old checkpoints
 )
 GPT2LMHeadModel.hf_weight_table = GPT2_WEIGHT_TABLE
+
+GPT2_SHARDING_TABLE = megatron_table(
+    embedding="transformer/wte/embedding", layers=r"transformer/h_\d+/", qkv=("attn/c_attn", gpt2_qkv),
+    attn_out="attn/c_proj", mlp_in="mlp/c_fc", mlp_out="mlp/c_proj", lm_head="lm_head")
+GPT2LMHeadModel.hf_sharding_table = GPT2_SHARDING_TABLE

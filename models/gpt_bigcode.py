@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields, divisible_head_dim, hf_get
 from models.layers import DenseMLP, KVCache, LayerNorm, dense, lm_logits, paged_attention, run_layers
+from models.sharding import Packed, ShardRule, megatron_table, tensor_parallel_size
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -67,6 +68,12 @@ class GPTBigCodeConfig(PortConfig):
         )
 
 
+def bigcode_qkv(config: GPTBigCodeConfig) -> Packed:
+    """``c_attn``'s layout: ``[q | k | v]`` under multi-query, per head ``[q|k|v]`` otherwise."""
+    c = config
+    return Packed.qkv(c.num_attention_heads, c.num_key_value_heads, c.head_dim, grouped=not c.multi_query)
+
+
 class GPTBigCodeAttention(nn.Module):
     config: GPTBigCodeConfig
     dtype: Any = jnp.float32
@@ -74,16 +81,9 @@ class GPTBigCodeAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata):
         c = self.config
-        T, H, D = x.shape[0], c.num_attention_heads, c.head_dim
-        kv_dim = c.num_key_value_heads * D
-        qkv = dense(c.hidden_size + 2 * kv_dim, True, self.dtype, "c_attn")(x)
-        if c.multi_query:
-            q = qkv[:, : c.hidden_size].reshape(T, H, D)
-            k = qkv[:, c.hidden_size : c.hidden_size + kv_dim].reshape(T, 1, D)
-            v = qkv[:, c.hidden_size + kv_dim :].reshape(T, 1, D)
-        else:
-            per_head = qkv.reshape(T, H, 3, D)
-            q, k, v = per_head[:, :, 0], per_head[:, :, 1], per_head[:, :, 2]
+        T, D, tp = x.shape[0], c.head_dim, tensor_parallel_size(c)
+        packed = bigcode_qkv(c)
+        q, k, v = packed.split(dense(packed.width(tp), True, self.dtype, "c_attn")(x), tp)
         scale = D**-0.5 if c.scale_attn_weights else 1.0
         out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=scale)
         return dense(c.hidden_size, True, self.dtype, "c_proj")(out.reshape(T, -1)), kv_cache
@@ -133,6 +133,7 @@ class GPTBigCodeForCausalLM(nn.Module):
 
     config_class: ClassVar[type] = GPTBigCodeConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
+    hf_sharding_table: ClassVar[Sequence[ShardRule]] = ()  # set below
 
     def setup(self):
         self.transformer = GPTBigCodeModel(self.config, self.dtype)
@@ -161,3 +162,8 @@ GPT_BIGCODE_WEIGHT_TABLE: tuple[WeightRule, ...] = (
     rule(r"transformer\.bias"),  # causal-mask buffer in old checkpoints
 )
 GPTBigCodeForCausalLM.hf_weight_table = GPT_BIGCODE_WEIGHT_TABLE
+
+GPT_BIGCODE_SHARDING_TABLE = megatron_table(
+    embedding="transformer/wte/embedding", layers=r"transformer/h_\d+/", qkv=("attn/c_attn", bigcode_qkv),
+    attn_out="attn/c_proj", mlp_in="mlp/c_fc", mlp_out="mlp/c_proj", lm_head="lm_head")
+GPTBigCodeForCausalLM.hf_sharding_table = GPT_BIGCODE_SHARDING_TABLE

@@ -19,6 +19,7 @@ from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields, divisible_head_dim, hf_get, partial_rotary_factor
 from models.layers import DenseMLP, KVCache, LayerNorm, dense, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
+from models.sharding import Packed, ShardRule, megatron_table, tensor_parallel_size
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -73,6 +74,11 @@ class GPTNeoXConfig(PortConfig):
         )
 
 
+def neox_qkv(config: GPTNeoXConfig) -> Packed:
+    """``query_key_value``'s per-head ``[q|k|v]`` layout."""
+    return Packed.qkv(config.num_attention_heads, config.num_attention_heads, config.head_dim, grouped=True)
+
+
 class GPTNeoXAttention(nn.Module):
     config: GPTNeoXConfig
     dtype: Any = jnp.float32
@@ -80,11 +86,12 @@ class GPTNeoXAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, cos, sin):
         c = self.config
-        T, H, D = x.shape[0], c.num_attention_heads, c.head_dim
-        qkv = dense(3 * c.hidden_size, c.attention_bias, self.dtype, "query_key_value")(x).reshape(T, H, 3, D)
-        q = apply_rotary(qkv[:, :, 0], cos, sin)
-        k = apply_rotary(qkv[:, :, 1], cos, sin)
-        out, kv_cache = paged_attention(q, k, qkv[:, :, 2], kv_cache, positions, metadata, scale=D**-0.5)
+        T, D, tp = x.shape[0], c.head_dim, tensor_parallel_size(c)
+        packed = neox_qkv(c)
+        q, k, v = packed.split(dense(packed.width(tp), c.attention_bias, self.dtype, "query_key_value")(x), tp)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=D**-0.5)
         return dense(c.hidden_size, c.attention_bias, self.dtype, "dense")(out.reshape(T, -1)), kv_cache
 
 
@@ -138,6 +145,7 @@ class GPTNeoXForCausalLM(nn.Module):
 
     config_class: ClassVar[type] = GPTNeoXConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
+    hf_sharding_table: ClassVar[Sequence[ShardRule]] = ()  # set below
 
     def setup(self):
         self.gpt_neox = GPTNeoXModel(self.config, self.dtype)
@@ -167,3 +175,9 @@ GPT_NEOX_WEIGHT_TABLE: tuple[WeightRule, ...] = (
     rule(_L + r"attention\.(bias|masked_bias|rotary_emb\.inv_freq)"),  # buffers in old checkpoints
 )
 GPTNeoXForCausalLM.hf_weight_table = GPT_NEOX_WEIGHT_TABLE
+
+GPT_NEOX_SHARDING_TABLE = megatron_table(
+    embedding="gpt_neox/embed_in/embedding", layers=r"gpt_neox/layers_\d+/",
+    qkv=("attention/query_key_value", neox_qkv), attn_out="attention/dense", mlp_in="mlp/dense_h_to_4h",
+    mlp_out="mlp/dense_4h_to_h", lm_head="lm_head")
+GPTNeoXForCausalLM.hf_sharding_table = GPT_NEOX_SHARDING_TABLE

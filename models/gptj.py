@@ -18,6 +18,7 @@ from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields, divisible_head_dim, hf_get
 from models.layers import Bias, DenseMLP, KVCache, LayerNorm, dense, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
+from models.sharding import ShardRule, megatron_table
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -131,6 +132,7 @@ class GPTJForCausalLM(nn.Module):
 
     config_class: ClassVar[type] = GPTJConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
+    hf_sharding_table: ClassVar[Sequence[ShardRule]] = ()  # set below
 
     def setup(self):
         c = self.config
@@ -160,3 +162,8 @@ GPTJ_WEIGHT_TABLE: tuple[WeightRule, ...] = (
     rule(_H + r"attn\.(bias|masked_bias)"),  # causal-mask buffers in old checkpoints
 )
 GPTJForCausalLM.hf_weight_table = GPTJ_WEIGHT_TABLE
+
+GPTJ_SHARDING_TABLE = megatron_table(
+    embedding="transformer/wte/embedding", layers=r"transformer/h_\d+/", qkv="attn/(q|k|v)_proj",
+    attn_out="attn/out_proj", mlp_in="mlp/fc_in", mlp_out="mlp/fc_out", lm_head="lm_head")
+GPTJForCausalLM.hf_sharding_table = GPTJ_SHARDING_TABLE

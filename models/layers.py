@@ -3,14 +3,17 @@ MLP, the decoder-layer loop, the paged-attention call and the LM head's logits."
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from models.attention_metadata import AttentionMetadata
+from models.sharding import TP_AXIS
 from pallas_kernels.attention_router import ragged_paged_attention
 from pallas_kernels.kv_cache_write import write_kv
 
@@ -142,6 +145,7 @@ def paged_attention(
     sliding_window: int | None = None,
     alibi_slopes: jnp.ndarray | None = None,
     logits_soft_cap: float | None = None,
+    interpret: bool = False,
 ) -> tuple[jnp.ndarray, KVCache]:
     """Writes this step's k, v [T, Hkv, D] into the cache, then attends q [T, Hq, D] over it.
 
@@ -149,15 +153,41 @@ def paged_attention(
     ``decode_only`` lets a kernel backend take the decode kernel. The KV write uses the Pallas
     kernel on every kernel backend (as fast as XLA's scatter or faster, both in place on the donated
     cache; benchmarks/RESULTS.md). Returns the attention output [T, Hq, D] and the updated cache.
+    ``interpret``: kernel backends run in the Pallas interpreter (how CPU tests run them).
+
+    Tensor parallelism (``metadata.mesh``): the kernels are not partitionable, so write and
+    attention run per device under ``shard_map``, each on its query heads, its KV heads and its
+    slice of the cache (split along the head axis); ALiBi slopes are split with the heads. A cache
+    with more heads than ``k`` holds one copy of a KV head per device (models/sharding.py): ``k``
+    and ``v`` are repeated to match, which keeps each query head on its own KV head.
     """
+    cache_heads = kv_cache[0].shape[2]
+    if k.shape[1] != cache_heads:
+        k = jnp.repeat(k, cache_heads // k.shape[1], axis=1)
+        v = jnp.repeat(v, cache_heads // v.shape[1], axis=1)
+    kwargs = dict(scale=scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, interpret=interpret)
+    if metadata.mesh is None:
+        return _paged_attention_local(q, k, v, kv_cache, positions, metadata, alibi_slopes, **kwargs)
+    heads, cache = P(None, TP_AXIS, None), P(None, None, TP_AXIS, None)
+    slopes_spec = None if alibi_slopes is None else P(TP_AXIS)
+    local = functools.partial(_paged_attention_local, **kwargs)
+    return jax.shard_map(
+        local, mesh=metadata.mesh, in_specs=(heads, heads, heads, (cache, cache), P(), P(), slopes_spec),
+        out_specs=(heads, (cache, cache)), check_vma=False,
+    )(q, k, v, kv_cache, positions, metadata, alibi_slopes)
+
+
+def _paged_attention_local(q, k, v, kv_cache, positions, metadata, alibi_slopes, *, scale, sliding_window,
+                           logits_soft_cap, interpret):
     backend = metadata.attention_backend
     write_backend = "reference" if backend == "reference" else "pallas"
-    k_cache, v_cache = write_kv(kv_cache[0], kv_cache[1], k, v, metadata.slot_mapping, backend=write_backend)
+    k_cache, v_cache = write_kv(kv_cache[0], kv_cache[1], k, v, metadata.slot_mapping, backend=write_backend,
+                                interpret=interpret)
     out = ragged_paged_attention(
         q, k_cache, v_cache, positions, metadata.query_start_loc, metadata.seq_lens,
         metadata.block_tables, scale=scale, sliding_window=sliding_window,
         alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap, backend=backend,
-        decode_only=metadata.decode_only,
+        decode_only=metadata.decode_only, interpret=interpret,
     )
     return out, (k_cache, v_cache)
 

@@ -18,6 +18,7 @@ from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields
 from models.layers import KVCache, RMSNorm, dense, get_activation, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
+from models.sharding import ShardRule, megatron_table
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -185,6 +186,7 @@ class LlamaForCausalLM(nn.Module):
 
     config_class: ClassVar[type] = LlamaConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
+    hf_sharding_table: ClassVar[Sequence[ShardRule]] = ()  # set below
 
     def setup(self):
         self.model = LlamaModel(self.config, self.dtype)
@@ -212,3 +214,9 @@ LLAMA_WEIGHT_TABLE: tuple[WeightRule, ...] = (
     rule(_L + r"self_attn\.rotary_emb\.inv_freq"),  # buffer in old checkpoints, recomputed here
 )
 LlamaForCausalLM.hf_weight_table = LLAMA_WEIGHT_TABLE
+
+LLAMA_SHARDING_TABLE = megatron_table(
+    embedding="model/embed_tokens/embedding", layers=r"model/layers_\d+/", qkv="self_attn/q_proj",
+    kv="self_attn/(k|v)_proj", attn_out="self_attn/o_proj", mlp_in="mlp/(gate|up)_proj", mlp_out="mlp/down_proj",
+    lm_head="lm_head")
+LlamaForCausalLM.hf_sharding_table = LLAMA_SHARDING_TABLE

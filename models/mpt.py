@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields, divisible_head_dim
 from models.layers import DenseMLP, KVCache, LayerNorm, dense, lm_logits, paged_attention, run_layers
+from models.sharding import Packed, ShardRule, megatron_table, tensor_parallel_size
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -98,6 +99,11 @@ class MptConfig(PortConfig):
         )
 
 
+def mpt_qkv(config: MptConfig) -> Packed:
+    """``Wqkv``'s ``[q | k | v]`` layout."""
+    return Packed.qkv(config.num_attention_heads, config.num_attention_heads, config.head_dim)
+
+
 class MptAttention(nn.Module):
     config: MptConfig
     dtype: Any = jnp.float32
@@ -105,11 +111,12 @@ class MptAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, slopes):
         c = self.config
-        T = x.shape[0]
-        qkv = dense(3 * c.hidden_size, not c.no_bias, self.dtype, "Wqkv")(x)
+        T, tp = x.shape[0], tensor_parallel_size(c)
+        packed = mpt_qkv(c)
+        qkv = dense(packed.width(tp), not c.no_bias, self.dtype, "Wqkv")(x)
         if c.clip_qkv:
             qkv = jnp.clip(qkv, -c.clip_qkv, c.clip_qkv)
-        q, k, v = (t.reshape(T, c.num_attention_heads, c.head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        q, k, v = packed.split(qkv, tp)
         scale = c.softmax_scale if c.softmax_scale is not None else c.head_dim**-0.5
         out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=scale, alibi_slopes=slopes)
         return dense(c.hidden_size, not c.no_bias, self.dtype, "out_proj")(out.reshape(T, -1)), kv_cache
@@ -159,6 +166,7 @@ class MptForCausalLM(nn.Module):
 
     config_class: ClassVar[type] = MptConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
+    hf_sharding_table: ClassVar[Sequence[ShardRule]] = ()  # set below
 
     def setup(self):
         self.transformer = MptModel(self.config, self.dtype)
@@ -186,3 +194,8 @@ MPT_WEIGHT_TABLE: tuple[WeightRule, ...] = (
     rule(r"lm_head\.weight", "lm_head/kernel", transform=transpose),
 )
 MptForCausalLM.hf_weight_table = MPT_WEIGHT_TABLE
+
+MPT_SHARDING_TABLE = megatron_table(
+    embedding="transformer/wte/embedding", layers=r"transformer/blocks_\d+/", qkv=("attn/Wqkv", mpt_qkv),
+    attn_out="attn/out_proj", mlp_in="ffn/up_proj", mlp_out="ffn/down_proj", lm_head="lm_head")
+MptForCausalLM.hf_sharding_table = MPT_SHARDING_TABLE

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields, divisible_head_dim, hf_get
 from models.layers import KVCache, LayerNorm, dense, get_activation, lm_logits, paged_attention, run_layers
+from models.sharding import ShardRule, megatron_table
 from models.weight_table import WeightRule, rule, transpose
 
 # OPT's learned position table has two leading rows (a fairseq padding-index artefact).
@@ -179,6 +180,7 @@ class OPTForCausalLM(nn.Module):
 
     config_class: ClassVar[type] = OPTConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
+    hf_sharding_table: ClassVar[Sequence[ShardRule]] = ()  # set below
 
     def setup(self):
         self.model = OPTModel(self.config, self.dtype)
@@ -210,3 +212,8 @@ OPT_WEIGHT_TABLE: tuple[WeightRule, ...] = (
     rule(r"lm_head\.weight", "lm_head/kernel", transform=transpose),
 )
 OPTForCausalLM.hf_weight_table = OPT_WEIGHT_TABLE
+
+OPT_SHARDING_TABLE = megatron_table(
+    embedding="model/decoder/embed_tokens/embedding", layers=r"model/decoder/layers_\d+/",
+    qkv="self_attn/(q|k|v)_proj", attn_out="self_attn/out_proj", mlp_in="fc1", mlp_out="fc2", lm_head="lm_head")
+OPTForCausalLM.hf_sharding_table = OPT_SHARDING_TABLE

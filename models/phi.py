@@ -17,6 +17,7 @@ from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields, hf_get, partial_rotary_factor
 from models.layers import Bias, DenseMLP, KVCache, LayerNorm, dense, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
+from models.sharding import ShardRule, megatron_table
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -129,6 +130,7 @@ class PhiForCausalLM(nn.Module):
 
     config_class: ClassVar[type] = PhiConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
+    hf_sharding_table: ClassVar[Sequence[ShardRule]] = ()  # set below
 
     def setup(self):
         c = self.config
@@ -161,3 +163,8 @@ PHI_WEIGHT_TABLE: tuple[WeightRule, ...] = (
     rule(_L + r"self_attn\.rotary_emb\.inv_freq"),  # buffer in old checkpoints, recomputed here
 )
 PhiForCausalLM.hf_weight_table = PHI_WEIGHT_TABLE
+
+PHI_SHARDING_TABLE = megatron_table(
+    embedding="model/embed_tokens/embedding", layers=r"model/layers_\d+/", qkv="self_attn/q_proj",
+    kv="self_attn/(k|v)_proj", attn_out="self_attn/dense", mlp_in="mlp/fc1", mlp_out="mlp/fc2", lm_head="lm_head")
+PhiForCausalLM.hf_sharding_table = PHI_SHARDING_TABLE

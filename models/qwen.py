@@ -26,6 +26,7 @@ from models.attention_metadata import AttentionMetadata
 from models.config_utils import PortConfig, common_fields
 from models.layers import KVCache, RMSNorm, dense, lm_logits, paged_attention, run_layers
 from models.rotary import RopeConfig, apply_rotary, rope_cos_sin
+from models.sharding import Packed, ShardRule, megatron_table, tensor_parallel_size
 from models.weight_table import WeightRule, rule, transpose
 
 
@@ -77,6 +78,11 @@ class QWenConfig(PortConfig):
         )
 
 
+def qwen_qkv(config: QWenConfig) -> Packed:
+    """``c_attn``'s ``[q | k | v]`` layout."""
+    return Packed.qkv(config.num_attention_heads, config.num_attention_heads, config.head_dim)
+
+
 class QWenAttention(nn.Module):
     config: QWenConfig
     dtype: Any = jnp.float32
@@ -84,9 +90,9 @@ class QWenAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata, cos, sin):
         c = self.config
-        T, H, D = x.shape[0], c.num_attention_heads, c.head_dim
-        qkv = dense(3 * H * D, True, self.dtype, "c_attn")(x)
-        q, k, v = (t.reshape(T, H, D) for t in jnp.split(qkv, 3, axis=-1))
+        T, D, tp = x.shape[0], c.head_dim, tensor_parallel_size(c)
+        packed = qwen_qkv(c)
+        q, k, v = packed.split(dense(packed.width(tp), True, self.dtype, "c_attn")(x), tp)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out, kv_cache = paged_attention(q, k, v, kv_cache, positions, metadata, scale=D**-0.5)
         return dense(c.hidden_size, not c.no_bias, self.dtype, "c_proj")(out.reshape(T, -1)), kv_cache
@@ -146,6 +152,7 @@ class QWenLMHeadModel(nn.Module):
 
     config_class: ClassVar[type] = QWenConfig
     hf_weight_table: ClassVar[Sequence[WeightRule]] = ()  # set below
+    hf_sharding_table: ClassVar[Sequence[ShardRule]] = ()  # set below
 
     def setup(self):
         self.transformer = QWenModel(self.config, self.dtype)
@@ -173,3 +180,8 @@ QWEN_WEIGHT_TABLE: tuple[WeightRule, ...] = (
     rule(r"transformer\.rotary_emb\.inv_freq"),  # buffer, recomputed here
 )
 QWenLMHeadModel.hf_weight_table = QWEN_WEIGHT_TABLE
+
+QWEN_SHARDING_TABLE = megatron_table(
+    embedding="transformer/wte/embedding", layers=r"transformer/h_\d+/", qkv=("attn/c_attn", qwen_qkv),
+    attn_out="attn/c_proj", mlp_in="mlp/(w1|w2)", mlp_out="mlp/c_proj", lm_head="lm_head")
+QWenLMHeadModel.hf_sharding_table = QWEN_SHARDING_TABLE

@@ -250,6 +250,11 @@ def main(argv: list[str] | None = None) -> None:
                 engine_args.model or "the default model")
     start = time.monotonic()
     engine = LLMEngine.from_engine_args(engine_args)
+    if engine.distributed is not None and not engine.distributed.is_leader:
+        logger.info("process %d of a multi-host engine: replaying process 0's steps (no HTTP here)",
+                    engine.distributed.process_id)
+        engine.serve_worker()
+        return
     stats = engine.get_stats()
     logger.info("engine ready in %.1f s: %s, max_model_len %d, %s KV blocks of %d tokens, %s programs compiled",
                 time.monotonic() - start, engine.model_path, engine.max_model_len, stats.get("num_gpu_blocks", "?"),

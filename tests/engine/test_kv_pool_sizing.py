@@ -5,6 +5,7 @@ from __future__ import annotations
 import types
 
 import jax
+import numpy as np
 import pytest
 
 from jaxpaged import kv_pool_sizing
@@ -18,7 +19,7 @@ GiB = 1 << 30
 
 def _blocks(args, **kw):
     base = dict(max_model_len=100, block_bytes=1 << 20, on_gpu=False, max_num_seqs=4, max_num_batched_tokens=64)
-    return num_kv_blocks(None, args, **{**base, **kw})
+    return num_kv_blocks(kw.pop("lm", types.SimpleNamespace(mesh=None)), args, **{**base, **kw})
 
 
 def test_override_wins_everywhere():
@@ -52,6 +53,23 @@ def test_gpu_pool_is_what_the_budget_leaves_after_weights_activations_and_margin
     # Not even one sequence of max_model_len fits: refused, naming the fields to change.
     with pytest.raises(ValueError, match="not enough GPU memory for one sequence of max_model_len=100"):
         _blocks(args, on_gpu=True, block_bytes=20 * GiB)
+
+
+
+def test_gpu_pool_under_tensor_parallelism_is_sized_per_device(monkeypatch):
+    """Each device holds 1/tp of every block: the budget left on the fullest device of the mesh,
+    divided by that share."""
+    limit, peak = 120 * GiB, 3 * GiB
+    devices = [types.SimpleNamespace(process_index=0, memory_stats=lambda u=u: {"bytes_limit": limit, "bytes_in_use": u})
+               for u in (14 * GiB, 16 * GiB)]
+    mesh = types.SimpleNamespace(devices=np.array(devices, dtype=object))
+    monkeypatch.setattr(kv_pool_sizing, "activation_peak_bytes", lambda *a: peak)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    args = EngineArgs(block_size=16, gpu_memory_utilization=0.9)
+    budget = min(limit, limit / 0.95 * 0.9)
+    margin = max(2 * GiB, int(0.03 * budget))
+    want = int((budget - 16 * GiB - peak - margin) // (4 << 20))
+    assert _blocks(args, on_gpu=True, block_bytes=8 << 20, lm=types.SimpleNamespace(mesh=mesh)) == want
 
 
 @pytest.fixture(scope="module")

@@ -109,7 +109,7 @@ def test_runner_packs_token_ids_beside_the_metadata():
     """``ModelRunner._pack_arrays``: the scheduled rows' token ids padded to the bucket, and the
     packer's metadata with the bucket's shape, decode flag and the model's backend."""
     runner = types.SimpleNamespace(block_size=4, max_blocks_per_seq=5,
-                                   lm=types.SimpleNamespace(attention_backend="pallas"))
+                                   lm=types.SimpleNamespace(attention_backend="pallas", mesh=None))
     rows = [ScheduledSequence(seq_id=3, token_ids=[11, 12, 13], num_computed_tokens=0, block_table=[4],
                               sample_seq_ids=[3], want_prompt_logprobs=False),
             ScheduledSequence(seq_id=8, token_ids=[-1], num_computed_tokens=6, block_table=[9, 2],
