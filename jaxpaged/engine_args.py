@@ -52,7 +52,8 @@ class EngineArgs:
     # GPU, none on the CPU; a path; or "" / None for none.
     compilation_cache_dir: str | None = "auto"
     # vLLM's name: no CUDA graphs. Here: XLA's command buffers off (--xla_gpu_enable_command_buffer=),
-    # each kernel launched on its own; takes effect only before JAX's GPU backend starts.
+    # each kernel launched on its own; takes effect only before JAX's GPU backend starts. Off by
+    # default: as fast batched, a third slower at batch 1 (benchmarks/RESULTS.md, run c).
     enforce_eager: bool = False
     # Schedule step N+1 while step N runs on the device (its sampled tokens feed N+1 there); a
     # step whose sampling needs the exact token history (seed, penalties, min_tokens) waits.

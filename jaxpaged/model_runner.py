@@ -99,26 +99,44 @@ def forward_step(model: Any, params: Any, caches: Any, input_ids, positions, md:
     return last, hidden, caches
 
 
+# Every part of the flat step input starts on a 256-byte boundary: XLA may hand a slice of the
+# input to a custom call as a view at its offset (no copy), and Mosaic GPU kernels refuse operands
+# that are not 256-byte aligned.
+STEP_INPUT_ALIGN = 64  # int32 elements
+
+
+def _step_input_offsets(T: int, S: int, MB: int) -> tuple[tuple[int, ...], list[int], int]:
+    """(sizes, offsets, total length) of the flat input's parts: ids, positions, prev_idx,
+    slot_mapping [T] each, query_start_loc [S + 1], seq_lens, logits_indices [S], block_tables [S*MB]."""
+    sizes = (T, T, T, T, S + 1, S, S, S * MB)
+    offsets, at = [], 0
+    for n in sizes:
+        offsets.append(at)
+        at += -(-n // STEP_INPUT_ALIGN) * STEP_INPUT_ALIGN
+    return sizes, offsets, at
+
+
 def _pack_step_inputs(ids: np.ndarray, positions: np.ndarray, prev_idx: np.ndarray,
                       md: AttentionMetadata) -> tuple[np.ndarray, tuple]:
     """The step's int32 inputs as one flat array, and the static layout that cuts it back (with the
     metadata's static fields: decode_only, the backend and the tensor-parallel mesh)."""
     T, (S, MB) = len(ids), md.block_tables.shape
-    flat = np.concatenate([ids, positions, prev_idx, md.slot_mapping, md.query_start_loc, md.seq_lens,
-                           md.logits_indices, np.asarray(md.block_tables).reshape(-1)]).astype(np.int32, copy=False)
+    sizes, offsets, total = _step_input_offsets(T, S, MB)
+    flat = np.zeros(total, np.int32)
+    parts = (ids, positions, prev_idx, md.slot_mapping, md.query_start_loc, md.seq_lens, md.logits_indices,
+             np.asarray(md.block_tables).reshape(-1))
+    for part, n, at in zip(parts, sizes, offsets):
+        flat[at : at + n] = part
     return flat, (T, S, MB, md.decode_only, md.attention_backend, md.mesh)
 
 
 def _unpack_step_inputs(flat: jax.Array, layout: tuple):
     T, S, MB, decode_only, backend, mesh = layout
-    sizes = (T, T, T, T, S + 1, S, S)
-    parts, at = [], 0
-    for n in sizes:
-        parts.append(flat[at : at + n])
-        at += n
-    ids, positions, prev_idx, slots, qsl, seq_lens, logits_idx = parts
+    sizes, offsets, _ = _step_input_offsets(T, S, MB)
+    ids, positions, prev_idx, slots, qsl, seq_lens, logits_idx, tables = (
+        flat[at : at + n] for n, at in zip(sizes, offsets))
     md = AttentionMetadata(slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens,
-                           block_tables=flat[at : at + S * MB].reshape(S, MB), logits_indices=logits_idx,
+                           block_tables=tables.reshape(S, MB), logits_indices=logits_idx,
                            decode_only=decode_only, attention_backend=backend, mesh=mesh)
     return ids, positions, prev_idx, md
 

@@ -18,6 +18,17 @@ LOG2E = 1.4426950408889634
 MASK_VALUE = -1e30  # finite: an all-masked row stays finite and is zeroed at the end
 
 
+def load_tile_as(view, mask: jnp.ndarray, dtype) -> jnp.ndarray:
+    """A masked load of a cache tile (``plgpu.load`` of the indexed ``ref.at[...]`` view) in
+    ``dtype``, masked lanes zero. Triton cannot splat a fill value into an fp8 tile, so an fp8
+    tile loads with its masked lanes undefined and is zeroed after the conversion."""
+    from jax.experimental.pallas import triton as plgpu
+
+    if jnp.dtype(view.dtype) in FP8_CACHE_DTYPES:
+        return jnp.where(mask, plgpu.load(view, mask=mask).astype(dtype), 0)
+    return plgpu.load(view, mask=mask, other=0).astype(dtype)
+
+
 def searchsorted_right(edges: jnp.ndarray, values: jnp.ndarray) -> jnp.ndarray:
     """``jnp.searchsorted(edges, values, side="right")`` unrolled: jnp's default method is a
     ``fori_loop``, an XLA while loop that on the GPU costs a kernel launch and a host round trip per

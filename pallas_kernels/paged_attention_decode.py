@@ -26,7 +26,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.kernel_shapes import MASK_VALUE, group_slopes, validate_decode_shapes, validate_kernel_inputs
+from pallas_kernels.kernel_shapes import (
+    MASK_VALUE,
+    group_slopes,
+    load_tile_as,
+    validate_decode_shapes,
+    validate_kernel_inputs,
+)
 from pallas_kernels.online_softmax import log2_logits, online_softmax_step, tile_loop
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 from pallas_kernels.sizes import cdiv, next_pow2
@@ -126,7 +132,7 @@ def _decode_kernel(
         if pad_d:
             mask = mask & (dcol < head_dim)
         # An fp8 cache's tile converts to q's dtype here, in registers (a no-op otherwise).
-        return plgpu.load(ref.at[bid, rowk, h, dcol], mask=mask, other=0).astype(q_ref.dtype)
+        return load_tile_as(ref.at[bid, rowk, h, dcol], mask, q_ref.dtype)
 
     def tile_keys(i):
         tok = (lo + i * bpi) * bs + key  # token positions [n]

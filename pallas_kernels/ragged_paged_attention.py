@@ -27,6 +27,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.blockwise_attention import masked_scores, ragged_paged_attention_blockwise
 from pallas_kernels.kernel_shapes import (
     MASK_VALUE,
+    load_tile_as,
     pad_block_tables,
     searchsorted_right,
     token_seq_ids,
@@ -154,11 +155,9 @@ def _ragged_kernel(
             mask = kd < head_dim
         elif mask is not None and pad_d:
             mask = mask & (kd < head_dim)
-        if mask is None:
-            tile = plgpu.load(ref.at[idx]).reshape(bk, dp)
-        else:
-            tile = plgpu.load(ref.at[idx], mask=mask, other=0).reshape(bk, dp)
-        return tile.astype(q_ref.dtype)  # an fp8 cache's tile, in q's dtype (a no-op otherwise)
+        if mask is None:  # an fp8 cache's tile converts to q's dtype (a no-op otherwise)
+            return plgpu.load(ref.at[idx]).reshape(bk, dp).astype(q_ref.dtype)
+        return load_tile_as(ref.at[idx], mask, q_ref.dtype).reshape(bk, dp)
 
     def tile_mask(blk0):
         if flat_gather:
