@@ -9,17 +9,17 @@ progressed. A step that fails is contained (``_recover``). Call ``step()`` from 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
 from jaxpaged import distributed
 from jaxpaged.beam_search import num_beam_candidates
-from jaxpaged.cache_dir import cache_root
 from jaxpaged.engine_args import EngineArgs
+from jaxpaged.engine_setup import eos_token_id, load_tokenizer, resolve_max_model_len, setup_platform
 from jaxpaged.output_processor import OutputProcessor
 from jaxpaged.outputs import CompletionOutput, RequestOutput
+from jaxpaged.prompt_inputs import cache_salt, parse_prompt
 from jaxpaged.request import Request
 from jaxpaged.sampler import max_bias_entries
 from jaxpaged.sampling_params import SamplingParams
@@ -40,7 +40,7 @@ class LLMEngine:
     """vLLM-style engine. Build with ``LLMEngine.from_engine_args(EngineArgs(...))``."""
 
     def __init__(self, args: EngineArgs):
-        self.distributed = self._setup_platform(args)
+        self.distributed = setup_platform(args)
         import jax
 
         from jaxpaged.block_manager import BlockManager
@@ -65,7 +65,7 @@ class LLMEngine:
         self.model_path = source.model_path
         hf_config = read_hf_config(source.config_dir)
         self.generation_config = load_generation_config(args.generation_config, source.config_dir)
-        self.tokenizer = None if args.skip_tokenizer_init else self._load_tokenizer(args.tokenizer or source.config_dir)
+        self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer or source.config_dir)
 
         backend = args.attention_backend or default_attention_backend()
         check_attention_backend(backend)
@@ -77,12 +77,12 @@ class LLMEngine:
                     self.lm.architecture, self.model_path, jax.numpy.dtype(self.lm.dtype).name, args.load_format,
                     time.perf_counter() - t0, backend, args.tensor_parallel_size)
 
-        self.max_model_len = self._max_model_len(args, config)
+        self.max_model_len = resolve_max_model_len(args, config)
         max_num_seqs = args.max_num_seqs or (256 if on_gpu else 16)
         max_tokens = args.max_num_batched_tokens or max(2048 if on_gpu else 512, max_num_seqs)
         max_tokens = max(max_tokens, max_num_seqs)
         self.vocab_size = config.vocab_size
-        self.eos_token_id = self._eos_token_id(hf_config)
+        self.eos_token_id = eos_token_id(self.tokenizer, hf_config)
 
         # Under tensor parallelism the pool holds kv_cache_heads (KV heads replicated when fewer than
         # the devices), split by head; swap_space is per device, as in vLLM.
@@ -143,29 +143,6 @@ class LLMEngine:
         return cls(args)
 
     # ---- set-up ------------------------------------------------------------------------------
-    @staticmethod
-    def _setup_platform(args: EngineArgs) -> distributed.DistributedConfig | None:
-        # JAX reserves 75% of GPU memory at start unless told otherwise; make that our budget.
-        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{args.gpu_memory_utilization:.3f}")
-        flags = os.environ.get("XLA_FLAGS", "")
-        if args.enforce_eager and "xla_gpu_enable_command_buffer" not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_command_buffer=".strip()
-        cfg = distributed.distributed_config(args)
-        if cfg is not None:  # multi-host: before anything touches a device
-            distributed.initialize(cfg)
-        import jax
-
-        cache_dir = args.compilation_cache_dir
-        if cache_dir == "auto":
-            # On by default where compiling is slow (GPU: minutes of start-up for a 7B model); off on
-            # the CPU, where programs compile in seconds and the suite builds hundreds of engines.
-            cache_dir = os.path.join(cache_root(), "xla") if jax.default_backend() == "gpu" else None
-        if cache_dir:
-            jax.config.update("jax_compilation_cache_dir", cache_dir)
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-            logger.info("JAX compilation cache: %s", cache_dir)
-        return cfg
-
     def serve_worker(self) -> int:
         """On a process other than 0 of a multi-host engine: replay the leader's steps until it stops;
         returns how many it replayed."""
@@ -173,36 +150,6 @@ class LLMEngine:
             raise ValueError("serve_worker runs on the processes other than 0 of a multi-host engine "
                              "(coordinator_address, num_processes, process_id > 0)")
         return distributed.serve_worker(self.runner, self.channel)
-
-    @staticmethod
-    def _load_tokenizer(path: str):
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise ValueError(
-                f"cannot load a tokenizer from {path!r} ({e}); pass tokenizer=PATH, or "
-                "skip_tokenizer_init=True to use token-id prompts only"
-            ) from e
-
-    def _eos_token_id(self, hf_config: dict) -> int | None:
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            return int(self.tokenizer.eos_token_id)
-        eos = hf_config.get("eos_token_id")
-        if isinstance(eos, list):
-            return int(eos[0]) if eos else None
-        return eos
-
-    @staticmethod
-    def _max_model_len(args: EngineArgs, config: Any) -> int:
-        limit = int(config.max_position_embeddings)
-        if args.max_model_len is None:
-            return limit
-        if args.max_model_len > limit:
-            raise ValueError(f"max_model_len must be <= {limit} (the model's max_position_embeddings), "
-                             f"got {args.max_model_len}")
-        return args.max_model_len
 
     def _warm_up(self) -> None:
         from tqdm.auto import tqdm
@@ -224,37 +171,6 @@ class LLMEngine:
                                                         for b in self.runner.buckets))
 
     # ---- requests --------------------------------------------------------------------------
-    @staticmethod
-    def _cache_salt(prompt: Any) -> str | None:
-        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-        if salt is not None and (not isinstance(salt, str) or not salt):
-            raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
-        return salt
-
-    def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:  # would still tokenize to [BOS] with many tokenizers
-                raise ValueError("prompt must not be empty")
-            if self.tokenizer is None:
-                raise ValueError("prompt must be given as prompt_token_ids: the engine has no tokenizer "
-                                 "(skip_tokenizer_init=True)")
-            return prompt, list(self.tokenizer(prompt).input_ids)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                ids = prompt["prompt_token_ids"]
-                text = prompt.get("prompt")
-            elif "prompt" in prompt:
-                return self._prompt_ids(prompt["prompt"])
-            else:
-                raise ValueError("prompt dict must have 'prompt' or 'prompt_token_ids'")
-        elif isinstance(prompt, (list, tuple)):
-            ids, text = prompt, None
-        else:
-            raise ValueError(f"prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise ValueError("prompt_token_ids must be a list of integers")
-        return text, list(ids)
-
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
         """Validates and queues a request; raises ValueError (naming the field) before scheduling.
@@ -270,7 +186,7 @@ class LLMEngine:
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         params = params.clone()
         params._verify_args()  # again: the fields may have been assigned after construction
-        text, ids = self._prompt_ids(prompt)
+        text, ids = parse_prompt(prompt, self.tokenizer)
         if not ids:
             raise ValueError("prompt must not be empty (it has 0 tokens)")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -294,7 +210,7 @@ class LLMEngine:
                                  f"(max(2, 1 + {len(stops)} stop ids) x n), more than max_logprobs "
                                  f"({self.args.max_logprobs}); lower n or raise max_logprobs")
         req = Request(request_id, ids, params, self._next_seq_id, prompt=text, arrival_time=arrival_time,
-                      cache_salt=self._cache_salt(prompt))
+                      cache_salt=cache_salt(prompt))
         self.scheduler.add_request(req)  # may raise (duplicate id, pool too small): nothing is kept then
         self._next_seq_id += req.n
         self.output_processor.add_request(req)
