@@ -112,7 +112,7 @@ def _step_input_offsets(T: int, S: int, MB: int) -> tuple[tuple[int, ...], list[
     offsets, at = [], 0
     for n in sizes:
         offsets.append(at)
-        at += -(-n // STEP_INPUT_ALIGN) * STEP_INPUT_ALIGN
+        at += cdiv(n, STEP_INPUT_ALIGN) * STEP_INPUT_ALIGN
     return sizes, offsets, at
 
 

@@ -7,6 +7,7 @@ the kernels pad the head dimension and the GQA group to powers of two and mask t
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.sizes import is_pow2
 
@@ -22,8 +23,6 @@ def load_tile_as(view, mask: jnp.ndarray, dtype) -> jnp.ndarray:
     """A masked load of a cache tile (``plgpu.load`` of the indexed ``ref.at[...]`` view) in
     ``dtype``, masked lanes zero. Triton cannot splat a fill value into an fp8 tile, so an fp8
     tile loads with its masked lanes undefined and is zeroed after the conversion."""
-    from jax.experimental.pallas import triton as plgpu
-
     if jnp.dtype(view.dtype) in FP8_CACHE_DTYPES:
         return jnp.where(mask, plgpu.load(view, mask=mask).astype(dtype), 0)
     return plgpu.load(view, mask=mask, other=0).astype(dtype)
