@@ -71,6 +71,7 @@ class LlamaShape:
     kv_heads: int
     vocab: int
     dtype_bytes: int = 2
+    kv_dtype_bytes: int = 2  # 1 for an fp8 KV cache
 
     @classmethod
     def from_config(cls, path: str, dtype_bytes: int = 2) -> "LlamaShape":
@@ -94,7 +95,7 @@ class LlamaShape:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.kv_dtype_bytes
 
     def step_cost(self, num_tokens: int, context_tokens: int) -> tuple[float, float]:
         """(bytes, flops) of one step computing ``num_tokens`` that attend to ``context_tokens`` keys in total."""

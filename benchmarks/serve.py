@@ -26,6 +26,8 @@ import time
 import httpx
 import numpy as np
 
+from benchmarks.common import sharegpt_like
+
 
 @dataclasses.dataclass
 class RequestResult:
@@ -45,6 +47,9 @@ def lognormal_lengths(rng: np.random.Generator, n: int, mean: float, sigma: floa
 
 
 def make_workload(args: argparse.Namespace) -> list[tuple[list[int], int]]:
+    if args.dataset == "sharegpt-like":  # throughput.py's requests (same seed): online vs offline, like for like
+        reqs = sharegpt_like(args.num_prompts, seed=args.seed, vocab_size=args.vocab_size, max_total=args.max_model_len)
+        return [(r.prompt_token_ids, r.output_len) for r in reqs]
     rng = np.random.default_rng(args.seed)
     prompt_lens = lognormal_lengths(rng, args.num_prompts, args.prompt_len_mean, args.prompt_len_sigma, 4, args.max_prompt_len)
     output_lens = lognormal_lengths(rng, args.num_prompts, args.output_len_mean, args.output_len_sigma, 1, args.max_output_len)
@@ -184,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", choices=["lognormal", "sharegpt-like"], default="lognormal",
+                   help="lognormal: the --prompt-len/--output-len options below; sharegpt-like: "
+                        "benchmarks/throughput.py's requests (--seed, --vocab-size, --max-model-len)")
+    p.add_argument("--vocab-size", type=int, default=32000, help="sharegpt-like: token ids in [100, vocab - 100)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="sharegpt-like: prompt + output cap")
     p.add_argument("--prompt-len-mean", type=float, default=150.0)
     p.add_argument("--prompt-len-sigma", type=float, default=0.8)
     p.add_argument("--max-prompt-len", type=int, default=1024)

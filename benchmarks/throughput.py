@@ -222,6 +222,8 @@ def main() -> None:
     if args.enforce_eager:  # before the ceilings below start JAX's backend: the flag is read at start
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     shape = LlamaShape.from_config(os.path.join(args.model, "config.json"))
+    if args.kv_cache_dtype.startswith("fp8"):  # the roofline reads the KV cache at its own width
+        shape.kv_dtype_bytes = 1
     reqs = sharegpt_like(args.num_requests, seed=args.seed, max_total=args.max_model_len, vocab_size=shape.vocab)
     results: dict = {"args": vars(args), "mean_prompt": sum(len(r.prompt_token_ids) for r in reqs) / len(reqs),
                      "mean_output": sum(r.output_len for r in reqs) / len(reqs)}
