@@ -182,6 +182,11 @@ class BlockManager:
         self._num_offered[seq_id] = max(start, end)
         return added
 
+    def num_offered_blocks(self, seq_id: int) -> int:
+        """How many of the sequence's leading blocks were already offered to the prefix cache
+        (registered, or found registered); ``cache_blocks`` starts after them."""
+        return self._num_offered.get(seq_id, 0)
+
     def is_cached(self, block_id: int) -> bool:
         return self._device.is_cached(block_id)
 
@@ -244,6 +249,11 @@ class BlockManager:
         table = self._device_tables.get(seq_id)
         if table is None:
             raise ValueError(f"sequence {seq_id} has no device block table (allocate or swap_in first)")
+        end_block = self.num_blocks_for(num_computed_tokens + num_new_tokens)
+        if end_block <= len(table):  # most decode steps: the write lands in blocks the table holds
+            ref_counts = self._device.ref_counts
+            if all(ref_counts[table[i]] == 1 for i in range(num_computed_tokens // self.block_size, end_block)):
+                return []  # none of them shared: written in place, nothing taken
         need = self.get_num_blocks_to_append(seq_id, num_computed_tokens, num_new_tokens)
         if need > self._device.num_free:
             raise RuntimeError(f"sequence {seq_id} needs {need} blocks, {self._device.num_free} free")

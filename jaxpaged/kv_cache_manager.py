@@ -70,6 +70,8 @@ class KVCacheManager:
         if not self.enable_caching or not self.block_manager.has_device_blocks(seq.seq_id):
             return
         num_tokens = min(num_tokens, seq.num_tokens)  # tokens sampled but not landed have no key yet
+        if num_tokens // self.block_size <= self.block_manager.num_offered_blocks(seq.seq_id):
+            return  # no block filled up since the last offer (most decode steps): nothing to hash
         keys = extend_block_keys(seq, num_tokens, self.block_size, req.cache_salt)
         self.block_manager.cache_blocks(seq.seq_id, keys, num_tokens)
 

@@ -132,8 +132,9 @@ class Scheduler(RequestQueues):
         """Picks the next step's work (see module docstring for the order)."""
         step = _Step(self.max_num_batched_tokens)
         for decode_phase in (True, False):  # (1) then (2)
-            for req in [r for r in self._running if self._is_decoding(r) == decode_phase]:
-                # touched: a fork in (1) turns a request into a non-decoding one; once a step is enough
+            # touched: a fork in (1) turns a request into a non-decoding one; once a step is enough
+            for req in [r for r in self._running
+                        if r.request_id not in step.touched and self._is_decoding(r) == decode_phase]:
                 if not (req.request_id in step.preempted or req.request_id in step.touched) and step.token_budget > 0:
                     self._schedule_running(req, step, allow_preempt=True)
         if not step.preempted:  # (3) a step that had to preempt has no room to bring anyone back
@@ -149,6 +150,9 @@ class Scheduler(RequestQueues):
         return s.num_tokens + s.num_pending_tokens - s.num_computed_tokens
 
     def _is_decoding(self, req: Request) -> bool:
+        if len(req.seqs) == 1:  # the common case, without building the active list
+            s = req.seqs[0]
+            return s.is_finished or self._remaining(s) == 1
         return all(self._remaining(s) == 1 for s in req.active_seqs())
 
     def _finishes_when_pending_lands(self, s: Sequence, req: Request) -> bool:
@@ -192,6 +196,10 @@ class Scheduler(RequestQueues):
             if victim.request_id in step.touched:
                 break
             self._preempt(victim, step)
+        if need <= bm.get_num_free_blocks():  # counted together above: every planned append fits
+            for s, k in plan:
+                self._schedule_seq(req, s, k, step)
+            return
         for s, k in plan:
             if not bm.can_append_slots(s.seq_id, s.num_computed_tokens, k):
                 if k == 1 or not self.enable_chunked_prefill:
@@ -202,15 +210,22 @@ class Scheduler(RequestQueues):
             self._schedule_seq(req, s, k, step)
 
     def _schedule_seq(self, req: Request, seq: Sequence, k: int, step: _Step) -> None:
+        # Runs once per scheduled sequence per step (512 times a step at max_num_seqs=512): locals
+        # instead of repeated attribute lookups (benchmarks/tools/scheduler_host.py).
         bm = self.block_manager
+        sid = seq.seq_id
         start = seq.num_computed_tokens
-        if bm.has_device_blocks(seq.seq_id):
-            step.out.blocks_to_copy.extend(bm.append_slots(seq.seq_id, start, k))
+        end = start + k
+        if bm.has_device_blocks(sid):
+            copies = bm.append_slots(sid, start, k)
+            if copies:
+                step.out.blocks_to_copy.extend(copies)
         else:
-            bm.allocate(seq.seq_id, start + k)
+            bm.allocate(sid, end)
+        num_known = seq.num_tokens
         sample: list[int] = []
-        if start + k == seq.num_tokens + seq.num_pending_tokens:
-            sample = [seq.seq_id]
+        if end == num_known + seq.num_pending_tokens:
+            sample = [sid]
             # The prompt completes this step: share it with the siblings (beams fork in the first
             # beam step instead, once they know which tokens continue it).
             if not req.forked and req.beam_search is None:
@@ -220,28 +235,33 @@ class Scheduler(RequestQueues):
                         sib.status = SequenceStatus.RUNNING
                         sample.append(sib.seq_id)
                 req.forked = True
-        want_pl = (getattr(req.sampling_params, "prompt_logprobs", None) is not None and seq.index == 0
-                   and not req.prompt_logprobs_done and start < req.num_prompt_tokens)
-        known = min(start + k, seq.num_tokens)
-        token_ids = seq.get_token_ids_range(start, known) + [PENDING_TOKEN] * (start + k - known)
-        rows = [SamplingRow(req.sampling_params, s.prompt_token_ids, s.output_token_ids, s.index)
-                for s in (self._seqs[sid] for sid in sample)]
+        params = req.sampling_params
+        want_pl = (seq.index == 0 and start < req.num_prompt_tokens and not req.prompt_logprobs_done
+                   and getattr(params, "prompt_logprobs", None) is not None)
+        known = min(end, num_known)
+        token_ids = seq.get_token_ids_range(start, known)
+        if end > known:
+            token_ids = token_ids + [PENDING_TOKEN] * (end - known)
+        seqs = self._seqs
+        rows = [SamplingRow(params, s.prompt_token_ids, s.output_token_ids, s.index)
+                for s in (seq if i == sid else seqs[i] for i in sample)]
         step.out.scheduled.append(ScheduledSequence(
-            seq_id=seq.seq_id,
+            seq_id=sid,
             token_ids=token_ids,
             num_computed_tokens=start,
-            block_table=bm.get_block_table(seq.seq_id),
+            block_table=bm.get_block_table(sid),
             sample_seq_ids=sample,
             want_prompt_logprobs=want_pl,
             sample_rows=rows,
             prompt_token_ids=seq.prompt_token_ids,
         ))
         if self.async_scheduling:  # the step is committed: later schedules build on it at once
-            for sid in [seq.seq_id] + sample[1:]:  # forked siblings share this row's cache
-                self._seqs[sid].num_computed_tokens = start + k
+            seq.num_computed_tokens = end
+            for i in sample[1:]:  # forked siblings share this row's cache
+                seqs[i].num_computed_tokens = end
             if req.beam_search is None:  # a beam's next token is chosen on the host, not pending
-                for sid in sample:
-                    self._seqs[sid].num_pending_tokens += 1
+                for i in sample:
+                    (seq if i == sid else seqs[i]).num_pending_tokens += 1
         step.token_budget -= k
         step.touched.add(req.request_id)
         if req.first_scheduled_time is None:

@@ -33,7 +33,7 @@ PARTS = [
     ("runner: sampler flags", "runner", "_profile_for"),
     ("runner: sampling tensors", "runner", "_tensors"),
     ("runner: sampler call (dispatch)", "runner", "_sample"),
-    ("engine: request outputs", None, "_request_output"),
+    ("output processor: request outputs", "output_processor", "make_output"),
     ("engine.step (total)", None, "step"),
 ]
 

@@ -100,6 +100,23 @@ def test_second_request_reuses_the_first_ones_prompt():
     assert a.num_cached_tokens == 0
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_blocks_filled_while_decoding_are_cached_for_later_prompts(async_scheduling):
+    # Decode steps offer a block to the cache only once it fills (most steps have nothing to hash):
+    # the blocks a's decoding filled must be hits for a prompt that continues a's whole text.
+    h = Harness(num_blocks=16, max_num_batched_tokens=32, enable_caching=True, async_scheduling=async_scheduling)
+    a = h.add("a", list(range(100, 106)), max_tokens=10, ignore_eos=True)  # 16 tokens
+    h.run()
+    text = a.seqs[0].get_token_ids()
+    assert len(text) == 16
+    b = h.add("b", text + [7], max_tokens=2, ignore_eos=True)
+    h.run()
+    # a's last token was sampled, never computed: its KV covers 15 tokens, three full blocks. Block
+    # 0 filled during the prefill, block 1 (two prompt tokens, two outputs) and 2 while decoding.
+    assert b.num_cached_tokens == 12
+    assert b.seqs[0].output_token_ids == expected_output(b.seqs[0], 2)
+
+
 def test_chunked_prefill_resumes_inside_a_cached_prefix():
     h = Harness(num_blocks=20, max_num_batched_tokens=6, max_num_seqs=4, enable_caching=True)
     prompt = list(range(200, 230))  # 30 tokens, 7 full blocks
