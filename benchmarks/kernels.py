@@ -86,14 +86,20 @@ def measure_ceilings():
     return copy_bw, mm_rate
 
 
-def make_decode_inputs(key, S, ctx, hq, hkv, d, bs, dtype=jnp.bfloat16):
+KV_DTYPES = {"auto": None, "fp8": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}  # vLLM's names
+
+
+def make_decode_inputs(key, S, ctx, hq, hkv, d, bs, dtype=jnp.bfloat16, kv_dtype=None):
+    """``kv_dtype``: the cache's element type when it differs from ``dtype`` (an fp8 cache: the
+    keys and values drawn in ``dtype``, then cast, as the engine's KV write does)."""
+    kv_dtype = dtype if kv_dtype is None else kv_dtype
     mb = ctx // bs
-    kv_bytes = 2 * S * ctx * hkv * d * jnp.dtype(dtype).itemsize
+    kv_bytes = 2 * S * ctx * hkv * d * jnp.dtype(kv_dtype).itemsize
     n_rot = int(min(8, max(1, math.ceil(4 * L2_BYTES / kv_bytes))))
     nb = S * mb * n_rot
     k1, k2, k3 = jax.random.split(key, 3)
-    kc = jax.random.normal(k1, (nb, bs, hkv, d), dtype)
-    vc = jax.random.normal(k2, (nb, bs, hkv, d), dtype)
+    kc = jax.random.normal(k1, (nb, bs, hkv, d), dtype).astype(kv_dtype)
+    vc = jax.random.normal(k2, (nb, bs, hkv, d), dtype).astype(kv_dtype)
     q = jax.random.normal(k3, (S, hq, d), dtype)
     perm = np.random.default_rng(0).permutation(nb).astype(np.int32).reshape(n_rot, S, mb)
     tables = [jnp.asarray(p) for p in perm]
@@ -146,9 +152,11 @@ def run_decode(copy_bw, args, results, sweep):
                 if S * ctx * hkv * d * 4 > 40 * 2**30:
                     results.append(dict(kind="decode_skipped", batch=S, ctx=ctx, hq=hq, hkv=hkv, why="KV > 40 GiB"))
                     continue
-                q, kc, vc, sl, tables, kv_bytes = make_decode_inputs(jax.random.key(S + ctx), S, ctx, hq, hkv, d, bs)
+                q, kc, vc, sl, tables, kv_bytes = make_decode_inputs(jax.random.key(S + ctx), S, ctx, hq, hkv, d, bs,
+                                                                     kv_dtype=KV_DTYPES[args.kv_cache_dtype])
                 moved = kv_bytes + 2 * q.nbytes
-                row = dict(kind="decode", batch=S, ctx=ctx, hq=hq, hkv=hkv, d=d, block_size=bs, bytes=moved)
+                row = dict(kind="decode", batch=S, ctx=ctx, hq=hq, hkv=hkv, d=d, block_size=bs, bytes=moved,
+                           kv_cache_dtype=args.kv_cache_dtype)
                 ref = None
                 for v in (variants if (sweep and (args.sweep_all or (S == 64 and ctx == 2048))) else [dict()]):
                     # One jit runs the kernel once per rotated table: no host dispatch per call.
@@ -460,6 +468,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--sweep-all", action="store_true", help="with --sweep: decode variants at every shape, not only 64 x 2048")
     p.add_argument("--only", default="decode,prefill,kv_write")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=sorted(KV_DTYPES),
+                   help="decode: the cache in bf16 (auto) or fp8 (the kernel dequantizes in registers); "
+                        "bytes and TB/s count the cache at its own width")
     p.add_argument("--ablations", default="", help="also time these decode kernels: triton (needs jax-triton), mosaic")
     args = p.parse_args()
     args.ablations = [a for a in args.ablations.split(",") if a]
