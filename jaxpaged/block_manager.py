@@ -257,7 +257,6 @@ class BlockManager:
         need = self.get_num_blocks_to_append(seq_id, num_computed_tokens, num_new_tokens)
         if need > self._device.num_free:
             raise RuntimeError(f"sequence {seq_id} needs {need} blocks, {self._device.num_free} free")
-        end_block = self.num_blocks_for(num_computed_tokens + num_new_tokens)
         copies: list[tuple[int, int]] = []
         for i in range(num_computed_tokens // self.block_size, min(len(table), end_block)):
             old = table[i]

@@ -135,7 +135,7 @@ class Scheduler(RequestQueues):
             # touched: a fork in (1) turns a request into a non-decoding one; once a step is enough
             for req in [r for r in self._running
                         if r.request_id not in step.touched and self._is_decoding(r) == decode_phase]:
-                if not (req.request_id in step.preempted or req.request_id in step.touched) and step.token_budget > 0:
+                if req.request_id not in step.preempted and step.token_budget > 0:
                     self._schedule_running(req, step, allow_preempt=True)
         if not step.preempted:  # (3) a step that had to preempt has no room to bring anyone back
             self._schedule_swapped(step)
@@ -243,8 +243,7 @@ class Scheduler(RequestQueues):
         if end > known:
             token_ids = token_ids + [PENDING_TOKEN] * (end - known)
         seqs = self._seqs
-        rows = [SamplingRow(params, s.prompt_token_ids, s.output_token_ids, s.index)
-                for s in (seq if i == sid else seqs[i] for i in sample)]
+        rows = [SamplingRow(params, s.prompt_token_ids, s.output_token_ids, s.index) for s in (seqs[i] for i in sample)]
         step.out.scheduled.append(ScheduledSequence(
             seq_id=sid,
             token_ids=token_ids,
@@ -261,7 +260,7 @@ class Scheduler(RequestQueues):
                 seqs[i].num_computed_tokens = end
             if req.beam_search is None:  # a beam's next token is chosen on the host, not pending
                 for i in sample:
-                    (seq if i == sid else seqs[i]).num_pending_tokens += 1
+                    seqs[i].num_pending_tokens += 1
         step.token_budget -= k
         step.touched.add(req.request_id)
         if req.first_scheduled_time is None:
