@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged.engine_args import KV_CACHE_DTYPES
+from jaxpaged.kv_cache import resolve_kv_cache_dtype
 from pallas_kernels import attention_router
 from pallas_kernels.kv_cache_write import write_kv
 from pallas_kernels.paged_attention_decode import choose_num_splits, paged_attention_decode
@@ -86,12 +88,9 @@ def measure_ceilings():
     return copy_bw, mm_rate
 
 
-KV_DTYPES = {"auto": None, "fp8": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}  # vLLM's names
-
-
 def make_decode_inputs(key, S, ctx, hq, hkv, d, bs, dtype=jnp.bfloat16, kv_dtype=None):
     """``kv_dtype``: the cache's element type when it differs from ``dtype`` (an fp8 cache: the
-    keys and values drawn in ``dtype``, then cast, as the engine's KV write does)."""
+    keys and values drawn in ``dtype``, then cast; N(0, 1) values need no saturation)."""
     kv_dtype = dtype if kv_dtype is None else kv_dtype
     mb = ctx // bs
     kv_bytes = 2 * S * ctx * hkv * d * jnp.dtype(kv_dtype).itemsize
@@ -153,7 +152,7 @@ def run_decode(copy_bw, args, results, sweep):
                     results.append(dict(kind="decode_skipped", batch=S, ctx=ctx, hq=hq, hkv=hkv, why="KV > 40 GiB"))
                     continue
                 q, kc, vc, sl, tables, kv_bytes = make_decode_inputs(jax.random.key(S + ctx), S, ctx, hq, hkv, d, bs,
-                                                                     kv_dtype=KV_DTYPES[args.kv_cache_dtype])
+                                                                     kv_dtype=resolve_kv_cache_dtype(args.kv_cache_dtype, jnp.bfloat16))
                 moved = kv_bytes + 2 * q.nbytes
                 row = dict(kind="decode", batch=S, ctx=ctx, hq=hq, hkv=hkv, d=d, block_size=bs, bytes=moved,
                            kv_cache_dtype=args.kv_cache_dtype)
@@ -468,7 +467,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--sweep-all", action="store_true", help="with --sweep: decode variants at every shape, not only 64 x 2048")
     p.add_argument("--only", default="decode,prefill,kv_write")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=sorted(KV_DTYPES),
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="decode: the cache in bf16 (auto) or fp8 (the kernel dequantizes in registers); "
                         "bytes and TB/s count the cache at its own width")
     p.add_argument("--ablations", default="", help="also time these decode kernels: triton (needs jax-triton), mosaic")
