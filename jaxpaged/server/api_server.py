@@ -19,9 +19,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from jaxpaged.distributed import distributed_config
 from jaxpaged.engine_args import EngineArgs
 from jaxpaged.model_source import DEFAULT_SERVED_MODEL_NAME
 from jaxpaged.server.async_engine import AsyncEngine
+from jaxpaged.server.engine_client import EngineClient
+from jaxpaged.server.engine_process_client import EngineProcessClient
 from jaxpaged.server.chat_template import ChatTemplate, ChatTemplateError, load_template_arg, tokenizer_template
 from jaxpaged.server.errors import APIError, bad_request, error_body, status_phrase
 from jaxpaged.server.metrics import ServerMetrics
@@ -75,7 +78,7 @@ async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
         raise bad_request("the request body is nested too deeply") from exc
 
 
-def create_app(async_engine: AsyncEngine, tokenizer: ServerTokenizer | None, config: ServerConfig,
+def create_app(async_engine: EngineClient, tokenizer: ServerTokenizer | None, config: ServerConfig,
                model: ModelInfo, metrics: ServerMetrics) -> FastAPI:
     """The app for one engine loop. The caller owns ``async_engine``'s lifecycle (several apps
     may share one loop). ``tokenizer`` None: token-id prompts only (no chat, no /tokenize)."""
@@ -206,6 +209,10 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="seconds an idle keep-alive connection stays open (uvicorn's and vLLM's default: 5)")
     parser.add_argument("--health-stall-timeout", type=float, default=60.0,
                         help="seconds one engine step may run before /health answers 503 (stalled loop)")
+    parser.add_argument("--separate-engine-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the engine loop in a process of its own (default), so HTTP streaming and "
+                             "the engine never wait on one GIL; --no-separate-engine-process: a thread of "
+                             "this process. Multi-host engines always use a thread")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--disable-access-log", action="store_true")
     EngineArgs.add_cli_args(parser)
@@ -244,38 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
 
-    from jaxpaged.llm_engine import LLMEngine  # heavy import (JAX) only once arguments are valid
-
-    logger.info("loading %s and compiling the step functions (the port opens when warm)...",
-                engine_args.model or "the default model")
-    start = time.monotonic()
-    engine = LLMEngine.from_engine_args(engine_args)
-    if engine.distributed is not None and not engine.distributed.is_leader:
-        logger.info("process %d of a multi-host engine: replaying process 0's steps (no HTTP here)",
-                    engine.distributed.process_id)
-        engine.serve_worker()
-        return
-    stats = engine.get_stats()
-    logger.info("engine ready in %.1f s: %s, max_model_len %d, %s KV blocks of %d tokens, %s programs compiled",
-                time.monotonic() - start, engine.model_path, engine.max_model_len, stats.get("num_gpu_blocks", "?"),
-                engine_args.block_size, stats.get("num_compilations", "?"))
-
     default_name = engine_args.model or DEFAULT_SERVED_MODEL_NAME
     config = server_config_from_args(args, default_name)
-    tokenizer = None
-    if engine.tokenizer is None:
-        logger.warning("no tokenizer (--skip-tokenizer-init): prompts must be token ids; chat and /tokenize answer 400")
-    else:
-        tokenizer = ServerTokenizer.for_engine(engine.tokenizer)
-        try:
-            template_src = config.chat_template or tokenizer_template(engine.tokenizer)
-            if template_src:
-                ChatTemplate(template_src, engine.tokenizer)
-        except ChatTemplateError as exc:
-            raise SystemExit(f"error: {exc}") from exc
-        if template_src is None:
-            logger.warning("the tokenizer has no chat template: /v1/chat/completions will answer 400 (see --chat-template)")
-
     metrics = ServerMetrics(config.model_name)
     server: uvicorn.Server | None = None
 
@@ -286,8 +263,45 @@ def main(argv: list[str] | None = None) -> None:
         if server is not None:
             server.should_exit = True
 
-    async_engine = AsyncEngine(engine, metrics, stall_timeout_s=args.health_stall_timeout, on_dead=engine_died)
-    model = ModelInfo.for_engine(engine)
+    logger.info("loading %s and compiling the step functions (the port opens when warm)...",
+                engine_args.model or "the default model")
+    try:
+        multi_host = distributed_config(engine_args) is not None
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    if args.separate_engine_process and not multi_host:
+        async_engine: EngineClient = EngineProcessClient(
+            engine_args, metrics, stall_timeout_s=args.health_stall_timeout, on_dead=engine_died,
+            log_level=args.log_level)
+        try:
+            async_engine.launch()
+        except RuntimeError as exc:
+            raise SystemExit(f"error: {exc}") from exc
+        info = async_engine.info
+        model, engine_tokenizer, stats = info["model_info"], info["tokenizer"], info["stats"]
+        seconds = info["startup_seconds"]
+    else:
+        from jaxpaged.llm_engine import LLMEngine  # heavy import (JAX) only once arguments are valid
+
+        start = time.monotonic()
+        engine = LLMEngine.from_engine_args(engine_args)
+        if engine.distributed is not None and not engine.distributed.is_leader:
+            logger.info("process %d of a multi-host engine: replaying process 0's steps (no HTTP here)",
+                        engine.distributed.process_id)
+            engine.serve_worker()
+            return
+        seconds = time.monotonic() - start
+        async_engine = AsyncEngine(engine, metrics, stall_timeout_s=args.health_stall_timeout, on_dead=engine_died)
+        model, engine_tokenizer, stats = ModelInfo.for_engine(engine), engine.tokenizer, engine.get_stats()
+    logger.info("engine ready in %.1f s (%s): %s, max_model_len %d, %s KV blocks of %d tokens, %s programs compiled",
+                seconds, "own process" if isinstance(async_engine, EngineProcessClient) else "thread",
+                model.model_path, model.max_model_len, stats.get("num_gpu_blocks", "?"), engine_args.block_size,
+                stats.get("num_compilations", "?"))
+    try:
+        tokenizer = _server_tokenizer(engine_tokenizer, config)
+    except SystemExit:
+        async_engine.shutdown(timeout=0.0)
+        raise
     app = create_app(async_engine, tokenizer, config, model, metrics)
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, access_log=not args.disable_access_log,
@@ -305,3 +319,19 @@ def main(argv: list[str] | None = None) -> None:
         logger.info("server stopped")
     if async_engine.died_of is not None:
         raise SystemExit(f"error: the engine died: {async_engine.dead_reason}")
+
+
+def _server_tokenizer(engine_tokenizer: object | None, config: ServerConfig) -> ServerTokenizer | None:
+    """The HTTP side's tokenizer, once its chat template is known to compile (else exits)."""
+    if engine_tokenizer is None:
+        logger.warning("no tokenizer (--skip-tokenizer-init): prompts must be token ids; chat and /tokenize answer 400")
+        return None
+    try:
+        template_src = config.chat_template or tokenizer_template(engine_tokenizer)
+        if template_src:
+            ChatTemplate(template_src, engine_tokenizer)
+    except ChatTemplateError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    if template_src is None:
+        logger.warning("the tokenizer has no chat template: /v1/chat/completions will answer 400 (see --chat-template)")
+    return ServerTokenizer.for_engine(engine_tokenizer)

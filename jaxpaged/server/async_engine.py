@@ -22,9 +22,18 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
+from jaxpaged.server.engine_client import (
+    EngineDeadError,
+    EngineOverloadedError,
+    RequestAbortedError,
+    RequestTracker,
+    call_soon,
+    deliver_updates,
+    num_queued_beyond_capacity,
+    update_from_output,
+)
 from jaxpaged.server.metrics import ServerMetrics
-from jaxpaged.step_errors import EngineDeadError  # also: the loop has stopped (crashed or shut down)
-from jaxpaged.server.request_stream import OutputDelta, RequestStream, RequestUpdate
+from jaxpaged.server.request_stream import RequestStream, RequestUpdate
 
 if TYPE_CHECKING:  # the engine imports JAX; the server loads it only once its arguments are valid
     from jaxpaged.llm_engine import LLMEngine
@@ -32,29 +41,9 @@ if TYPE_CHECKING:  # the engine imports JAX; the server loads it only once its a
 logger = logging.getLogger(__name__)
 
 
-class RequestFailedError(RuntimeError):
-    """A step failed because of this request; the engine finished it with an error and went on."""
-
-
-class EngineOverloadedError(RuntimeError):
-    """The bounded waiting queue is full."""
-
-
-class RequestAbortedError(RuntimeError):
-    """The request was aborted by the server (shutdown) before it finished."""
-
-
-class _Tracker:
-    """Per-request state of the loop thread (the text itself is the output processor's)."""
-
-    def __init__(self, stream: RequestStream) -> None:
-        self.stream = stream
-        self.first_token_time: float | None = None
-        self.num_tokens: dict[int, int] = {}  # output tokens handed out, per sequence index
-
-
 class AsyncEngine:
-    """Runs ``engine.step()`` on one thread; ``add_request`` / ``abort`` from any event loop."""
+    """Runs ``engine.step()`` on one thread; ``add_request`` / ``abort`` from any event loop.
+    An ``EngineClient`` (see ``engine_client.py`` for when the engine runs in its own process)."""
 
     def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None, idle_poll_s: float = 0.5,
                  stall_timeout_s: float = 60.0, on_dead: Callable[[BaseException], None] | None = None) -> None:
@@ -71,7 +60,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._num_pending_adds = 0
         self._stats: dict[str, Any] = dict(engine.get_stats())
-        self._trackers: dict[str, _Tracker] = {}  # engine thread only
+        self._trackers: dict[str, RequestTracker] = {}  # engine thread only
         self._thread: threading.Thread | None = None
         self._dead: BaseException | None = None
         self._accepting = True
@@ -161,13 +150,7 @@ class AsyncEngine:
         self._inbox.put(("abort", request_id))
 
     def _num_queued_beyond_capacity(self) -> int:
-        # Requests handed over but not yet seen by the engine would mostly start at once while the
-        # batch has free sequence slots: only what exceeds those slots is "waiting". Counting every
-        # pending add made a burst's admissions depend on how often the engine thread ran.
-        queued = self._num_pending_adds + int(self._stats.get("num_waiting", 0))
-        max_seqs = self.engine.max_num_seqs
-        free_slots = max(0, max_seqs - int(self._stats.get("num_running_seqs", 0)))
-        return max(0, queued - free_slots)
+        return num_queued_beyond_capacity(self._num_pending_adds, self._stats, self.engine.max_num_seqs)
 
     def num_waiting(self) -> int:
         with self._lock:
@@ -231,12 +214,12 @@ class AsyncEngine:
             except Exception as exc:  # noqa: BLE001 - handed to the client, the loop goes on
                 error = exc
             else:
-                self._trackers[stream.request_id] = _Tracker(stream)
+                self._trackers[stream.request_id] = RequestTracker(stream)
             with self._lock:
                 self._num_pending_adds -= 1
                 if error is None:
                     self._stats["num_waiting"] = int(self._stats.get("num_waiting", 0)) + 1
-            _call_soon(stream.loop, stream._settle_ack, error)
+            call_soon(stream.loop, stream._settle_ack, error)
         elif kind == "abort":
             tracker = self._trackers.pop(cmd[1], None)
             self.engine.abort_request(cmd[1])
@@ -252,44 +235,15 @@ class AsyncEngine:
             tracker = self._trackers.get(out.request_id)
             if tracker is None:
                 continue  # aborted by its client after this step was scheduled
-            deltas = [OutputDelta(o.index, o.text, list(o.token_ids), o.logprobs, o.finish_reason, o.stop_reason)
-                      for o in out.outputs]
-            for d in deltas:
-                tracker.num_tokens[d.index] = tracker.num_tokens.get(d.index, 0) + len(d.token_ids)
-            if tracker.first_token_time is None and any(d.token_ids for d in deltas):
-                tracker.first_token_time = now
-                if self.metrics is not None:
-                    self.metrics.observe_first_token(now - tracker.stream.arrival)
-            num_prompt = len(out.prompt_token_ids) if out.prompt_token_ids is not None else 0
-            update: RequestUpdate | BaseException = RequestUpdate(out.request_id, num_prompt, deltas, out.finished,
-                                                                  out.prompt_logprobs, out.num_cached_tokens or 0)
+            update = tracker.observe(update_from_output(out), now, self.metrics)
             if out.finished:
                 del self._trackers[out.request_id]
-                if self.metrics is not None:
-                    self._observe_finished(tracker, out, now)
-                if out.error is not None:  # the client gets an error instead of a final update
-                    update = RequestFailedError(f"the engine failed while running this request ({out.error}); "
-                                                "other requests were not affected")
             by_loop.setdefault(tracker.stream.loop, []).append((tracker.stream, update))
         for loop, items in by_loop.items():
-            if not _call_soon(loop, _deliver, items):
+            if not call_soon(loop, deliver_updates, items):
                 for stream, _ in items:  # the client's loop is gone: free the engine's blocks
                     self._trackers.pop(stream.request_id, None)
                     self.engine.abort_request(stream.request_id)
-
-    def _observe_finished(self, tracker: _Tracker, out: RequestOutput, now: float) -> None:
-        lengths = list(tracker.num_tokens.values())
-        first = tracker.first_token_time if tracker.first_token_time is not None else now
-        longest = max(lengths, default=0)
-        tpot = (now - first) / (longest - 1) if longest > 1 else None
-        reasons = [o.finish_reason or "abort" for o in out.outputs]
-        self.metrics.observe_finished(
-            e2e=now - tracker.stream.arrival,
-            tpot=tpot,
-            finish_reason=reasons[0] if reasons else "abort",
-            num_prompt_tokens=len(out.prompt_token_ids or ()),
-            num_generation_tokens=sum(lengths),
-        )
 
     def _fail_all(self, exc: BaseException) -> None:
         # Requests still in the inbox are rejected; running ones get the error on their queue.
@@ -301,24 +255,11 @@ class AsyncEngine:
             if cmd[0] == "add":
                 with self._lock:
                     self._num_pending_adds -= 1
-                _call_soon(cmd[1].loop, cmd[1]._settle_ack, exc)
+                call_soon(cmd[1].loop, cmd[1]._settle_ack, exc)
         for rid, tracker in list(self._trackers.items()):
             try:
                 self.engine.abort_request(rid)
             except Exception:  # noqa: BLE001 - the engine may be what broke
                 pass
-            _call_soon(tracker.stream.loop, tracker.stream._put, exc)
+            call_soon(tracker.stream.loop, tracker.stream._put, exc)
         self._trackers.clear()
-
-
-def _deliver(items: list[tuple[RequestStream, RequestUpdate | BaseException]]) -> None:
-    for stream, update in items:
-        stream._put(update)
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> bool:
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-        return True
-    except RuntimeError:  # loop closed
-        return False

@@ -35,6 +35,9 @@ class RequestUpdate:
     # per prompt token {token id: Logprob}, None for the first token.
     prompt_logprobs: list[dict[int, Any] | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens the prefix cache held when the request was admitted
+    # On the final update of a request the engine finished because a step failed on it: why. The
+    # engine client turns such an update into ``RequestFailedError`` for the stream.
+    error: str | None = None
 
 
 class RequestStream:
@@ -102,4 +105,4 @@ def _merge(a: RequestUpdate, b: RequestUpdate) -> RequestUpdate:
             finish_reason=d.finish_reason, stop_reason=d.stop_reason)
     return RequestUpdate(b.request_id, b.num_prompt_tokens, sorted(by_index.values(), key=lambda d: d.index),
                          b.finished, a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
-                         max(a.num_cached_tokens, b.num_cached_tokens))
+                         max(a.num_cached_tokens, b.num_cached_tokens), b.error)

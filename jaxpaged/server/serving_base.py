@@ -15,8 +15,8 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request
 
 from jaxpaged.sampling_params import SamplingParams
-from jaxpaged.server.async_engine import (
-    AsyncEngine,
+from jaxpaged.server.engine_client import (
+    EngineClient,
     EngineDeadError,
     EngineOverloadedError,
     RequestAbortedError,
@@ -93,7 +93,7 @@ async def wait_for_disconnect(request: Request) -> None:
 class ServingBase:
     request_fields: set[str] = set()
 
-    def __init__(self, async_engine: AsyncEngine, tokenizer: ServerTokenizer | None, config: ServerConfig,
+    def __init__(self, async_engine: EngineClient, tokenizer: ServerTokenizer | None, config: ServerConfig,
                  model: ModelInfo, metrics: ServerMetrics | None = None) -> None:
         self.engine = async_engine
         self._tokenizer = tokenizer  # None: the engine runs without one (--skip-tokenizer-init)

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from jaxpaged.server.async_engine import EngineDeadError
+from jaxpaged.server.engine_client import EngineDeadError
 from jaxpaged.server.request_stream import OutputDelta, RequestStream, RequestUpdate
 
 

@@ -1,0 +1,156 @@
+"""The engine's side of ``EngineProcessClient``: a process that builds an ``LLMEngine`` and steps it.
+
+The server's process keeps HTTP, tokenization of prompts and streaming; this one keeps the engine
+loop, so neither waits on the other's Python (they shared one GIL when the loop was a thread, and a
+served token took 44 ms where an offline step took 25: RESULTS.md, "Served vs offline"). This is
+vLLM V1's ``EngineCoreProc``; the transport here is a ``multiprocessing`` pipe of pickled tuples.
+
+Messages, in order on the one pipe. Client → engine: ``("add", request_id, prompt, params)``,
+``("abort", request_id)``, ``("stop",)``. Engine → client: ``("ready", info)`` once warm (or
+``("startup_failed", reason)``); ``("ack", request_id, error)`` for each add, before any output of
+that request; ``("step", updates, stats)`` after every loop iteration (an empty one every
+``idle_poll_s`` while idle: the heartbeat ``/health`` reads); ``("dead", reason)`` when the engine
+cannot serve any more; ``("stopped",)`` after a stop. An update is a tuple (``pack_update``), not a
+``RequestUpdate``: half the pickling work a step.
+
+Error policy: as ``AsyncEngine``'s. What a request causes is contained by ``LLMEngine.step``; an
+exception escaping it ends this process with exit code 1 after ``("dead", reason)``. The process
+ignores SIGINT (the server drains first, then sends ``stop``) and exits when its pipe closes, so
+it never outlives the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import signal
+import sys
+import time
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+from jaxpaged.server.engine_client import update_from_output
+from jaxpaged.server.request_stream import OutputDelta, RequestUpdate
+from jaxpaged.server.server_config import ModelInfo
+
+if TYPE_CHECKING:
+    from jaxpaged.engine_args import EngineArgs
+    from jaxpaged.llm_engine import LLMEngine
+
+logger = logging.getLogger("jaxpaged.engine_core")
+
+
+def pack_update(update: RequestUpdate) -> tuple:
+    return (update.request_id, update.num_prompt_tokens, update.finished, update.prompt_logprobs,
+            update.num_cached_tokens, update.error,
+            [(d.index, d.text, d.token_ids, d.logprobs, d.finish_reason, d.stop_reason) for d in update.outputs])
+
+
+def unpack_update(packed: tuple) -> RequestUpdate:
+    rid, num_prompt, finished, prompt_logprobs, num_cached, error, deltas = packed
+    return RequestUpdate(rid, num_prompt, [OutputDelta(*d) for d in deltas], finished, prompt_logprobs,
+                         num_cached, error)
+
+
+def portable_error(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling (the client re-raises it: a ``ValueError`` becomes a 400
+    naming the field), else a ``RuntimeError`` with its type and message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - an exception class that cannot be rebuilt from its args
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+class EngineCoreProcess:
+    """The loop of the engine process (``run_engine_core`` builds it once the engine is warm)."""
+
+    def __init__(self, engine: LLMEngine, conn: Connection, idle_poll_s: float) -> None:
+        self.engine = engine
+        self.conn = conn
+        self.idle_poll_s = idle_poll_s
+        self.request_ids: set[str] = set()  # added and not finished (what a stop aborts)
+        self.stopping = False
+
+    def run(self) -> None:
+        while not self.stopping:
+            busy = self.engine.has_unfinished_requests()
+            if self.conn.poll(0 if busy else self.idle_poll_s):
+                self._drain_commands()
+                if self.stopping:
+                    break
+            updates = []
+            if self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        self.request_ids.discard(out.request_id)
+                    updates.append(pack_update(update_from_output(out)))
+            self.conn.send(("step", updates, self.engine.get_stats()))
+        for rid in self.request_ids:
+            self.engine.abort_request(rid)
+        self.conn.send(("stopped",))
+
+    def _drain_commands(self) -> None:
+        while self.conn.poll(0):
+            cmd = self.conn.recv()  # EOFError: the server is gone; run_engine_core exits
+            kind = cmd[0]
+            if kind == "add":
+                _, rid, prompt, params = cmd
+                error: BaseException | None = None
+                try:
+                    self.engine.add_request(rid, prompt, params)
+                    self.request_ids.add(rid)
+                except Exception as exc:  # noqa: BLE001 - handed to the client, the loop goes on
+                    error = portable_error(exc)
+                self.conn.send(("ack", rid, error))
+            elif kind == "abort":
+                self.request_ids.discard(cmd[1])
+                self.engine.abort_request(cmd[1])
+            elif kind == "stop":
+                self.stopping = True
+                return
+
+
+def ready_info(engine: LLMEngine, seconds: float) -> dict[str, Any]:
+    """What the server needs to know about the engine it cannot see (sent once, pickled)."""
+    return {
+        "model_info": ModelInfo.for_engine(engine),
+        "tokenizer": engine.tokenizer,  # HF tokenizers pickle; the server loads its own from the path
+        "model_path": engine.model_path,
+        "max_model_len": engine.max_model_len,
+        "max_num_seqs": engine.max_num_seqs,
+        "stats": engine.get_stats(),
+        "startup_seconds": seconds,
+    }
+
+
+def run_engine_core(conn: Connection, engine_args: EngineArgs, log_level: str, idle_poll_s: float) -> None:
+    """The engine process's entry point (``multiprocessing`` spawn target)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start = time.monotonic()
+    try:
+        from jaxpaged.llm_engine import LLMEngine  # JAX is imported in this process only
+
+        engine = LLMEngine.from_engine_args(engine_args)
+        conn.send(("ready", ready_info(engine, time.monotonic() - start)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the server, which exits with it
+        logger.exception("the engine failed to start")
+        _send_quietly(conn, ("startup_failed", f"{type(exc).__name__}: {exc}"))
+        sys.exit(1)
+    try:
+        EngineCoreProcess(engine, conn, idle_poll_s).run()
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        logger.warning("the server closed its pipe; the engine process exits")
+        sys.exit(1)
+    except BaseException as exc:  # noqa: BLE001 - the loop must report any death
+        logger.exception("engine loop died")
+        _send_quietly(conn, ("dead", f"{type(exc).__name__}: {exc}"))
+        sys.exit(1)
+
+
+def _send_quietly(conn: Connection, msg: tuple) -> None:
+    try:
+        conn.send(msg)
+    except OSError:  # the server is gone already
+        pass
