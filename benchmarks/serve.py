@@ -87,7 +87,9 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: lis
         if not result.ok:
             result.error = "no usage chunk"
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
+        # where in the stream it broke tells a refused connection from a response cut short
+        result.error = (f"{type(exc).__name__}: {exc} (after {len(result.itl) + (result.ttft > 0)} chunks, "
+                        f"{time.perf_counter() - result.start:.1f} s)")
     return result
 
 
