@@ -412,10 +412,16 @@ def run_kv_write(copy_bw, results):
         print(json.dumps(row), flush=True)
 
 
+def _cache_dtypes(results) -> str:
+    names = {r.get("kv_cache_dtype", "auto") for r in results if r["kind"] == "decode"}
+    return "/".join(sorted("bf16" if n == "auto" else n for n in names)) or "bf16"
+
+
 def table(results, copy_bw, mm_rate):
     lines = [f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write), read-only {CEILINGS.get('read_sum', 0) / 1e12:.2f} TB/s, "
              f"bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s",
-             "decode (bf16, D=128, bs=16): batch ctx heads | ours ms TB/s %copy | jax ms TB/s | speedup"]
+             f"decode (bf16 queries, {_cache_dtypes(results)} cache, D=128, bs=16): batch ctx heads | ours ms TB/s %copy "
+             "| jax ms TB/s | speedup"]
     ablations = [a for a in ("triton", "mosaic")
                  if any(f"{a}_ms" in r or f"{a}_skipped" in r for r in results if r["kind"] == "decode")]
     if ablations:
