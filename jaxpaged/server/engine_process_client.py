@@ -151,6 +151,9 @@ class EngineProcessClient:
         self._stopping = True
         if self._proc is None:
             return
+        if not self._threads:  # launched, never started (the server failed to come up): nothing in flight
+            self._kill()
+            return
         self._outbox.put(("stop",))
         self._stopped.wait(max(5.0, deadline - time.monotonic()))
         self._outbox.put(None)  # ends the sender
