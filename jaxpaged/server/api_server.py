@@ -213,6 +213,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="run the engine loop in a process of its own (default), so HTTP streaming and "
                              "the engine never wait on one GIL; --no-separate-engine-process: a thread of "
                              "this process. Multi-host engines always use a thread")
+    parser.add_argument("--log-step-timeline", action="store_true",
+                        help="time each engine step's phases per bucket (StepTimeline) and log them as JSON "
+                             "when the server stops")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--disable-access-log", action="store_true")
     EngineArgs.add_cli_args(parser)
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.separate_engine_process and not multi_host:
         async_engine: EngineClient = EngineProcessClient(
             engine_args, metrics, stall_timeout_s=args.health_stall_timeout, on_dead=engine_died,
-            log_level=args.log_level)
+            log_level=args.log_level, step_timeline=args.log_step_timeline)
         try:
             async_engine.launch()
         except RuntimeError as exc:
@@ -292,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         seconds = time.monotonic() - start
         async_engine = AsyncEngine(engine, metrics, stall_timeout_s=args.health_stall_timeout, on_dead=engine_died)
+        if args.log_step_timeline:
+            engine.timeline.enable()
         model, engine_tokenizer, stats = ModelInfo.for_engine(engine), engine.tokenizer, engine.get_stats()
     logger.info("engine ready in %.1f s (%s): %s, max_model_len %d, %s KV blocks of %d tokens, %s programs compiled",
                 seconds, "own process" if isinstance(async_engine, EngineProcessClient) else "thread",
@@ -314,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         # uvicorn has drained (or cancelled) the HTTP requests; abort whatever the engine still holds
         async_engine.shutdown(timeout=0.0)
+        if isinstance(async_engine, AsyncEngine) and async_engine.engine.timeline.enabled:
+            logger.info("engine step timeline: %s", json.dumps({"buckets": async_engine.engine.timeline.summary()}))
         if tokenizer is not None:
             tokenizer.close()
         logger.info("server stopped")

@@ -21,6 +21,7 @@ it never outlives the server.
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import signal
@@ -71,6 +72,9 @@ class EngineCoreProcess:
         self.idle_poll_s = idle_poll_s
         self.request_ids: set[str] = set()  # added and not finished (what a stop aborts)
         self.stopping = False
+        # With the engine's timeline on: what this loop adds to each step (packing and sending outputs)
+        self.num_published_steps = 0
+        self.publish_s = 0.0
 
     def run(self) -> None:
         while not self.stopping:
@@ -81,14 +85,31 @@ class EngineCoreProcess:
                     break
             updates = []
             if self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+                outputs = self.engine.step()
+                start = time.perf_counter()
+                for out in outputs:
                     if out.finished:
                         self.request_ids.discard(out.request_id)
                     updates.append(pack_update(update_from_output(out)))
-            self.conn.send(("step", updates, self.engine.get_stats()))
+                self.conn.send(("step", updates, self.engine.get_stats()))
+                if self.engine.timeline.enabled:
+                    self.num_published_steps += 1
+                    self.publish_s += time.perf_counter() - start
+            else:
+                self.conn.send(("step", updates, self.engine.get_stats()))
         for rid in self.request_ids:
             self.engine.abort_request(rid)
+        self.log_timeline()
         self.conn.send(("stopped",))
+
+    def log_timeline(self) -> None:
+        """With ``--log-step-timeline``: the engine's per-bucket step phases and this loop's
+        publishing cost, as one JSON log line (the served counterpart of throughput.py's table)."""
+        if self.engine.timeline.enabled:
+            publish_ms = 1e3 * self.publish_s / max(1, self.num_published_steps)
+            logger.info("engine step timeline: %s", json.dumps({
+                "buckets": self.engine.timeline.summary(), "publish_ms_per_step": publish_ms,
+                "num_published_steps": self.num_published_steps}))
 
     def _drain_commands(self) -> None:
         while self.conn.poll(0):
@@ -124,8 +145,10 @@ def ready_info(engine: LLMEngine, seconds: float) -> dict[str, Any]:
     }
 
 
-def run_engine_core(conn: Connection, engine_args: EngineArgs, log_level: str, idle_poll_s: float) -> None:
-    """The engine process's entry point (``multiprocessing`` spawn target)."""
+def run_engine_core(conn: Connection, engine_args: EngineArgs, log_level: str, idle_poll_s: float,
+                    step_timeline: bool = False) -> None:
+    """The engine process's entry point (``multiprocessing`` spawn target). ``step_timeline``:
+    time each step's phases and log them when the server stops."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.monotonic()
@@ -133,6 +156,8 @@ def run_engine_core(conn: Connection, engine_args: EngineArgs, log_level: str, i
         from jaxpaged.llm_engine import LLMEngine  # JAX is imported in this process only
 
         engine = LLMEngine.from_engine_args(engine_args)
+        if step_timeline:
+            engine.timeline.enable()
         conn.send(("ready", ready_info(engine, time.monotonic() - start)))
     except BaseException as exc:  # noqa: BLE001 - reported to the server, which exits with it
         logger.exception("the engine failed to start")

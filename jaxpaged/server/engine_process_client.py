@@ -51,13 +51,14 @@ class EngineProcessClient:
 
     def __init__(self, engine_args: EngineArgs, metrics: ServerMetrics | None = None, idle_poll_s: float = 0.5,
                  stall_timeout_s: float = 60.0, on_dead: Callable[[BaseException], None] | None = None,
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", step_timeline: bool = False) -> None:
         self.engine_args = engine_args
         self.metrics = metrics
         self._idle_poll_s = idle_poll_s
         self._stall_timeout_s = stall_timeout_s
         self._on_dead = on_dead
         self._log_level = log_level
+        self._step_timeline = step_timeline
         self.info: dict[str, Any] = {}
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._conn: Any = None
@@ -82,7 +83,8 @@ class EngineProcessClient:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX or threads
         self._conn, child_conn = ctx.Pipe(duplex=True)
         self._proc = ctx.Process(target=run_engine_core, name="jaxpaged-engine-core", daemon=True,
-                                 args=(child_conn, self.engine_args, self._log_level, self._idle_poll_s))
+                                 args=(child_conn, self.engine_args, self._log_level, self._idle_poll_s,
+                                       self._step_timeline))
         self._proc.start()
         child_conn.close()  # the child holds its end: EOF here once it exits
         deadline = None if timeout is None else time.monotonic() + timeout

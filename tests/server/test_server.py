@@ -493,7 +493,7 @@ def test_cli_starts_when_warm_authenticates_and_stops_on_sigint(stack):
     env = dict(os.environ, JAXPAGED_API_KEY=API_KEY, PYTHONPATH=os.getcwd())
     cmd = [sys.executable, "-m", "jaxpaged.serve", "--model", stack.engine.model_path, "--port", "0",
            "--max-model-len", "64", "--max-num-seqs", "2", "--max-num-batched-tokens", "32", "--block-size", "8",
-           "--served-model-name", "cli-model"]
+           "--served-model-name", "cli-model", "--log-step-timeline"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list[str] = []
     try:
@@ -518,6 +518,10 @@ def test_cli_starts_when_warm_authenticates_and_stops_on_sigint(stack):
         rest, _ = proc.communicate(timeout=60)
         log.append(rest)
         assert proc.returncode == 0 and "server stopped" in rest
+        # --log-step-timeline: the engine process logged its steps (the request's decode steps)
+        timeline = json.loads(re.search(r"engine step timeline: (\{.*\})", rest).group(1))
+        assert sum(b["steps"] for b in timeline["buckets"].values()) >= 3
+        assert timeline["num_published_steps"] >= 3 and timeline["publish_ms_per_step"] > 0
     finally:
         if proc.poll() is None:
             proc.kill()
