@@ -72,9 +72,11 @@ class EngineCoreProcess:
         self.idle_poll_s = idle_poll_s
         self.request_ids: set[str] = set()  # added and not finished (what a stop aborts)
         self.stopping = False
-        # With the engine's timeline on: what this loop adds to each step (packing and sending outputs)
+        # With the engine's timeline on: what this loop adds to each step, packing the outputs and
+        # sending them (a send blocks while the server's side of the pipe is full: it fell behind)
         self.num_published_steps = 0
-        self.publish_s = 0.0
+        self.pack_s = 0.0
+        self.send_s = 0.0
 
     def run(self) -> None:
         while not self.stopping:
@@ -91,10 +93,12 @@ class EngineCoreProcess:
                     if out.finished:
                         self.request_ids.discard(out.request_id)
                     updates.append(pack_update(update_from_output(out)))
+                packed = time.perf_counter()
                 self.conn.send(("step", updates, self.engine.get_stats()))
                 if self.engine.timeline.enabled:
                     self.num_published_steps += 1
-                    self.publish_s += time.perf_counter() - start
+                    self.pack_s += packed - start
+                    self.send_s += time.perf_counter() - packed
             else:
                 self.conn.send(("step", updates, self.engine.get_stats()))
         for rid in self.request_ids:
@@ -106,10 +110,10 @@ class EngineCoreProcess:
         """With ``--log-step-timeline``: the engine's per-bucket step phases and this loop's
         publishing cost, as one JSON log line (the served counterpart of throughput.py's table)."""
         if self.engine.timeline.enabled:
-            publish_ms = 1e3 * self.publish_s / max(1, self.num_published_steps)
+            steps = max(1, self.num_published_steps)
             logger.info("engine step timeline: %s", json.dumps({
-                "buckets": self.engine.timeline.summary(), "publish_ms_per_step": publish_ms,
-                "num_published_steps": self.num_published_steps}))
+                "buckets": self.engine.timeline.summary(), "num_published_steps": self.num_published_steps,
+                "pack_ms_per_step": 1e3 * self.pack_s / steps, "send_ms_per_step": 1e3 * self.send_s / steps}))
 
     def _drain_commands(self) -> None:
         while self.conn.poll(0):
