@@ -49,7 +49,8 @@ class AsyncEngine:
                  stall_timeout_s: float = 60.0, on_dead: Callable[[BaseException], None] | None = None) -> None:
         """``stall_timeout_s``: how long one loop iteration (a step) may take before ``/health``
         reports the loop as stuck. ``on_dead(exc)`` runs on the loop thread when the loop dies of
-        an exception (not on a clean shutdown): the server uses it to exit non-zero."""
+        an exception (not on a clean shutdown), before its requests fail: the server uses it to exit
+        non-zero."""
         self.engine = engine
         self.metrics = metrics
         self._idle_poll_s = idle_poll_s
@@ -188,9 +189,11 @@ class AsyncEngine:
             if self._dead is None:
                 self._fail_all(RequestAbortedError("the server is shutting down; request aborted"))
             else:
-                self._fail_all(EngineDeadError(self.dead_reason or "the engine loop stopped"))
-                if self._on_dead is not None:
-                    self._on_dead(self._dead)
+                try:  # before the requests fail, so whoever sees their error also sees the death reported
+                    if self._on_dead is not None:
+                        self._on_dead(self._dead)
+                finally:
+                    self._fail_all(EngineDeadError(self.dead_reason or "the engine loop stopped"))
 
     def _drain_inbox(self, block: bool) -> None:
         try:

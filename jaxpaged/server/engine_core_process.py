@@ -85,22 +85,20 @@ class EngineCoreProcess:
                 self._drain_commands()
                 if self.stopping:
                     break
+            stepped = self.engine.has_unfinished_requests()
+            outputs = self.engine.step() if stepped else []
+            start = time.perf_counter()
             updates = []
-            if self.engine.has_unfinished_requests():
-                outputs = self.engine.step()
-                start = time.perf_counter()
-                for out in outputs:
-                    if out.finished:
-                        self.request_ids.discard(out.request_id)
-                    updates.append(pack_update(update_from_output(out)))
-                packed = time.perf_counter()
-                self.conn.send(("step", updates, self.engine.get_stats()))
-                if self.engine.timeline.enabled:
-                    self.num_published_steps += 1
-                    self.pack_s += packed - start
-                    self.send_s += time.perf_counter() - packed
-            else:
-                self.conn.send(("step", updates, self.engine.get_stats()))
+            for out in outputs:
+                if out.finished:
+                    self.request_ids.discard(out.request_id)
+                updates.append(pack_update(update_from_output(out)))
+            packed = time.perf_counter()
+            self.conn.send(("step", updates, self.engine.get_stats()))  # also the idle heartbeat
+            if stepped and self.engine.timeline.enabled:
+                self.num_published_steps += 1
+                self.pack_s += packed - start
+                self.send_s += time.perf_counter() - packed
         for rid in self.request_ids:
             self.engine.abort_request(rid)
         self.log_timeline()
@@ -139,10 +137,8 @@ class EngineCoreProcess:
 def ready_info(engine: LLMEngine, seconds: float) -> dict[str, Any]:
     """What the server needs to know about the engine it cannot see (sent once, pickled)."""
     return {
-        "model_info": ModelInfo.for_engine(engine),
+        "model_info": ModelInfo.for_engine(engine),  # path, max_model_len, vocabulary, defaults
         "tokenizer": engine.tokenizer,  # HF tokenizers pickle; the server loads its own from the path
-        "model_path": engine.model_path,
-        "max_model_len": engine.max_model_len,
         "max_num_seqs": engine.max_num_seqs,
         "stats": engine.get_stats(),
         "startup_seconds": seconds,

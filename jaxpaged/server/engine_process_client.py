@@ -10,8 +10,9 @@ pending adds, a ``RequestTracker`` per accepted request, the last stats snapshot
 
 Health: the engine process sends a message after every loop iteration (every ``idle_poll_s`` while
 idle); none for ``stall_timeout_s`` means one step is stuck. When the process dies (the engine
-could not go on, or it was killed), every request it held gets ``EngineDeadError`` and ``on_dead``
-runs, as when ``AsyncEngine``'s loop dies: the server exits non-zero for a supervisor to restart.
+could not go on, or it was killed), ``on_dead`` runs and then every request it held gets
+``EngineDeadError``, as when ``AsyncEngine``'s loop dies: the server exits non-zero for a
+supervisor to restart.
 """
 
 from __future__ import annotations
@@ -284,9 +285,11 @@ class EngineProcessClient:
     def _die(self, exc: BaseException) -> None:
         self._dead = exc
         logger.error("the engine process died: %s", exc)
-        self._fail_all(exc)
-        if self._on_dead is not None:
-            self._on_dead(exc)
+        try:  # before the requests fail, so whoever sees their error also sees the death reported
+            if self._on_dead is not None:
+                self._on_dead(exc)
+        finally:
+            self._fail_all(exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
