@@ -6,6 +6,7 @@ import itertools
 from typing import Any, Sequence
 
 from jaxpaged.engine_args import EngineArgs
+from jaxpaged.gc_heap import frozen_gc_heap
 from jaxpaged.llm_engine import LLMEngine
 from jaxpaged.outputs import BeamSearchOutput, BeamSearchSequence, Logprob, RequestOutput
 from jaxpaged.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
@@ -176,11 +177,12 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
         try:
-            while len(done) < len(ids) and engine.has_unfinished_requests():
-                for out in engine.step():
-                    if out.finished and out.request_id in wanted:
-                        done[out.request_id] = out
-                        bar.update(1)
+            with frozen_gc_heap():  # no full collections of the caller's heap between steps
+                while len(done) < len(ids) and engine.has_unfinished_requests():
+                    for out in engine.step():
+                        if out.finished and out.request_id in wanted:
+                            done[out.request_id] = out
+                            bar.update(1)
         except BaseException:
             engine.abort_request([i for i in ids if i not in done])
             raise

@@ -168,7 +168,10 @@ class OutputProcessor:
                 state.sent_prompt_logprobs = True
         if delta and not outputs and prompt_logprobs is None and not finished:
             return None
-        out = RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), prompt_logprobs, outputs,
+        # DELTA hands out the request's own prompt list (as vLLM does): a copy per step and request
+        # was the largest allocation of a served step. The other kinds copy it (once, for FINAL_ONLY).
+        prompt_ids = req.prompt_token_ids if delta else list(req.prompt_token_ids)
+        out = RequestOutput(req.request_id, req.prompt, prompt_ids, prompt_logprobs, outputs,
                            finished, self._metrics(req), num_cached_tokens=req.num_cached_tokens)
         out.error = error
         return out
@@ -199,20 +202,22 @@ class OutputProcessor:
         text = st.text
         if not seq.is_finished and hold:
             text = text[: max(0, len(text) - hold)]
-        token_ids = seq.output_token_ids[: st.num_processed]
         logprobs = st.logprobs if params.logprobs is not None else None
-        if delta:
+        if delta:  # slices of the new part only: a step copies O(new tokens), not O(output so far)
             if st.sent_final:
                 return None
             start_chars, start_tokens = st.sent_chars, st.sent_tokens
-            if len(text) <= start_chars and len(token_ids) <= start_tokens and not seq.is_finished:
+            end_tokens = min(st.num_processed, len(seq.output_token_ids))
+            if len(text) <= start_chars and end_tokens <= start_tokens and not seq.is_finished:
                 return None
-            st.sent_chars, st.sent_tokens = max(start_chars, len(text)), len(token_ids)
+            st.sent_chars, st.sent_tokens = max(start_chars, len(text)), end_tokens
             st.sent_final = seq.is_finished
-            text, token_ids = text[start_chars:], token_ids[start_tokens:]
+            text, token_ids = text[start_chars:], seq.output_token_ids[start_tokens:end_tokens]
             logprobs = logprobs[start_tokens : len(st.logprobs)] if logprobs is not None else None
+        else:
+            token_ids = seq.output_token_ids[: st.num_processed]
         return CompletionOutput(
-            index=seq.index if rank is None else rank, text=text, token_ids=list(token_ids),
+            index=seq.index if rank is None else rank, text=text, token_ids=token_ids,
             cumulative_logprob=seq.cumulative_logprob if params.logprobs is not None or rank is not None else None,
             logprobs=list(logprobs) if logprobs is not None else None,
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,

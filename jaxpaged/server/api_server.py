@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from jaxpaged.distributed import distributed_config
 from jaxpaged.engine_args import EngineArgs
+from jaxpaged.gc_heap import freeze_gc_heap
 from jaxpaged.model_source import DEFAULT_SERVED_MODEL_NAME
 from jaxpaged.server.async_engine import AsyncEngine
 from jaxpaged.server.engine_client import EngineClient
@@ -311,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, access_log=not args.disable_access_log,
         timeout_graceful_shutdown=config.shutdown_timeout, timeout_keep_alive=args.timeout_keep_alive))
+    freeze_gc_heap()  # the start-up heap (with the engine's, when it runs on a thread) is never garbage
     async_engine.start()
     try:
         server.run()

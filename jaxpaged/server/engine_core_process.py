@@ -30,6 +30,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
+from jaxpaged.gc_heap import freeze_gc_heap
 from jaxpaged.server.engine_client import update_from_output
 from jaxpaged.server.request_stream import OutputDelta, RequestUpdate
 from jaxpaged.server.server_config import ModelInfo
@@ -158,6 +159,7 @@ def run_engine_core(conn: Connection, engine_args: EngineArgs, log_level: str, i
         engine = LLMEngine.from_engine_args(engine_args)
         if step_timeline:
             engine.timeline.enable()
+        freeze_gc_heap()  # this process's start-up heap is never garbage (gc_heap.py)
         conn.send(("ready", ready_info(engine, time.monotonic() - start)))
     except BaseException as exc:  # noqa: BLE001 - reported to the server, which exits with it
         logger.exception("the engine failed to start")

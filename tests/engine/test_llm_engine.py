@@ -221,12 +221,59 @@ def test_output_kinds(ckpt, prompts):
 
     llm = LLM(ckpt, dtype="float32", max_num_seqs=4, max_num_batched_tokens=32)
     engine = llm.llm_engine
-    engine.add_request("cum", {"prompt_token_ids": prompts[1]}, SamplingParams(max_tokens=5, ignore_eos=True))
+    engine.add_request("cum", {"prompt_token_ids": prompts[1]}, SamplingParams(max_tokens=5, ignore_eos=True, temperature=0))
     engine.add_request("final", {"prompt_token_ids": prompts[2]},
                        SamplingParams(max_tokens=5, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY))
-    seen: dict[str, list] = {"cum": [], "final": []}
+    engine.add_request("delta", {"prompt_token_ids": prompts[1]},
+                       SamplingParams(max_tokens=5, ignore_eos=True, temperature=0, output_kind=RequestOutputKind.DELTA))
+    seen: dict[str, list] = {"cum": [], "final": [], "delta": []}
+    tokens: dict[str, list] = {"cum": [], "delta": []}
     while engine.has_unfinished_requests():
         for out in engine.step():
             seen[out.request_id].append((out.finished, len(out.outputs[0].token_ids)))
+            if out.request_id in tokens:
+                assert out.prompt_token_ids == prompts[1]
+                tokens[out.request_id].append(list(out.outputs[0].token_ids))
     assert seen["cum"] == [(False, 1), (False, 2), (False, 3), (False, 4), (True, 5)]
     assert seen["final"] == [(True, 5)]
+    # DELTA: one new token a step, which joined are the cumulative request's (same prompt, greedy).
+    assert seen["delta"] == [(False, 1), (False, 1), (False, 1), (False, 1), (True, 1)]
+    assert sum(tokens["delta"], []) == tokens["cum"][-1] and len(tokens["cum"][-1]) == 5
+    assert tokens["cum"][-2] == tokens["cum"][-1][:4]  # an earlier cumulative output was not changed later
+
+
+def test_generate_freezes_the_heap_only_while_it_steps(ckpt, prompts):
+    """LLM.generate exempts the caller's heap from collection while it steps (gc_heap.py) and
+    unfreezes it after, also when a step raises; a heap the caller froze is left frozen."""
+    import gc
+
+    llm = LLM(ckpt, dtype="float32", max_num_seqs=4, max_num_batched_tokens=32)
+    engine, step = llm.llm_engine, llm.llm_engine.step
+    counts = []
+
+    def counting_step():
+        counts.append(gc.get_freeze_count())
+        return step()
+
+    engine.step = counting_step
+    assert gc.get_freeze_count() == 0
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], SamplingParams(max_tokens=3, ignore_eos=True),
+                        use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [3, 3]
+    assert counts and min(counts) > 0 and gc.get_freeze_count() == 0
+
+    def failing_step():
+        raise KeyboardInterrupt
+
+    engine.step = failing_step
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=3), use_tqdm=False)
+    assert gc.get_freeze_count() == 0 and not engine.has_unfinished_requests()
+
+    engine.step = counting_step
+    gc.freeze()
+    try:
+        llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=2), use_tqdm=False)
+        assert gc.get_freeze_count() > 0  # not unfrozen by generate
+    finally:
+        gc.unfreeze()
