@@ -54,6 +54,7 @@ def run_jaxpaged(args, reqs) -> dict:
     elapsed = time.perf_counter() - t0
     timeline.enabled = False
     greedy_timeline = timeline.summary()
+    latencies = request_latencies(outs)
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     assert n_out == sum(r.output_len for r in reqs), "engine produced a wrong number of tokens"
     stats = llm.get_stats()
@@ -88,7 +89,25 @@ def run_jaxpaged(args, reqs) -> dict:
             "batch1_tpot_ms": 1000.0 / b1, "batch1_ttft_ms": 1000.0 * (m.first_token_time - m.arrival_time),
             "num_compilations_after_warmup": stats.get("num_compilations_after_warmup"),
             "num_preemptions": stats.get("num_preemptions_total"), "padding_waste": stats.get("padding_waste"),
-            "num_gpu_blocks": stats.get("num_gpu_blocks"), "timeline": greedy_timeline, **sampling, **prefix}
+            "num_gpu_blocks": stats.get("num_gpu_blocks"), "timeline": greedy_timeline, **latencies, **sampling,
+            **prefix}
+
+
+def request_latencies(outs) -> dict:
+    """TTFT and TPOT of the greedy run's requests, as serve.py defines them (TTFT from arrival to the
+    first token; TPOT the time after it over the tokens after it): every request arrives at once, so
+    these are the offline counterparts of ``serve.py --request-rate inf``."""
+    import numpy as np
+
+    ttft, tpot = [], []
+    for o in outs:
+        m, n = o.metrics, len(o.outputs[0].token_ids)
+        ttft.append(m.first_token_time - m.arrival_time)
+        if n > 1:
+            tpot.append((m.last_token_time - m.first_token_time) / (n - 1))
+    ms = lambda xs, q: 1000.0 * float(np.percentile(xs, q))  # noqa: E731
+    return {"median_ttft_ms": ms(ttft, 50), "p99_ttft_ms": ms(ttft, 99),
+            "median_tpot_ms": ms(tpot, 50), "p99_tpot_ms": ms(tpot, 99)}
 
 
 def _hf_model(args, attn_implementation: str):
@@ -260,6 +279,9 @@ def main() -> None:
         print(f"jaxpaged batch-1 decode {j['batch1_decode_tok_s']:.1f} tok/s = "
               f"{j['batch1_decode_tok_s'] / results['batch1_roofline_tok_s']:.1%} of roofline "
               f"(TPOT {j['batch1_tpot_ms']:.2f} ms, TTFT {j['batch1_ttft_ms']:.1f} ms; tp {tp})")
+        print(f"jaxpaged all requests at once: TTFT median {j['median_ttft_ms'] / 1000:.1f} s, P99 "
+              f"{j['p99_ttft_ms'] / 1000:.1f} s; TPOT median {j['median_tpot_ms']:.1f} ms, P99 {j['p99_tpot_ms']:.1f} ms "
+              f"(serve.py's definitions)")
         for b in ("hf-cb", "hf"):
             if b in results:
                 print(f"jaxpaged / {b}: {j['output_tokens_per_s'] / results[b]['output_tokens_per_s']:.1f}x output tok/s")
