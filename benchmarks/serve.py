@@ -27,6 +27,7 @@ import httpx
 import numpy as np
 
 from benchmarks.common import sharegpt_like
+from jaxpaged.server.process_limits import raise_open_files_limit
 
 
 @dataclasses.dataclass
@@ -206,8 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-token-id", type=int, default=1000, help="prompt token ids are drawn from [min, max)")
     p.add_argument("--result-json", default=None, help="also write the numbers here")
     args = p.parse_args(argv)
+    open_files = raise_open_files_limit()  # one socket per request in flight
+    if open_files < (args.max_concurrency or args.num_prompts) + 64:
+        print(f"warning: open files limit {open_files} is below the requests in flight", file=sys.stderr)
     results, duration, concurrency = asyncio.run(run(args))
     summary = summarize(args, results, duration, concurrency)
+    summary["open_files_limit"] = open_files
     print_report(summary)
     if args.result_json:
         with open(args.result_json, "w") as f:

@@ -51,6 +51,8 @@ print(f"served run wall {wall:.1f} s, {tokens:.0f} output tokens")
 print(f"HTTP process: {h1 - h0:.1f} CPU s = {(h1 - h0) / wall:.2f} cores, {1e6 * (h1 - h0) / max(tokens, 1):.1f} us per token")
 print(f"engine process: {e1 - e0:.1f} CPU s = {(e1 - e0) / wall:.2f} cores (0: engine on a thread of the HTTP process)")
 PYEOF
+echo "open files: server soft limit $(awk '/Max open files/ {print $4}' "/proc/$server/limits" 2> /dev/null), \
+shell's $(ulimit -n); $(nproc) CPUs" >> "$OUT/cpu.txt"
 kill -INT "$server"
 wait "$server"
 if [ -z "${SERVE_ONLY:-}" ]; then

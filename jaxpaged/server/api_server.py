@@ -30,6 +30,7 @@ from jaxpaged.server.chat_template import ChatTemplate, ChatTemplateError, load_
 from jaxpaged.server.errors import APIError, bad_request, error_body, status_phrase
 from jaxpaged.server.metrics import ServerMetrics
 from jaxpaged.server.middleware import BearerAuthMiddleware, BodyLimitMiddleware
+from jaxpaged.server.process_limits import raise_open_files_limit
 from jaxpaged.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from jaxpaged.server.server_config import ModelInfo, ServerConfig
 from jaxpaged.server.server_tokenizer import ServerTokenizer
@@ -245,6 +246,9 @@ def server_config_from_args(args: argparse.Namespace, default_name: str) -> Serv
 def main(argv: list[str] | None = None) -> None:
     args = make_arg_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    open_files = raise_open_files_limit()
+    if open_files < 4096:  # one socket per connected client, streaming or queued
+        logger.warning("open files limit %d: at most about that many clients can connect at once", open_files)
     shown = {k: v for k, v in vars(args).items() if k != "api_key"}
     logger.info("arguments: %s (api key %s)", shown,
                 "set" if (args.api_key or os.environ.get("JAXPAGED_API_KEY")) else "not set")

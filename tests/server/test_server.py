@@ -721,3 +721,22 @@ def test_shutdown_drains_then_aborts_and_dead_loop_fails_health(stack, url, monk
     assert resp.status_code == 503 and "injected device failure" in resp.json()["error"]["message"]
     health = httpx.get(url + "/health")
     assert health.status_code == 503 and "injected device failure" in health.json()["error"]["message"]
+
+
+def test_the_open_files_limit_is_raised_within_the_hard_limit():
+    """The server (and serve.py) raise the soft open-files limit: a client per socket."""
+    import resource
+
+    from jaxpaged.server.process_limits import raise_open_files_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"hard open-files limit {hard} leaves no room to test")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        assert raise_open_files_limit(target=1000) == 1000 == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert raise_open_files_limit(target=500) == 1000  # never lowered
+        if hard != resource.RLIM_INFINITY:
+            assert raise_open_files_limit(target=hard + 1) == hard  # capped by the hard limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
