@@ -6,9 +6,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import tempfile
 import time
 
 import numpy as np
+
+
+LLAMA_7B_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "llama-2-7b")
+
+
+def llama_config_dir(tiny: bool) -> str:
+    """A directory holding the Llama-2-7B config.json (``load_format="dummy"`` needs nothing else),
+    or with ``tiny`` the same architecture at 2 layers of width 64 and a 1,000-token vocabulary:
+    the host profilers' CPU model, whose device step costs little beside the host's work."""
+    if not tiny:
+        return LLAMA_7B_CONFIG_DIR
+    with open(os.path.join(LLAMA_7B_CONFIG_DIR, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=4, vocab_size=1000)
+    d = tempfile.mkdtemp()
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return d
 
 
 @dataclasses.dataclass

@@ -19,7 +19,6 @@ import collections
 import functools
 import json
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -90,16 +89,12 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
+    from benchmarks.common import llama_config_dir
     from jaxpaged import LLM, SamplingParams
     from pallas_kernels.sizes import next_pow2
 
-    benchmarks = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = json.load(open(os.path.join(benchmarks, "configs", "llama-2-7b", "config.json")))
-    if not args.full_model:
-        cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=4, vocab_size=1000)
-    d = tempfile.mkdtemp()
-    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    d = llama_config_dir(tiny=not args.full_model)
+    cfg = json.load(open(os.path.join(d, "config.json")))
     max_len = max(512, next_pow2(args.prompt_len + args.output_len))
     kw = dict(dtype="bfloat16") if args.full_model else dict(num_gpu_blocks_override=args.num_seqs * 8)
     llm = LLM(d, load_format="dummy", skip_tokenizer_init=True, max_num_seqs=args.num_seqs,

@@ -22,15 +22,10 @@ import argparse
 import collections
 import gc
 import json
-import os
 import pickle
-import tempfile
 import time
 
 import numpy as np
-
-BENCHMARKS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 class GCPauses:
     """Collections and their wall time per generation, from ``gc.callbacks``."""
@@ -54,6 +49,7 @@ class GCPauses:
 
 
 def run(num_seqs: int, prompt_len: int, output_len: int, freeze_gc: bool) -> dict:
+    from benchmarks.common import llama_config_dir
     from jaxpaged.engine_args import EngineArgs
     from jaxpaged.gc_heap import freeze_gc_heap
     from jaxpaged.llm_engine import LLMEngine
@@ -61,11 +57,7 @@ def run(num_seqs: int, prompt_len: int, output_len: int, freeze_gc: bool) -> dic
     from jaxpaged.server.engine_client import update_from_output
     from jaxpaged.server.engine_core_process import pack_update, unpack_update
 
-    cfg = json.load(open(os.path.join(BENCHMARKS, "configs", "llama-2-7b", "config.json")))
-    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=4, vocab_size=1000)
-    d = tempfile.mkdtemp()
-    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    d = llama_config_dir(tiny=True)
     max_model_len = 1 << (prompt_len + output_len - 1).bit_length()
     block_size = 16
     engine = LLMEngine(EngineArgs(
