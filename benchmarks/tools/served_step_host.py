@@ -43,10 +43,6 @@ class GCPauses:
             self.count[info["generation"]] += 1
             self.seconds[info["generation"]] += time.perf_counter() - self._start
 
-    def reset(self) -> None:
-        self.count.clear()
-        self.seconds.clear()
-
 
 def run(num_seqs: int, prompt_len: int, output_len: int, freeze_gc: bool) -> dict:
     from benchmarks.common import llama_config_dir
