@@ -162,7 +162,7 @@ class LLMEngine:
             bar.n = i
             bar.refresh()
 
-        seconds = self.runner.warm_up(progress)
+        self.warm_up_seconds = seconds = self.runner.warm_up(progress)
         bar.n = bar.total or 0
         bar.close()
         self.num_compilations_at_ready = self.compilations.count

@@ -13,8 +13,10 @@ import dataclasses
 import functools
 import itertools
 import logging
+import os
 import time
-from typing import Any, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +143,21 @@ def _unpack_step_inputs(flat: jax.Array, layout: tuple):
     return ids, positions, prev_idx, md
 
 
+def compile_threads() -> int:
+    """Threads that compile the step and sampler programs at start-up (``$JAXPAGED_COMPILE_THREADS``,
+    default ``min(8, CPUs)``)."""
+    value = os.environ.get("JAXPAGED_COMPILE_THREADS")
+    if value is None:
+        return min(8, os.cpu_count() or 1)
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(f"JAXPAGED_COMPILE_THREADS must be a whole number >= 1, got {value!r}")
+    return threads
+
+
 class ModelRunner:
     """Owns the KV pool and the compiled step/sampler programs for one loaded model."""
 
@@ -198,6 +215,7 @@ class ModelRunner:
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnums=(4,),
                                         **tensor_parallel.replicated_out_kwargs(mesh))
         self.timeline = StepTimeline()  # the engine's, when it profiles its steps
+        self.precompile_seconds = 0.0  # set by warm_up
 
     # ---- device programs ------------------------------------------------------------------
     def _step_impl(self, params, caches, flat, prev_tokens, layout: tuple):
@@ -258,6 +276,8 @@ class ModelRunner:
     def warm_up(self, progress: Callable[[str, int, int], None] | None = None) -> float:
         """Compiles every bucket's step, every sampler variant and the block programs."""
         t0 = time.perf_counter()
+        self._precompile(progress)
+        self.precompile_seconds = time.perf_counter() - t0
         self._warm_hidden: dict[int, jax.Array] = {}
         jobs: list[tuple[str, Callable[[], None]]] = []
         for b in self.buckets:
@@ -276,6 +296,46 @@ class ModelRunner:
         jax.block_until_ready(self.kv.caches)
         self._warm_hidden = {}
         return time.perf_counter() - t0
+
+    def _precompile(self, progress: Callable[[str, int, int], None] | None) -> None:
+        """Compiles the step and sampler programs side by side before warm-up runs them.
+
+        XLA's compiler releases the GIL, so a pool of threads compiles while this thread lowers the
+        next program (Python, GIL-bound). ``lower().compile()`` fills the same cache as a call, so the
+        warm-up runs that follow compile nothing (the engine's compilation counter shows it). The
+        smaller programs (prompt logprobs, block copies) compile in warm-up as before. Threads:
+        ``$JAXPAGED_COMPILE_THREADS``, default ``min(8, CPUs)``; 1 compiles one program at a time.
+        Figures: RESULTS.md, "Start-up".
+        """
+        threads = compile_threads()
+        if threads <= 1:
+            return
+        lowerings = list(self._lowerings())
+        with ThreadPoolExecutor(threads, thread_name_prefix="jaxpaged-compile") as pool:
+            futures = []
+            for i, (name, lower) in enumerate(lowerings):
+                if progress:
+                    progress(f"compile {name}", i, len(lowerings))
+                futures.append(pool.submit(lower().compile))
+            for f in futures:
+                f.result()  # a failed compilation raises here, as the call in warm-up would
+
+    def _lowerings(self) -> Iterator[tuple[str, Callable[[], Any]]]:
+        """(name, lower) for each step bucket and sampler variant, with the arguments warm-up calls
+        them with (same shapes, dtypes and placements: same cache entries)."""
+        for b in sorted(self.buckets, key=lambda b: -b.num_tokens):  # the longest compilations first
+            def lower_step(b=b):
+                ids, md, positions = self._pack_arrays([], b)
+                flat, layout = _pack_step_inputs(ids, positions, np.full(len(ids), -1, np.int32), md)
+                return self._step.lower(self.lm.params, self.kv.caches, flat, self._no_prev_tokens, layout)
+            yield f"step {b.num_tokens}{'d' if b.decode_only else ''}", lower_step
+        logits = tensor_parallel.zeros((self.max_rows, self.vocab_size), jnp.float32, self._replicated)
+        for r in geometric_range(8, self.max_rows):
+            for profile in self.PROFILES:
+                def lower_sampler(r=r, profile=profile):
+                    return self._sample.lower(logits, jnp.zeros(r, jnp.int32), self._tensors([], r, profile),
+                                              self._flags(profile))
+                yield f"sampler {profile} rows={r}", lower_sampler
 
     def _warm_step(self, b: Bucket) -> None:
         ids, md, positions = self._pack_arrays([], b)

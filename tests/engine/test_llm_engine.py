@@ -277,3 +277,42 @@ def test_generate_freezes_the_heap_only_while_it_steps(ckpt, prompts):
         assert gc.get_freeze_count() > 0  # not unfrozen by generate
     finally:
         gc.unfreeze()
+
+
+def test_parallel_compilation_lowers_each_program_once(ckpt, prompts, hf_greedy, monkeypatch):
+    # The step and sampler programs compile on a thread pool before warm-up runs them; jit's cache
+    # must hold what the pool built, or warm-up would lower (and compile) every program again.
+    import jax
+    from jax._src import monitoring
+
+    lowerings = {}
+    for threads in ("1", "3"):
+        events = []
+
+        def listen(event, duration, **_kw):
+            if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+                events.append(duration)
+
+        monkeypatch.setenv("JAXPAGED_COMPILE_THREADS", threads)
+        jax.clear_caches()  # the first engine's programs would otherwise serve the second
+        jax.monitoring.register_event_duration_secs_listener(listen)
+        try:
+            llm = LLM(ckpt, dtype="float32", max_num_seqs=8, max_num_batched_tokens=32)
+        finally:
+            monitoring.unregister_event_duration_listener(listen)
+        lowerings[threads] = len(events)
+        tokens, _ = _greedy(llm, prompts)
+        assert tokens == hf_greedy
+        assert llm.get_stats()["num_compilations_after_warmup"] == 0
+        del llm
+    assert lowerings["3"] == lowerings["1"] > 0
+
+
+def test_compile_threads_rejects_a_bad_value(monkeypatch):
+    from jaxpaged.model_runner import compile_threads
+
+    monkeypatch.setenv("JAXPAGED_COMPILE_THREADS", "0")
+    with pytest.raises(ValueError, match="JAXPAGED_COMPILE_THREADS"):
+        compile_threads()
+    monkeypatch.setenv("JAXPAGED_COMPILE_THREADS", "4")
+    assert compile_threads() == 4
