@@ -238,6 +238,10 @@ def main() -> None:
     if int(args.tensor_parallel_size) > 1 and args.backend != "jaxpaged":
         raise SystemExit("error: the HF backends run on one GPU: use --backend jaxpaged with --tensor-parallel-size > 1")
 
+    if args.backend == "jaxpaged":
+        # The engine sizes JAX's memory pool to gpu_memory_utilization when it starts JAX's backend;
+        # the ceilings below start it first, so set the same pool here (as a served engine has it).
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{args.gpu_memory_utilization:.3f}")
     if args.enforce_eager:  # before the ceilings below start JAX's backend: the flag is read at start
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     shape = LlamaShape.from_config(os.path.join(args.model, "config.json"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 from jaxpaged import distributed
@@ -15,10 +16,36 @@ from jaxpaged.engine_args import EngineArgs
 logger = logging.getLogger("jaxpaged")
 
 
+def _jax_backends_started() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge  # no public API says whether the backends exist yet
+
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(started and started())
+
+
+def _warn_pool_fixed(gpu_memory_utilization: float) -> None:
+    import jax
+
+    if jax.default_backend() == "gpu" and gpu_memory_utilization > 0.75:
+        logger.warning(
+            "JAX's GPU memory pool was created before the engine, at JAX's default of 75%% of the device: "
+            "the KV cache fits in that, not in gpu_memory_utilization=%.2f. Set XLA_PYTHON_CLIENT_MEM_FRACTION=%.2f "
+            "before anything in the process uses JAX to give the engine its share.",
+            gpu_memory_utilization, gpu_memory_utilization)
+
+
 def setup_platform(args: EngineArgs) -> distributed.DistributedConfig | None:
     """Sets the process up for JAX; returns the multi-host set-up, None for one process."""
-    # JAX reserves 75% of GPU memory at start unless told otherwise; make that our budget.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{args.gpu_memory_utilization:.3f}")
+    # JAX reserves 75% of GPU memory at start unless told otherwise; make that our budget. Once
+    # something in the process has started JAX's backend the pool is fixed: say so rather than let
+    # the KV sizing believe a fraction the pool was never given.
+    if "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ:
+        if _jax_backends_started():
+            _warn_pool_fixed(args.gpu_memory_utilization)
+        else:
+            os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{args.gpu_memory_utilization:.3f}"
     flags = os.environ.get("XLA_FLAGS", "")
     if args.enforce_eager and "xla_gpu_enable_command_buffer" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_command_buffer=".strip()

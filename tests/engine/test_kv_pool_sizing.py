@@ -72,6 +72,34 @@ def test_gpu_pool_under_tensor_parallelism_is_sized_per_device(monkeypatch):
     assert _blocks(args, on_gpu=True, block_bytes=8 << 20, lm=types.SimpleNamespace(mesh=mesh)) == want
 
 
+def test_a_pool_started_before_the_engine_is_not_resized_in_name_only(monkeypatch, caplog):
+    """JAX's GPU pool is fixed when its backend starts. An engine that comes after (a notebook that
+    ran JAX first; a benchmark that measured bandwidth first) must size its KV cache within JAX's
+    default 75 %, and say so, instead of setting a fraction the pool never gets."""
+    from jaxpaged import engine_setup
+
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "unset below")  # restored to its state at teardown
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    monkeypatch.setattr(engine_setup, "_jax_backends_started", lambda: True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    args = EngineArgs(gpu_memory_utilization=0.9, compilation_cache_dir=None)
+    with caplog.at_level("WARNING", logger="jaxpaged"):
+        engine_setup.setup_platform(args)
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in engine_setup.os.environ
+    assert "gpu_memory_utilization=0.90" in caplog.text and "75%" in caplog.text
+    # The sizing then takes the pool as 75 % of the device: the budget is the whole pool.
+    limit, in_use, peak = 60 * GiB, 13 * GiB, 1 * GiB
+    device = types.SimpleNamespace(memory_stats=lambda: {"bytes_limit": limit, "bytes_in_use": in_use})
+    monkeypatch.setattr(jax, "devices", lambda *a: [device])
+    monkeypatch.setattr(kv_pool_sizing, "activation_peak_bytes", lambda *a: peak)
+    margin = max(2 * GiB, int(0.03 * limit))
+    assert _blocks(args, on_gpu=True, block_bytes=8 << 20) == int((limit - in_use - peak - margin) // (8 << 20))
+    # Before the backend starts, the engine sets the fraction itself.
+    monkeypatch.setattr(engine_setup, "_jax_backends_started", lambda: False)
+    engine_setup.setup_platform(args)
+    assert engine_setup.os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.900"
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return load_model(make_tiny_checkpoint(str(tmp_path_factory.mktemp("sizing") / "tiny")), dtype="float32")
