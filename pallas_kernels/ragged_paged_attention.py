@@ -50,30 +50,53 @@ def ragged_paged_attention_reference(
     alibi_slopes: jnp.ndarray | None = None,
     logits_soft_cap: float | None = None,
 ) -> jnp.ndarray:
-    """Plain-jnp oracle. q [T, Hq, D]; caches [num_blocks, block_size, Hkv, D] → out [T, Hq, D]."""
+    """Plain-jnp oracle. q [T, Hq, D]; caches [num_blocks, block_size, Hkv, D] → out [T, Hq, D].
+
+    Each token reads its sequence's whole KV span at once ([L, Hkv, D] in float32); tokens go in
+    groups of at most ``REFERENCE_CHUNK_BYTES`` of that, so a long prompt's oracle fits in memory
+    (the tokens are independent: the result is the same at any group size)."""
     T, Hq, D = q.shape
     _, BS, Hkv, _ = k_cache.shape
     S, MB = block_tables.shape
-    G = Hq // Hkv
     L = MB * BS
     t = jnp.arange(T, dtype=jnp.int32)
     tok_seq = token_seq_ids(query_start_loc, T)
     tok_valid = t < query_start_loc[-1]
+    tok_len = jnp.where(tok_valid, seq_lens[tok_seq], 0)
+    k_seq = k_cache[block_tables].reshape(S, L, Hkv, D)
+    v_seq = v_cache[block_tables].reshape(S, L, Hkv, D)
+    slopes = None if alibi_slopes is None else alibi_slopes.astype(jnp.float32).reshape(Hkv, Hq // Hkv)
+    chunk = max(1, REFERENCE_CHUNK_BYTES // (L * Hkv * D * 4))
+    outs = [
+        _reference_tokens(q[a : a + chunk], k_seq, v_seq, tok_seq[a : a + chunk], positions[a : a + chunk],
+                          tok_len[a : a + chunk], scale=scale, sliding_window=sliding_window, slopes=slopes,
+                          logits_soft_cap=logits_soft_cap)
+        for a in range(0, T, chunk)
+    ]
+    return (outs[0] if len(outs) == 1 else jnp.concatenate(outs)).astype(q.dtype)
 
-    k = k_cache[block_tables].reshape(S, L, Hkv, D)[tok_seq]  # [T, L, Hkv, D]
-    v = v_cache[block_tables].reshape(S, L, Hkv, D)[tok_seq]
-    qg = q.reshape(T, Hkv, G, D).astype(jnp.float32)
+
+REFERENCE_CHUNK_BYTES = 1 << 30  # float32 KV read by one group of the oracle's tokens
+
+
+def _reference_tokens(q, k_seq, v_seq, tok_seq, positions, tok_len, *, scale, sliding_window, slopes,
+                      logits_soft_cap):
+    """The oracle for the tokens ``q`` [C, Hq, D] of sequences ``tok_seq``; float32 [C, Hq, D]."""
+    C, Hq, D = q.shape
+    _, L, Hkv, _ = k_seq.shape
+    k = k_seq[tok_seq]  # [C, L, Hkv, D]
+    v = v_seq[tok_seq]
+    qg = q.reshape(C, Hkv, Hq // Hkv, D).astype(jnp.float32)
     kv_pos = jnp.arange(L, dtype=jnp.int32)[None, :]
     qpos = positions.astype(jnp.int32)[:, None]
-    slopes = None if alibi_slopes is None else alibi_slopes.astype(jnp.float32).reshape(Hkv, G)
     # masked with a finite value: all-masked padding rows stay NaN-free
-    s, mask = masked_scores(qg, k.astype(jnp.float32), kv_pos, qpos, jnp.where(tok_valid, seq_lens[tok_seq], 0),
+    s, mask = masked_scores(qg, k.astype(jnp.float32), kv_pos, qpos, tok_len,
                             scale=scale, sliding_window=sliding_window, slopes=slopes, logits_soft_cap=logits_soft_cap)
     p = jax.nn.softmax(s, axis=-1)
     # Zero masked values too: unwritten slots may hold anything (NaN included) and 0 * NaN = NaN.
     v = jnp.where(mask[:, :, None, None], v.astype(jnp.float32), 0.0)
     out = jnp.einsum("thgl,tlhd->thgd", p, v)
-    return out.reshape(T, Hq, D).astype(q.dtype)
+    return out.reshape(C, Hq, D)
 
 
 def _ragged_kernel(

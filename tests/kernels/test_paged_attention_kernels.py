@@ -157,6 +157,23 @@ def test_dispatch_decode_only_uses_decode_kernel_and_matches():
     assert "paged_attention_decode" in jaxpr and "ragged_paged_attention" not in jaxpr.replace("pjit", "")
 
 
+def test_reference_in_token_groups_matches_all_at_once(monkeypatch):
+    # The oracle goes through the tokens in groups bounded by REFERENCE_CHUNK_BYTES (a long prompt's
+    # all-at-once gather does not fit an 80 GB card); every feature must see the same tokens.
+    import pallas_kernels.ragged_paged_attention as rpa
+
+    rng = np.random.default_rng(11)
+    c = paged_case(rng, [40, 1, 9, 0], [30, 65, 0, 0], hq=4, hkv=2, d=32, bs=8, dtype=F32, num_tokens=56)
+    args = [c[k] for k in ("q", "k_cache", "v_cache", "positions", "query_start_loc", "seq_lens", "block_tables")]
+    kw = dict(scale=0.2, sliding_window=24, alibi_slopes=jnp.array([0.5, 0.25, 0.125, 0.0625]), logits_soft_cap=30.0)
+    whole = rpa.ragged_paged_attention_reference(*args, **kw)
+    keys = c["block_tables"].shape[1] * 8
+    monkeypatch.setattr(rpa, "REFERENCE_CHUNK_BYTES", 7 * keys * 2 * 32 * 4)  # 7 tokens a group, 8 groups
+    grouped = rpa.ragged_paged_attention_reference(*args, **kw)
+    np.testing.assert_allclose(np.asarray(grouped), np.asarray(whole), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(grouped[50:]), 0.0)  # padding tokens stay zero
+
+
 def test_validation_errors_name_the_field():
     rng = np.random.default_rng(3)
     c = paged_case(rng, [3, 1], [4, 9], hq=4, hkv=2, d=32, bs=8, dtype=F32)
