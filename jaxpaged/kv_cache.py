@@ -15,7 +15,8 @@ each process fills the head slices of its own devices.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +161,20 @@ class KVCache:
     def is_lost(self) -> bool:
         """Whether the device arrays were consumed (donated to a call that then failed)."""
         return any(k.is_deleted() or v.is_deleted() for k, v in self.caches)
+
+    def lowerings(self, max_pairs: int) -> Iterator[tuple[str, Callable[[], Any]]]:
+        """(name, lower) for each block program :meth:`warm_up` runs, with arguments of the same
+        types (the start-up thread pool compiles them ahead of it)."""
+        for n in geometric_range(1, next_pow2(max_pairs)):
+            idx = np.zeros(n, np.int32)
+            yield f"kv copy {n}", functools.partial(self._copy.lower, self.caches, idx, idx)
+            if self.host is not None:
+                shape = self.host.shape[:2] + (n,) + self.host.shape[3:]
+                # NumPy data on one device; on a mesh, laid out as _to_devices lays it out.
+                data = jax.ShapeDtypeStruct(shape, self.host.dtype,
+                                            sharding=None if self.sharding is None else self._blocks_sharding)
+                yield f"kv gather {n}", functools.partial(self._gather.lower, self.caches, idx)
+                yield f"kv scatter {n}", functools.partial(self._scatter.lower, self.caches, idx, data)
 
     def warm_up(self, max_pairs: int) -> None:
         """Compiles the block programs for every padded size up to ``next_pow2(max_pairs)``; larger

@@ -303,7 +303,8 @@ class ModelRunner:
         XLA's compiler releases the GIL, so a pool of threads compiles while this thread lowers the
         next program (Python, GIL-bound). ``lower().compile()`` fills the same cache as a call, so the
         warm-up runs that follow compile nothing (the engine's compilation counter shows it). The
-        smaller programs (prompt logprobs, block copies) compile in warm-up as before. Threads:
+        prompt-logprob programs compile in warm-up as before: they take the step's own output, which
+        a stand-in argument does not match in jit's cache. Threads:
         ``$JAXPAGED_COMPILE_THREADS``, default ``min(8, CPUs)``; 1 compiles one program at a time.
         Figures: RESULTS.md, "Start-up".
         """
@@ -321,8 +322,8 @@ class ModelRunner:
                 f.result()  # a failed compilation raises here, as the call in warm-up would
 
     def _lowerings(self) -> Iterator[tuple[str, Callable[[], Any]]]:
-        """(name, lower) for each step bucket and sampler variant, with the arguments warm-up calls
-        them with (same shapes, dtypes and placements: same cache entries)."""
+        """(name, lower) for each step bucket, sampler variant and block program, with the arguments
+        warm-up calls them with (same shapes, dtypes and placements: same cache entries)."""
         for b in sorted(self.buckets, key=lambda b: -b.num_tokens):  # the longest compilations first
             def lower_step(b=b):
                 ids, md, positions = self._pack_arrays([], b)
@@ -336,6 +337,7 @@ class ModelRunner:
                     return self._sample.lower(logits, jnp.zeros(r, jnp.int32), self._tensors([], r, profile),
                                               self._flags(profile))
                 yield f"sampler {profile} rows={r}", lower_sampler
+        yield from self.kv.lowerings(self.max_blocks_per_seq)
 
     def _warm_step(self, b: Bucket) -> None:
         ids, md, positions = self._pack_arrays([], b)
