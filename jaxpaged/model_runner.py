@@ -10,25 +10,23 @@ shows that nothing compiles afterwards.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import logging
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxpaged import tensor_parallel
-from jaxpaged.buckets import Bucket, geometric_range, make_buckets, pick_bucket
+from jaxpaged.buckets import Bucket, make_buckets, pick_bucket
 from jaxpaged.kv_cache import KVCache
 from jaxpaged.model_loader import LoadedModel
 from jaxpaged.scheduler_output import SamplingRow, ScheduledSequence, SchedulerOutput
 from jaxpaged.step_errors import SequenceError
 from jaxpaged.step_timeline import StepTimeline
+from jaxpaged.warm_up import WarmUp
 from jaxpaged.sampler import (
     SamplerFlags,
     SamplingTensors,
@@ -143,21 +141,6 @@ def _unpack_step_inputs(flat: jax.Array, layout: tuple):
     return ids, positions, prev_idx, md
 
 
-def compile_threads() -> int:
-    """Threads that compile the step and sampler programs at start-up (``$JAXPAGED_COMPILE_THREADS``,
-    default ``min(8, CPUs)``)."""
-    value = os.environ.get("JAXPAGED_COMPILE_THREADS")
-    if value is None:
-        return min(8, os.cpu_count() or 1)
-    try:
-        threads = int(value)
-    except ValueError:
-        threads = 0
-    if threads < 1:
-        raise ValueError(f"JAXPAGED_COMPILE_THREADS must be a whole number >= 1, got {value!r}")
-    return threads
-
-
 class ModelRunner:
     """Owns the KV pool and the compiled step/sampler programs for one loaded model."""
 
@@ -217,6 +200,8 @@ class ModelRunner:
         self.timeline = StepTimeline()  # the engine's, when it profiles its steps
         self.precompile_seconds = 0.0  # set by warm_up
 
+    pack_step_inputs = staticmethod(_pack_step_inputs)  # for WarmUp, which lowers the step ahead
+
     # ---- device programs ------------------------------------------------------------------
     def _step_impl(self, params, caches, flat, prev_tokens, layout: tuple):
         # The host packs every int32 input of the step into one array (one host-to-device copy a
@@ -274,88 +259,12 @@ class ModelRunner:
 
     # ---- warm-up ------------------------------------------------------------------------------
     def warm_up(self, progress: Callable[[str, int, int], None] | None = None) -> float:
-        """Compiles every bucket's step, every sampler variant and the block programs."""
-        t0 = time.perf_counter()
-        self._precompile(progress)
-        self.precompile_seconds = time.perf_counter() - t0
-        self._warm_hidden: dict[int, jax.Array] = {}
-        jobs: list[tuple[str, Callable[[], None]]] = []
-        for b in self.buckets:
-            jobs.append((f"step {b}", functools.partial(self._warm_step, b)))
-        for r in geometric_range(8, self.max_rows):
-            for profile in self.PROFILES:
-                jobs.append((f"sampler {profile} rows={r}", functools.partial(self._warm_sampler, r, profile)))
-        for b in self.buckets:
-            if not b.decode_only:  # decode steps never carry prompt tokens
-                jobs.append((f"prompt logprobs {b.num_tokens}", functools.partial(self._warm_prompt_lp, b.num_tokens)))
-        jobs.append(("kv block programs", lambda: self.kv.warm_up(self.max_blocks_per_seq)))
-        for i, (name, job) in enumerate(jobs):
-            if progress:
-                progress(name, i, len(jobs))
-            job()
-        jax.block_until_ready(self.kv.caches)
-        self._warm_hidden = {}
-        return time.perf_counter() - t0
-
-    def _precompile(self, progress: Callable[[str, int, int], None] | None) -> None:
-        """Compiles the step and sampler programs side by side before warm-up runs them.
-
-        XLA's compiler releases the GIL, so a pool of threads compiles while this thread lowers the
-        next program (Python, GIL-bound). ``lower().compile()`` fills the same cache as a call, so the
-        warm-up runs that follow compile nothing (the engine's compilation counter shows it). The
-        prompt-logprob programs compile in warm-up as before: they take the step's own output, which
-        a stand-in argument does not match in jit's cache. Threads:
-        ``$JAXPAGED_COMPILE_THREADS``, default ``min(8, CPUs)``; 1 compiles one program at a time.
-        Figures: RESULTS.md, "Start-up".
-        """
-        threads = compile_threads()
-        if threads <= 1:
-            return
-        lowerings = list(self._lowerings())
-        with ThreadPoolExecutor(threads, thread_name_prefix="jaxpaged-compile") as pool:
-            futures = []
-            for i, (name, lower) in enumerate(lowerings):
-                if progress:
-                    progress(f"compile {name}", i, len(lowerings))
-                futures.append(pool.submit(lower().compile))
-            for f in futures:
-                f.result()  # a failed compilation raises here, as the call in warm-up would
-
-    def _lowerings(self) -> Iterator[tuple[str, Callable[[], Any]]]:
-        """(name, lower) for each step bucket, sampler variant and block program, with the arguments
-        warm-up calls them with (same shapes, dtypes and placements: same cache entries)."""
-        for b in sorted(self.buckets, key=lambda b: -b.num_tokens):  # the longest compilations first
-            def lower_step(b=b):
-                ids, md, positions = self._pack_arrays([], b)
-                flat, layout = _pack_step_inputs(ids, positions, np.full(len(ids), -1, np.int32), md)
-                return self._step.lower(self.lm.params, self.kv.caches, flat, self._no_prev_tokens, layout)
-            yield f"step {b.num_tokens}{'d' if b.decode_only else ''}", lower_step
-        logits = tensor_parallel.zeros((self.max_rows, self.vocab_size), jnp.float32, self._replicated)
-        for r in geometric_range(8, self.max_rows):
-            for profile in self.PROFILES:
-                def lower_sampler(r=r, profile=profile):
-                    return self._sample.lower(logits, jnp.zeros(r, jnp.int32), self._tensors([], r, profile),
-                                              self._flags(profile))
-                yield f"sampler {profile} rows={r}", lower_sampler
-        yield from self.kv.lowerings(self.max_blocks_per_seq)
-
-    def _warm_step(self, b: Bucket) -> None:
-        ids, md, positions = self._pack_arrays([], b)
-        last, hidden = self.run_step(ids, positions, md)
-        self._warm_hidden[b.num_tokens] = hidden
-        jax.block_until_ready(last)
-
-    def _warm_sampler(self, num_rows: int, profile: str) -> None:
-        # Laid out as the step's logits are (replicated over the mesh), so serving reuses the program.
-        logits = tensor_parallel.zeros((self.max_rows, self.vocab_size), jnp.float32, self._replicated)
-        tensors = self._tensors([], num_rows, profile)
-        out = self._sample(logits, jnp.zeros(num_rows, jnp.int32), tensors, self._flags(profile))
-        jax.block_until_ready(out)
-
-    def _warm_prompt_lp(self, num_tokens: int) -> None:
-        h = self._warm_hidden[num_tokens]  # the step's own output: same shape, dtype and placement
-        z = np.zeros(num_tokens, np.int32)
-        jax.block_until_ready(self._prompt_logprobs(self.lm.params, h, z, z, self.max_logprobs))
+        """Compiles every bucket's step, every sampler variant and the block programs (and runs each
+        once); returns the seconds it took. See :class:`~jaxpaged.warm_up.WarmUp`."""
+        warm = WarmUp(self)
+        seconds = warm.run(progress)
+        self.precompile_seconds = warm.precompile_seconds
+        return seconds
 
     # ---- one step -----------------------------------------------------------------------------
     def run_step(self, ids, positions, md: AttentionMetadata, prev_tokens=None, prev_idx=None):

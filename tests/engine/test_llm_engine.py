@@ -309,7 +309,7 @@ def test_parallel_compilation_lowers_each_program_once(ckpt, prompts, hf_greedy,
 
 
 def test_compile_threads_rejects_a_bad_value(monkeypatch):
-    from jaxpaged.model_runner import compile_threads
+    from jaxpaged.warm_up import compile_threads
 
     monkeypatch.setenv("JAXPAGED_COMPILE_THREADS", "0")
     with pytest.raises(ValueError, match="JAXPAGED_COMPILE_THREADS"):
