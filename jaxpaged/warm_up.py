@@ -2,7 +2,7 @@
 
 Every program the runner can run is compiled before serving (the engine's compilation counter then
 stays at zero): the step of every bucket, every sampler variant, the prompt-logprob programs and the
-KV block programs. The step, sampler and block programs first compile side by side on a thread pool
+KV block programs. They first compile side by side on a thread pool
 (XLA's compiler releases the GIL) while this thread lowers the next one; then each program runs once,
 from jit's cache. ``$JAXPAGED_COMPILE_THREADS`` sets the pool (default ``min(8, CPUs)``; 1 compiles
 one program at a time). Figures: RESULTS.md, "Start-up".
@@ -48,6 +48,7 @@ class WarmUp:
         self.runner = runner
         self.precompile_seconds = 0.0
         self._hidden: dict[int, jax.Array] = {}  # each mixed bucket's step output, for prompt logprobs
+        self._hidden_info: dict[int, jax.ShapeDtypeStruct] = {}  # its shape and dtype, from the lowering
 
     def run(self, progress: Callable[[str, int, int], None] | None = None) -> float:
         """Compiles (and runs once) every program; returns the seconds it took."""
@@ -74,12 +75,9 @@ class WarmUp:
         return time.perf_counter() - t0
 
     def _precompile(self, progress: Callable[[str, int, int], None] | None) -> None:
-        """Compiles the step, sampler and block programs side by side before :meth:`run` runs them.
-
-        ``lower().compile()`` fills the same cache as a call, so the runs that follow compile nothing
-        (the engine's compilation counter shows it). The prompt-logprob programs compile in the runs:
-        they take the step's own output, which a stand-in argument does not match in jit's cache.
-        """
+        """Compiles every program side by side before :meth:`run` runs them. ``lower().compile()``
+        fills the same cache as a call, so the runs that follow compile nothing (the engine's
+        compilation counter shows it)."""
         threads = compile_threads()
         if threads <= 1:
             return
@@ -94,11 +92,14 @@ class WarmUp:
                 f.result()  # a failed compilation raises here, as the call in run() would
 
     def _lowerings(self) -> Iterator[tuple[str, Callable[[], Any]]]:
-        """(name, lower) for each step bucket, sampler variant and block program, with the arguments
-        :meth:`run` calls them with (same shapes, dtypes and placements: same cache entries)."""
+        """(name, lower) for each program, with arguments like those :meth:`run` calls it with (same
+        shapes, dtypes, placements and committedness: same cache entries)."""
         r = self.runner
         for b in sorted(r.buckets, key=lambda b: -b.num_tokens):  # the longest compilations first
             yield f"step {b.num_tokens}{'d' if b.decode_only else ''}", functools.partial(self._lower_step, b)
+        for b in r.buckets:
+            if not b.decode_only:  # after the steps: each takes its step's output shape
+                yield f"prompt logprobs {b.num_tokens}", functools.partial(self._lower_prompt_lp, b.num_tokens)
         logits = self._logits()
         for rows in geometric_range(8, r.max_rows):
             for profile in r.PROFILES:
@@ -110,7 +111,18 @@ class WarmUp:
         r = self.runner
         ids, md, positions = r._pack_arrays([], b)
         flat, layout = r.pack_step_inputs(ids, positions, np.full(len(ids), -1, np.int32), md)
-        return r._step.lower(r.lm.params, r.kv.caches, flat, r._no_prev_tokens, layout)
+        lowered = r._step.lower(r.lm.params, r.kv.caches, flat, r._no_prev_tokens, layout)
+        self._hidden_info[b.num_tokens] = lowered.out_info[1]
+        return lowered
+
+    def _lower_prompt_lp(self, num_tokens: int):
+        # The step's hidden states as an abstract value laid out as the step lays them out
+        # (replicated on a mesh); a real stand-in array would itself be a program to compile.
+        r = self.runner
+        info = self._hidden_info[num_tokens]
+        hidden = jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=r._replicated)
+        z = np.zeros(num_tokens, np.int32)
+        return r._prompt_logprobs.lower(r.lm.params, hidden, z, z, r.max_logprobs)
 
     def _logits(self) -> jax.Array:
         # Laid out as the step's logits are (replicated over the mesh), so serving reuses the program.
