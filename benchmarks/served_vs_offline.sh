@@ -12,7 +12,9 @@
 # each costs per streamed token), throughput.json and throughput.log (benchmarks/throughput.py with
 # the server stopped). SERVE_ONLY=1 skips the offline run; NUM_PROMPTS (default 1000) for both;
 # MODEL / DTYPE (default the Llama-2-7B config, bfloat16), SERVE_FLAGS (serve.py) and THROUGHPUT_FLAGS
-# for a CPU smoke run.
+# for a CPU smoke run. RATES="4 8 16 32" also serves at those Poisson rates after the rate-inf run,
+# each for about RATE_SECONDS (default 45) of arrivals: serve_rates.jsonl (one result a line, its
+# "rate" added) and serve_rates.log — eight files in all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the output folder}"
@@ -53,6 +55,14 @@ print(f"engine process: {e1 - e0:.1f} CPU s = {(e1 - e0) / wall:.2f} cores (0: e
 PYEOF
 echo "open files: server soft limit $(awk '/Max open files/ {print $4}' "/proc/$server/limits" 2> /dev/null), \
 shell's $(ulimit -n); $(nproc) CPUs" >> "$OUT/cpu.txt"
+for rate in ${RATES:-}; do
+    n=$("$PY" -c "print(min($N, max(1, int($rate * ${RATE_SECONDS:-45}))))")
+    echo "== rate $rate, $n prompts" >> "$OUT/serve_rates.log"
+    "$PY" benchmarks/serve.py --base-url "http://127.0.0.1:$PORT" --dataset sharegpt-like --num-prompts "$n" \
+        --request-rate "$rate" ${SERVE_FLAGS:-} --result-json /tmp/serve_rate.json >> "$OUT/serve_rates.log" 2>&1 &&
+        "$PY" -c "import json; r = json.load(open('/tmp/serve_rate.json')); r['rate'] = $rate; print(json.dumps(r))" \
+            >> "$OUT/serve_rates.jsonl"
+done
 kill -INT "$server"
 wait "$server"
 if [ -z "${SERVE_ONLY:-}" ]; then
