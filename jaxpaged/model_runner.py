@@ -259,8 +259,8 @@ class ModelRunner:
 
     # ---- warm-up ------------------------------------------------------------------------------
     def warm_up(self, progress: Callable[[str, int, int], None] | None = None) -> float:
-        """Compiles every bucket's step, every sampler variant and the block programs (and runs each
-        once); returns the seconds it took. See :class:`~jaxpaged.warm_up.WarmUp`."""
+        """Compiles every program the runner can run (and runs each once); returns the seconds it
+        took. See :class:`~jaxpaged.warm_up.WarmUp`."""
         warm = WarmUp(self)
         seconds = warm.run(progress)
         self.precompile_seconds = warm.precompile_seconds

@@ -2,9 +2,8 @@
 
 Every program the runner can run is compiled before serving (the engine's compilation counter then
 stays at zero): the step of every bucket, every sampler variant, the prompt-logprob programs and the
-KV block programs. They first compile side by side on a thread pool
-(XLA's compiler releases the GIL) while this thread lowers the next one; then each program runs once,
-from jit's cache. ``$JAXPAGED_COMPILE_THREADS`` sets the pool (default ``min(8, CPUs)``; 1 compiles
+KV block programs. They first compile side by side on a thread pool (XLA's compiler releases the
+GIL) while this thread lowers the next one; then each program runs once, from jit's cache. ``$JAXPAGED_COMPILE_THREADS`` sets the pool (default ``min(8, CPUs)``; 1 compiles
 one program at a time). Figures: RESULTS.md, "Start-up".
 
 ``WarmUp`` reads the runner's programs and packing helpers directly: it is the runner's start-up
@@ -26,9 +25,10 @@ import numpy as np
 from jaxpaged import tensor_parallel
 from jaxpaged.buckets import Bucket, geometric_range
 
+
 def compile_threads() -> int:
-    """Threads that compile the step, sampler and block programs at start-up (``$JAXPAGED_COMPILE_THREADS``,
-    default ``min(8, CPUs)``)."""
+    """Threads that compile the start-up programs (``$JAXPAGED_COMPILE_THREADS``, default
+    ``min(8, CPUs)``)."""
     value = os.environ.get("JAXPAGED_COMPILE_THREADS")
     if value is None:
         return min(8, os.cpu_count() or 1)
