@@ -3,8 +3,9 @@
 Every program the runner can run is compiled before serving (the engine's compilation counter then
 stays at zero): the step of every bucket, every sampler variant, the prompt-logprob programs and the
 KV block programs. They first compile side by side on a thread pool (XLA's compiler releases the
-GIL) while this thread lowers the next one; then each program runs once, from jit's cache. ``$JAXPAGED_COMPILE_THREADS`` sets the pool (default ``min(8, CPUs)``; 1 compiles
-one program at a time). Figures: RESULTS.md, "Start-up".
+GIL) while this thread lowers the next one; then each program runs once, from jit's cache.
+``$JAXPAGED_COMPILE_THREADS`` sets the pool (default ``min(8, CPUs)``; 1 compiles one program at a
+time). Figures: RESULTS.md, "Start-up".
 
 ``WarmUp`` reads the runner's programs and packing helpers directly: it is the runner's start-up
 half, kept in its own file.
