@@ -200,8 +200,6 @@ class ModelRunner:
         self.timeline = StepTimeline()  # the engine's, when it profiles its steps
         self.precompile_seconds = 0.0  # set by warm_up
 
-    pack_step_inputs = staticmethod(_pack_step_inputs)  # for WarmUp, which lowers the step ahead
-
     # ---- device programs ------------------------------------------------------------------
     def _step_impl(self, params, caches, flat, prev_tokens, layout: tuple):
         # The host packs every int32 input of the step into one array (one host-to-device copy a
@@ -270,13 +268,17 @@ class ModelRunner:
     def run_step(self, ids, positions, md: AttentionMetadata, prev_tokens=None, prev_idx=None):
         """Enqueues the compiled forward step on packed inputs (the cache is updated in place);
         returns (last-token logits padded to ``max_rows``, hidden states), both on the device."""
+        last, hidden, self.kv.caches = self._step(*self.step_arguments(ids, positions, md, prev_tokens, prev_idx))
+        return last, hidden
+
+    def step_arguments(self, ids, positions, md: AttentionMetadata, prev_tokens=None, prev_idx=None) -> tuple:
+        """The compiled step's arguments for these inputs (:meth:`run_step` calls it with them; the
+        start-up pool lowers it with them, so both find the same program)."""
         if prev_idx is None:
             prev_idx = np.full(len(ids), -1, np.int32)
         flat, layout = _pack_step_inputs(ids, positions, prev_idx, md)
-        last, hidden, self.kv.caches = self._step(
-            self.lm.params, self.kv.caches, flat, self._no_prev_tokens if prev_tokens is None else prev_tokens, layout,
-        )
-        return last, hidden
+        return (self.lm.params, self.kv.caches, flat, self._no_prev_tokens if prev_tokens is None else prev_tokens,
+                layout)
 
     def _pack_arrays(self, scheduled: Sequence[ScheduledSequence], bucket: Bucket):
         """Token ids, attention metadata and positions of the scheduled rows, padded to ``bucket``."""

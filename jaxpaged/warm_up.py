@@ -101,50 +101,51 @@ class WarmUp:
         for b in r.buckets:
             if not b.decode_only:  # after the steps: each takes its step's output shape
                 yield f"prompt logprobs {b.num_tokens}", functools.partial(self._lower_prompt_lp, b.num_tokens)
-        logits = self._logits()
         for rows in geometric_range(8, r.max_rows):
             for profile in r.PROFILES:
-                yield f"sampler {profile} rows={rows}", functools.partial(
-                    r._sample.lower, logits, jnp.zeros(rows, jnp.int32), r._tensors([], rows, profile), r._flags(profile))
+                yield f"sampler {profile} rows={rows}", functools.partial(self._lower_sampler, rows, profile)
         yield from r.kv.lowerings(r.max_blocks_per_seq)
 
-    def _lower_step(self, b: Bucket):
+    # The arguments each program is lowered with and then run with: one place for each, so the
+    # pool's programs are the ones the runs look up.
+    def _step_arguments(self, b: Bucket) -> tuple:
+        ids, md, positions = self.runner._pack_arrays([], b)
+        return self.runner.step_arguments(ids, positions, md)
+
+    def _sampler_arguments(self, num_rows: int, profile: str) -> tuple:
         r = self.runner
-        ids, md, positions = r._pack_arrays([], b)
-        flat, layout = r.pack_step_inputs(ids, positions, np.full(len(ids), -1, np.int32), md)
-        lowered = r._step.lower(r.lm.params, r.kv.caches, flat, r._no_prev_tokens, layout)
+        # Logits laid out as the step's are (replicated over the mesh), so serving reuses the program.
+        logits = tensor_parallel.zeros((r.max_rows, r.vocab_size), jnp.float32, r._replicated)
+        return logits, jnp.zeros(num_rows, jnp.int32), r._tensors([], num_rows, profile), r._flags(profile)
+
+    def _prompt_lp_arguments(self, hidden: Any, num_tokens: int) -> tuple:
+        z = np.zeros(num_tokens, np.int32)
+        return self.runner.lm.params, hidden, z, z, self.runner.max_logprobs
+
+    def _lower_step(self, b: Bucket):
+        lowered = self.runner._step.lower(*self._step_arguments(b))
         self._hidden_info[b.num_tokens] = lowered.out_info[1]
         return lowered
+
+    def _lower_sampler(self, num_rows: int, profile: str):
+        return self.runner._sample.lower(*self._sampler_arguments(num_rows, profile))
 
     def _lower_prompt_lp(self, num_tokens: int):
         # The step's hidden states as an abstract value laid out as the step lays them out
         # (replicated on a mesh); a real stand-in array would itself be a program to compile.
-        r = self.runner
         info = self._hidden_info[num_tokens]
-        hidden = jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=r._replicated)
-        z = np.zeros(num_tokens, np.int32)
-        return r._prompt_logprobs.lower(r.lm.params, hidden, z, z, r.max_logprobs)
-
-    def _logits(self) -> jax.Array:
-        # Laid out as the step's logits are (replicated over the mesh), so serving reuses the program.
-        r = self.runner
-        return tensor_parallel.zeros((r.max_rows, r.vocab_size), jnp.float32, r._replicated)
+        hidden = jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=self.runner._replicated)
+        return self.runner._prompt_logprobs.lower(*self._prompt_lp_arguments(hidden, num_tokens))
 
     def _step(self, b: Bucket) -> None:
         r = self.runner
-        ids, md, positions = r._pack_arrays([], b)
-        last, hidden = r.run_step(ids, positions, md)
+        last, hidden, r.kv.caches = r._step(*self._step_arguments(b))
         self._hidden[b.num_tokens] = hidden
         jax.block_until_ready(last)
 
     def _sampler(self, num_rows: int, profile: str) -> None:
-        r = self.runner
-        tensors = r._tensors([], num_rows, profile)
-        out = r._sample(self._logits(), jnp.zeros(num_rows, jnp.int32), tensors, r._flags(profile))
-        jax.block_until_ready(out)
+        jax.block_until_ready(self.runner._sample(*self._sampler_arguments(num_rows, profile)))
 
     def _prompt_lp(self, num_tokens: int) -> None:
-        r = self.runner
         h = self._hidden[num_tokens]  # the step's own output: same shape, dtype and placement
-        z = np.zeros(num_tokens, np.int32)
-        jax.block_until_ready(r._prompt_logprobs(r.lm.params, h, z, z, r.max_logprobs))
+        jax.block_until_ready(self.runner._prompt_logprobs(*self._prompt_lp_arguments(h, num_tokens)))

@@ -41,13 +41,11 @@ def run_way(runner, way: str, ids, positions, md, num_steps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxpaged.model_runner import _pack_step_inputs
-
     num_rows = 8  # the sampler's smallest row bucket: one sequence
     prev_idx = np.full(len(ids), -1, np.int32)
     if way != "no token chain":
         prev_idx[0] = 0  # row 0's input is the token the previous step sampled
-    flat, layout = _pack_step_inputs(ids, positions, prev_idx, md)
+    params, _, flat, _, layout = runner.step_arguments(ids, positions, md, None, prev_idx)
     if way == "device input":
         flat = jax.device_put(flat)
     ridx = jnp.zeros(num_rows, jnp.int32)
@@ -63,7 +61,7 @@ def run_way(runner, way: str, ids, positions, md, num_steps: int) -> dict:
         if len(in_flight) >= 2:
             jax.block_until_ready(in_flight.pop(0))
         t = time.perf_counter()
-        last, _, runner.kv.caches = runner._step(runner.lm.params, runner.kv.caches, flat, prev_tokens, layout)
+        last, _, runner.kv.caches = runner._step(params, runner.kv.caches, flat, prev_tokens, layout)
         step_ms.append(1e3 * (time.perf_counter() - t))
         if way == "no sampler":
             in_flight.append(last)
