@@ -356,6 +356,25 @@ def run_prefill(mm_rate, args, results, sweep):
                     row[name + "_frac_mm"] = flops / t / mm_rate
                 except Exception as e:  # noqa: BLE001
                     row[name + "_skipped"] = f"{type(e).__name__}: {str(e)[:400]}"
+            if sweep and T == 4096:
+                # What paging costs the Mosaic kernel: the same kernel over blocks of 64 keys (2 TMA
+                # copies a 128-key step instead of 8), shuffled, and over blocks of 16 in order.
+                for v in (dict(block_size=64), dict(block_size=16, in_order=True)):
+                    name = variant_name("mosaic", v)
+                    try:
+                        vbs = v["block_size"]
+                        vnb = nb * bs // vbs
+                        kv = [x.reshape(vnb, vbs, hkv, d) for x in (kc, vc)]  # the same bytes, other blocks
+                        order = np.arange(vnb) if v.get("in_order") else np.random.default_rng(2).permutation(vnb)
+                        vtables = [jnp.asarray(order[i * (vnb // 2):(i + 1) * (vnb // 2)].astype(np.int32)[None])
+                                   for i in range(2)]
+                        mfn = jax.jit(lambda q, kc, vc, qsl, sl, bt: ragged_paged_attention_mosaic(
+                            q, kc, vc, qsl, sl, bt, scale=d**-0.5)[0])
+                        t, _ = bench(mfn, [(q, *kv, qsl, sl, bt) for bt in vtables])
+                        row[name + "_ms"] = t * 1e3
+                        row[name + "_TFLOPs"] = flops / t / 1e12
+                    except Exception as e:  # noqa: BLE001
+                        row[name + "_skipped"] = f"{type(e).__name__}: {str(e)[:400]}"
             # Reference point: cuDNN flash attention on contiguous (unpaged) K/V, same data volume.
             try:
                 kk = jax.random.normal(k1, (1, T, hkv, d), jnp.bfloat16)
@@ -457,12 +476,13 @@ def table(results, copy_bw, mm_rate):
                          f"prefill): ragged only {r['split0_ms']:.3f} ms, decode rows split off {r['split1_ms']:.3f} ms, "
                          + (f"mosaic {r['mosaic_ms']:.3f} ms" if "mosaic_ms" in r else "mosaic skipped")
                          + "; parts alone: " + ", ".join(f"{k[:-3]} {r[k]:.3f}" for k in r if k.endswith("_part_ms")))
-    sweeps = [(r, k) for r in results for k in r if k.startswith("pallas[") and k.endswith("_ms")]
+    sweeps = [(r, k) for r in results for k in r if k.startswith(("pallas[", "mosaic[")) and k.endswith("_ms")]
     if sweeps:
         lines.append("sweep (ms):")
         for r, k in sweeps:
             tag = f"decode b{r['batch']} {r['hq']}:{r['hkv']}" if r["kind"] == "decode" else f"prefill {r['tokens']} {r['hq']}:{r['hkv']}"
-            lines.append(f"  {tag} {k[:-3]} {r[k]:.3f} (default {r['pallas_ms']:.3f})")
+            base = k.split("[")[0] + "_ms"
+            lines.append(f"  {tag} {k[:-3]} {r[k]:.3f} (default {r.get(base, float('nan')):.3f})")
     return "\n".join(lines)
 
 
