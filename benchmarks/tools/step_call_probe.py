@@ -14,6 +14,8 @@ the device; at most two steps in flight), and takes one ingredient away at a tim
 - ``no sampler``: the step alone, no sampler call between steps.
 
 Reported per way: median host ms of the step call and of the sampler call, ms a step over the chain.
+Beside them, the floor under a decode step: the model's weights read once by matmuls of the step's
+rows (and of one row), and by a plain sum (the read-only rate).
 
     PYTHONPATH=. JAX_PLATFORMS=cuda python3 benchmarks/tools/step_call_probe.py --json $OUT/probe.json
 """
@@ -79,6 +81,31 @@ def run_way(runner, way: str, ids, positions, md, num_steps: int) -> dict:
             "ms_per_step": 1e3 * wall / num_steps}
 
 
+def weights_floor(params, rows: int, reps: int = 10, calls: int = 5) -> dict:
+    """Device ms to read every 2-D weight of ``params`` once: by matmuls of ``rows`` rows (what a
+    decode step's projections do, the LM head and embedding table included) and by a plain sum (the
+    read-only rate), each as GB/s over the weights' bytes."""
+    import jax
+    import jax.numpy as jnp
+
+    mats = [w for w in jax.tree_util.tree_leaves(params) if getattr(w, "ndim", 0) == 2]
+    nbytes = sum(w.nbytes for w in mats)
+    x = jnp.ones((rows, max(w.shape[0] for w in mats)), mats[0].dtype)
+    matmuls = jax.jit(lambda x, mats: sum(jnp.sum(x[:, : w.shape[0]] @ w, dtype=jnp.float32) for w in mats))
+    read = jax.jit(lambda mats: sum(jnp.sum(w, dtype=jnp.float32) for w in mats))
+    out = {"weights_GB": nbytes / 1e9, "rows": rows}
+    for name, fn, args in (("matmul", matmuls, (x, mats)), ("read", read, (mats,))):
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready([fn(*args) for _ in range(calls)])
+            times.append((time.perf_counter() - t) / calls)
+        ms = 1e3 * statistics.median(times)
+        out[name + "_ms"], out[name + "_GBps"] = ms, nbytes / ms / 1e6
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="config directory (default: Llama-2-7B; --tiny on CPU)")
@@ -103,6 +130,12 @@ def main() -> None:
         print(f"{way:15s} step call {r['step_call_ms_median']:6.2f} ms{sample}, {r['ms_per_step']:6.2f} ms a step",
               flush=True)
     results["num_compilations_after_warmup"] = llm.get_stats()["num_compilations_after_warmup"]
+    # The floor under the step: its weights read once, by matmuls of the step's rows (and of one
+    # row), and by a plain read. Compiled after the count above, which they would otherwise join.
+    results["weights_floor"] = [weights_floor(runner.lm.params, rows) for rows in sorted({1, bucket.num_tokens})]
+    for r in results["weights_floor"]:
+        print(f"weights {r['weights_GB']:.2f} GB, {r['rows']:3d} rows: matmuls {r['matmul_ms']:.2f} ms "
+              f"({r['matmul_GBps']:.0f} GB/s), plain read {r['read_ms']:.2f} ms ({r['read_GBps']:.0f} GB/s)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), **results}, f, indent=2)
