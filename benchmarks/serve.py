@@ -42,6 +42,33 @@ class RequestResult:
     error: str = ""
 
 
+GOODPUT_METRICS = ("ttft", "tpot", "e2el")
+
+
+def parse_goodput(pairs: list[str] | None) -> dict[str, float]:
+    """vLLM's ``--goodput``: service-level objectives as "KEY:VALUE" pairs, in milliseconds, KEY one
+    of ttft, tpot (per output token after the first), e2el (whole request)."""
+    slos = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition(":")
+        try:
+            ms = float(value) if sep and key in GOODPUT_METRICS else float("nan")
+        except ValueError:
+            ms = float("nan")
+        if not ms > 0:
+            raise ValueError(f"--goodput {pair!r}: expected KEY:VALUE with KEY one of {', '.join(GOODPUT_METRICS)} "
+                             "and VALUE a positive number of milliseconds")
+        slos[key] = ms
+    return slos
+
+
+def meets_slos(r: "RequestResult", slos: dict[str, float]) -> bool:
+    """Whether a successful request met every objective (a one-token output's TPOT counts as 0)."""
+    tpot = (r.latency - r.ttft) / (r.output_len - 1) if r.output_len > 1 else 0.0
+    got = {"ttft": r.ttft, "tpot": tpot, "e2el": r.latency}
+    return all(1000 * got[k] <= v for k, v in slos.items())
+
+
 def lognormal_lengths(rng: np.random.Generator, n: int, mean: float, sigma: float, lo: int, hi: int) -> np.ndarray:
     mu = math.log(mean) - sigma**2 / 2  # so that the (unclipped) mean is ``mean``
     return np.clip(np.rint(rng.lognormal(mu, sigma, n)), lo, hi).astype(int)
@@ -153,7 +180,17 @@ def summarize(args: argparse.Namespace, results: list[RequestResult], duration: 
         "mean_tpot_ms": mean(tpots), "median_tpot_ms": ms(tpots, 50), "p99_tpot_ms": ms(tpots, 99),
         "mean_itl_ms": mean(itls), "median_itl_ms": ms(itls, 50), "p99_itl_ms": ms(itls, 99),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
+        **goodput(args, ok, duration),
     }
+
+
+def goodput(args: argparse.Namespace, ok: list[RequestResult], duration: float) -> dict:
+    """Requests a second that met every ``--goodput`` objective (vLLM's request_goodput)."""
+    slos = getattr(args, "goodput_slos", None)
+    if not slos:
+        return {}
+    good = sum(meets_slos(r, slos) for r in ok)
+    return {"goodput_slos_ms": slos, "good_requests": good, "request_goodput": good / duration}
 
 
 def print_report(s: dict) -> None:
@@ -171,6 +208,8 @@ def print_report(s: dict) -> None:
     row("Peak output token throughput (tok/s):", f"{s['peak_output_throughput']:.2f}")
     row("Peak concurrent requests:", f"{s['peak_concurrent_requests']:.2f}")
     row("Total Token throughput (tok/s):", f"{s['total_token_throughput']:.2f}")
+    if "request_goodput" in s:
+        row("Request goodput (req/s):", f"{s['request_goodput']:.2f}")
     for title, key, name in (("Time to First Token", "ttft", "TTFT"),
                              ("Time per Output Token (excl. 1st token)", "tpot", "TPOT"),
                              ("Inter-token Latency", "itl", "ITL")):
@@ -206,7 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-token-id", type=int, default=10)
     p.add_argument("--max-token-id", type=int, default=1000, help="prompt token ids are drawn from [min, max)")
     p.add_argument("--result-json", default=None, help="also write the numbers here")
+    p.add_argument("--goodput", nargs="+", default=None, metavar="KEY:VALUE",
+                   help="service-level objectives in ms (vLLM's): ttft, tpot, e2el, e.g. ttft:500 tpot:50; "
+                        "reports request_goodput, the requests a second that met all of them")
     args = p.parse_args(argv)
+    try:
+        args.goodput_slos = parse_goodput(args.goodput)
+    except ValueError as e:
+        p.error(str(e))
     open_files = raise_open_files_limit()  # one socket per request in flight
     if open_files < (args.max_concurrency or args.num_prompts) + 64:
         print(f"warning: open files limit {open_files} is below the requests in flight", file=sys.stderr)

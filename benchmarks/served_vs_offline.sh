@@ -14,7 +14,8 @@
 # MODEL / DTYPE (default the Llama-2-7B config, bfloat16), SERVE_FLAGS (serve.py) and THROUGHPUT_FLAGS
 # for a CPU smoke run. RATES="4 8 16 32" also serves at those Poisson rates after the rate-inf run,
 # each for about RATE_SECONDS (default 45) of arrivals: serve_rates.jsonl (one result a line, its
-# "rate" added) and serve_rates.log — eight files in all.
+# "rate" added, with the goodput for the objectives in GOODPUT, default "ttft:500 tpot:50" in ms)
+# and serve_rates.log — eight files in all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the output folder}"
@@ -59,7 +60,7 @@ for rate in ${RATES:-}; do
     n=$("$PY" -c "print(min($N, max(1, int($rate * ${RATE_SECONDS:-45}))))")
     echo "== rate $rate, $n prompts" >> "$OUT/serve_rates.log"
     "$PY" benchmarks/serve.py --base-url "http://127.0.0.1:$PORT" --dataset sharegpt-like --num-prompts "$n" \
-        --request-rate "$rate" ${SERVE_FLAGS:-} --result-json /tmp/serve_rate.json >> "$OUT/serve_rates.log" 2>&1 &&
+        --request-rate "$rate" --goodput ${GOODPUT:-ttft:500 tpot:50} ${SERVE_FLAGS:-} --result-json /tmp/serve_rate.json >> "$OUT/serve_rates.log" 2>&1 &&
         "$PY" -c "import json; r = json.load(open('/tmp/serve_rate.json')); r['rate'] = $rate; print(json.dumps(r))" \
             >> "$OUT/serve_rates.jsonl"
 done
