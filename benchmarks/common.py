@@ -56,21 +56,26 @@ def sharegpt_like(num_requests: int, seed: int = 0, mean_prompt: float = 160.0, 
     return reqs
 
 
+def median_call_seconds(fn, *args, iters: int = 20, calls: int = 1) -> float:
+    """Median seconds of one ``fn(*args)`` after a first (compiling) call: ``iters`` timings of
+    ``calls`` calls in a row, each waited for at its end."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready([fn(*args) for _ in range(calls)])
+        ts.append((time.perf_counter() - t0) / calls)
+    return float(np.median(ts))
+
+
 def measure_ceilings_jax(nbytes: int = 4 << 30, n: int = 8192) -> dict:
     """Device-to-device copy bandwidth (bytes read + written) and bf16 matmul rate, via JAX."""
     import jax
     import jax.numpy as jnp
 
-    def bench(fn, *args, iters=20):
-        out = fn(*args)
-        jax.block_until_ready(out)
-        ts = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts))
-
+    bench = median_call_seconds
     x = jax.random.normal(jax.random.PRNGKey(0), (nbytes // 4,), jnp.float32)
     copy = jax.jit(lambda a: a * 1.0000001)  # forces a full read + write (a plain copy may be elided)
     t = bench(copy, x)

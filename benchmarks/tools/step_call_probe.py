@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from benchmarks.common import llama_config_dir  # noqa: E402
+from benchmarks.common import llama_config_dir, median_call_seconds  # noqa: E402
 from benchmarks.tools.step_profile import synthetic_step  # noqa: E402
 
 WAYS = ("engine", "device input", "no token chain", "no sampler")
@@ -95,13 +95,7 @@ def weights_floor(params, rows: int, reps: int = 10, calls: int = 5) -> dict:
     read = jax.jit(lambda mats: sum(jnp.sum(w, dtype=jnp.float32) for w in mats))
     out = {"weights_GB": nbytes / 1e9, "rows": rows}
     for name, fn, args in (("matmul", matmuls, (x, mats)), ("read", read, (mats,))):
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            jax.block_until_ready([fn(*args) for _ in range(calls)])
-            times.append((time.perf_counter() - t) / calls)
-        ms = 1e3 * statistics.median(times)
+        ms = 1e3 * median_call_seconds(fn, *args, iters=reps, calls=calls)
         out[name + "_ms"], out[name + "_GBps"] = ms, nbytes / ms / 1e6
     return out
 
