@@ -62,10 +62,14 @@ def parse_goodput(pairs: list[str] | None) -> dict[str, float]:
     return slos
 
 
-def meets_slos(r: "RequestResult", slos: dict[str, float]) -> bool:
+def tpot_seconds(r: RequestResult) -> float:
+    """Seconds per output token after the first (0 for a one-token output)."""
+    return (r.latency - r.ttft) / (r.output_len - 1) if r.output_len > 1 else 0.0
+
+
+def meets_slos(r: RequestResult, slos: dict[str, float]) -> bool:
     """Whether a successful request met every objective (a one-token output's TPOT counts as 0)."""
-    tpot = (r.latency - r.ttft) / (r.output_len - 1) if r.output_len > 1 else 0.0
-    got = {"ttft": r.ttft, "tpot": tpot, "e2el": r.latency}
+    got = {"ttft": r.ttft, "tpot": tpot_seconds(r), "e2el": r.latency}
     return all(1000 * got[k] <= v for k, v in slos.items())
 
 
@@ -159,7 +163,7 @@ def summarize(args: argparse.Namespace, results: list[RequestResult], duration: 
     ms = lambda xs, q: float(np.percentile(xs, q) * 1000) if len(xs) else float("nan")  # noqa: E731
     mean = lambda xs: float(np.mean(xs) * 1000) if len(xs) else float("nan")  # noqa: E731
     ttfts = [r.ttft for r in ok]
-    tpots = [(r.latency - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1]
+    tpots = [tpot_seconds(r) for r in ok if r.output_len > 1]
     itls = [x for r in ok for x in r.itl]
     total_in = sum(r.prompt_len for r in ok)
     total_out = sum(r.output_len for r in ok)
