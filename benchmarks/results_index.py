@@ -16,8 +16,8 @@ RESULTS_DIR = os.path.join(HERE, "results")
 
 def cited_results(results_md: str = RESULTS_MD) -> dict[str, list[str]]:
     """``{section: [path, ...]}``: for every ``## `` section of RESULTS.md, the ``results/*.json``
-    files it names, in order of first mention. A section's name is its heading without the
-    command in parentheses (``"Decode attention"``, ``"Offline throughput"``, ...).
+    and ``results/*.jsonl`` files it names, in order of first mention. A section's name is its
+    heading without the command in parentheses (``"Decode attention"``, ``"Offline throughput"``, ...).
 
     Raises FileNotFoundError naming a cited file that is not on disk.
     """
@@ -29,7 +29,7 @@ def cited_results(results_md: str = RESULTS_MD) -> dict[str, list[str]]:
                 current = line[3:].split(" (")[0].strip()
                 sections[current] = []
             elif current is not None:
-                for name in re.findall(r"results/([\w.-]+\.json)", line):
+                for name in re.findall(r"results/([\w.-]+\.jsonl?)(?!\w)", line):
                     path = os.path.join(os.path.dirname(results_md), "results", name)
                     if not os.path.exists(path):
                         raise FileNotFoundError(f"RESULTS.md section {current!r} cites {name}, which is not in results/")
@@ -39,7 +39,11 @@ def cited_results(results_md: str = RESULTS_MD) -> dict[str, list[str]]:
 
 
 def load(path: str) -> Any:
+    """A result file's content; for ``.jsonl`` (one run a line, as ``served_vs_offline.sh``
+    collects its rate runs), the list of its lines' objects."""
     with open(path) as fh:
+        if path.endswith(".jsonl"):
+            return [json.loads(line) for line in fh if line.strip()]
         return json.load(fh)
 
 
