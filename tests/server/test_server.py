@@ -518,6 +518,7 @@ def test_cli_starts_when_warm_authenticates_and_stops_on_sigint(stack):
         rest, _ = proc.communicate(timeout=60)
         log.append(rest)
         assert proc.returncode == 0 and "server stopped" in rest
+        assert "leaked" not in rest  # the engine process released what it registered (resource_tracker)
         # --log-step-timeline: the engine process logged its steps (the request's decode steps)
         timeline = json.loads(re.search(r"engine step timeline: (\{.*\})", rest).group(1))
         assert sum(b["steps"] for b in timeline["buckets"].values()) >= 3
