@@ -19,10 +19,10 @@ ignores SIGINT (the server drains first, then sends ``stop``) and exits when its
 it never outlives the server.
 
 Exit: once its last message is sent the process runs its exit handlers and leaves through
-``os._exit``, skipping interpreter finalization. Nothing here needs it (the compilation cache is written
-when a program compiles; the pipe is the only output), and tearing JAX's runtime down took 1.5 s
-on a 2-core machine and, under load, longer than the client waits before it terminates the
-process: a clean stop then read as a kill (exit code -15).
+``os._exit``, skipping interpreter finalization. Nothing here needs it (the compilation cache is
+written when a program compiles; the pipe is the only output), and finalizing the interpreter of
+a warm engine took 1.5 s on a 2-core machine and, under load, longer than the client waits before
+it terminates the process: a clean stop then read as a kill (exit code -15).
 """
 
 from __future__ import annotations
